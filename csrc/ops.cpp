@@ -1,0 +1,56 @@
+// The one place where every sgfused operator schema is declared.
+//
+// Device implementations register against these schemas from csrc/cpu/*.cpp and
+// csrc/cuda/*.cu with TORCH_LIBRARY_IMPL; Python adds fake (meta) kernels and
+// autograd formulas in sgfused/ops/*.py. Keeping the schemas in one file means
+// the Python package, the LibTorch library built by CMake and the tests all see
+// exactly the same operator signatures.
+#include <torch/library.h>
+
+#include "build_info.h"
+
+namespace sgfused {
+
+std::string build_info_json() {
+  std::string backends = "\"cpu\"";
+#ifdef SGFUSED_WITH_CUDA
+  backends += ", \"cuda\"";
+#endif
+  return std::string("{\"backends\": [") + backends + "], " +
+         "\"cuda_arch_list\": \"" + SGFUSED_CUDA_ARCHS + "\", " +
+         "\"torch_version\": \"" + SGFUSED_TORCH_VERSION + "\", " +
+         "\"openmp\": " +
+#ifdef _OPENMP
+         "true" +
+#else
+         "false" +
+#endif
+         "}";
+}
+
+}  // namespace sgfused
+
+TORCH_LIBRARY(sgfused, m) {
+  // In-batch hardest-negative mining (DESIGN §3). Positives are the pairs with
+  // img_ids[i] == cap_img_ids[c]. Returns, per caption c, the sum over its
+  // positive images i of cost_cap(i, c) + cost_img(i, c) (float32, (Nc,)), the
+  // hardest negative caption of every image row (int64, (Ni,), -1 if none) and
+  // the hardest negative image of every caption column (int64, (Nc,), -1 if none).
+  m.def(
+      "hardest_negative_forward(Tensor scores, Tensor img_ids, Tensor cap_img_ids, "
+      "float margin, bool max_violation) -> (Tensor, Tensor, Tensor)");
+  // Gradient of the per-caption losses with respect to the scores.
+  m.def(
+      "hardest_negative_backward(Tensor grad_per_caption, Tensor scores, Tensor img_ids, "
+      "Tensor cap_img_ids, Tensor hard_cap, Tensor hard_img, float margin, "
+      "bool max_violation) -> Tensor");
+  // Same loss from embeddings: scores = img @ cap^T, computed tile by tile and
+  // never stored whole.
+  m.def(
+      "hardest_negative_embed_forward(Tensor img, Tensor cap, Tensor img_ids, "
+      "Tensor cap_img_ids, float margin, bool max_violation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "hardest_negative_embed_backward(Tensor grad_per_caption, Tensor img, Tensor cap, "
+      "Tensor img_ids, Tensor cap_img_ids, Tensor hard_cap, Tensor hard_img, float margin, "
+      "bool max_violation) -> (Tensor, Tensor)");
+}
