@@ -9,14 +9,13 @@ under ``"auto"`` it is skipped silently.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from collections.abc import Iterable
 
 import torch
 
-from ._build import build_info
+from . import _build
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -26,10 +25,8 @@ class BackendUnavailable(RuntimeError):
     """A backend named explicitly cannot serve this call."""
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+# Import-time constants, so torch.compile traces backend choice as plain Python.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreting() -> bool:
@@ -44,12 +41,12 @@ def _why_not(backend: str, device: torch.device, has: Iterable[str]) -> str | No
     if backend == "reference":
         return None
     if backend == "triton":
-        if not triton_available():
+        if not TRITON_AVAILABLE:
             return "the triton package is not installed"
         if device.type != "cuda" and not triton_interpreting():
             return f"Triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1"
         return None
-    if backend not in build_info()["backends"]:
+    if backend not in _build.COMPILED_BACKENDS:
         return f"sgfused was built without the {backend} backend (see sgfused.build_info())"
     if device.type != backend:
         return f"the {backend} backend needs {backend} tensors, got {device.type}"

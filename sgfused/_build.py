@@ -53,13 +53,19 @@ def build_info() -> dict:
     (whether the CPU kernels run in parallel) and ``triton`` (whether the Triton
     backend can be imported).
     """
-    from ._backend import triton_available
+    from ._backend import TRITON_AVAILABLE
 
     info = json.loads(_load_extension().build_info_json())
-    info["triton"] = triton_available()
+    info["triton"] = TRITON_AVAILABLE
     return info
+
+
+COMPILED_BACKENDS: frozenset[str] = frozenset()
 
 
 def load() -> None:
     """Load the extension (registering its ops) and check it matches the installed torch."""
-    check_torch_version(build_info()["torch_version"], torch.__version__)
+    global COMPILED_BACKENDS
+    info = build_info()
+    check_torch_version(info["torch_version"], torch.__version__)
+    COMPILED_BACKENDS = frozenset(info["backends"])

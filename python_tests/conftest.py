@@ -1,0 +1,44 @@
+"""Test setup: Triton runs in interpreter mode when there is no GPU (must be set before triton loads)."""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sgfused  # noqa: E402  (after TRITON_INTERPRET)
+
+KERNEL_BACKENDS = ("cpu", "cuda", "triton")
+
+
+def backend_device(backend: str) -> torch.device:
+    """The device a backend's tests run on; skips the test where the backend cannot run here."""
+    info = sgfused.build_info()
+    if backend == "cpu":
+        return torch.device("cpu")
+    if backend == "cuda":
+        if "cuda" not in info["backends"] or not HAS_GPU:
+            pytest.skip("CUDA backend needs a CUDA build of sgfused and a GPU")
+        return torch.device("cuda")
+    if backend == "triton":
+        if not info["triton"]:
+            pytest.skip("triton is not installed")
+        return torch.device("cuda" if HAS_GPU else "cpu")
+    return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+# Tolerances against the fp32 reference run on the same (rounded) inputs.
+TOLERANCE = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

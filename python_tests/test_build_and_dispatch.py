@@ -1,0 +1,62 @@
+"""Build facts, the torch-version guard and backend dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sgfused
+from sgfused._backend import choose_backend
+from sgfused._build import BuildMismatch, check_torch_version
+
+ALL = ("reference", "cpu", "cuda", "triton")
+
+
+def test_build_info_reports_what_was_compiled():
+    info = sgfused.build_info()
+    assert "cpu" in info["backends"]
+    assert info["torch_version"] == torch.__version__
+    assert isinstance(info["openmp"], bool) and isinstance(info["triton"], bool)
+    if "cuda" in info["backends"]:
+        assert info["cuda_arch_list"]
+
+
+def test_cpu_kernels_are_built_with_openmp_when_torch_has_it():
+    assert sgfused.build_info()["openmp"] == torch.backends.openmp.is_available()
+
+
+def test_version_mismatch_says_how_to_rebuild():
+    with pytest.raises(BuildMismatch, match="compiled against torch 2.0.0 but torch 9.9.9 is installed") as info:
+        check_torch_version("2.0.0", "9.9.9")
+    assert "pip install --no-build-isolation" in str(info.value)
+    check_torch_version(torch.__version__, torch.__version__)
+
+
+def test_auto_prefers_compiled_kernels_on_cpu(monkeypatch):
+    monkeypatch.delenv("SGFUSED_BACKEND", raising=False)
+    assert choose_backend("op", "auto", torch.device("cpu"), ALL) == "cpu"
+    assert choose_backend("op", "auto", torch.device("cpu"), ("reference", "triton")) == "reference"
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("SGFUSED_BACKEND", "reference")
+    assert choose_backend("op", "auto", torch.device("cpu"), ALL) == "reference"
+    assert choose_backend("op", "cpu", torch.device("cpu"), ALL) == "cpu"  # an explicit argument wins
+    monkeypatch.setenv("SGFUSED_BACKEND", "fast")
+    with pytest.raises(ValueError, match="SGFUSED_BACKEND must be one of"):
+        choose_backend("op", "auto", torch.device("cpu"), ALL)
+
+
+def test_forced_backend_that_cannot_serve_says_why():
+    with pytest.raises(sgfused.BackendUnavailable, match="backend 'cuda' cannot serve this call"):
+        sgfused.ops.hardest_negative_loss(torch.randn(3, 3), backend="cuda")
+    with pytest.raises(sgfused.BackendUnavailable, match="has no such implementation"):
+        sgfused.ops.hardest_negative_loss_from_embeddings(torch.randn(3, 2), torch.randn(3, 2), backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sgfused.ops.hardest_negative_loss(torch.randn(3, 3), backend="gpu")
+
+
+def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(sgfused.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        choose_backend("op", "triton", torch.device("cpu"), ALL)
