@@ -27,7 +27,7 @@ def extension():
     sources = ["csrc/ops.cpp", "csrc/python/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     macros = [("SGFUSED_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3"] + openmp
+    cxx = ["-O3", "-march=native"] + openmp
     if not with_cuda:
         return CppExtension(
             "sgfused._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=openmp

@@ -28,6 +28,7 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kTileRows = 256;
+constexpr int64_t kLanes = 16;  // independent accumulators per row reduction
 
 // Positive pairs as CSR lists both ways: the captions of each image row and the
 // images of each caption column, each list in ascending index order.
@@ -62,31 +63,18 @@ Positives find_positives(const Tensor& img_ids, const Tensor& cap_ids) {
   return p;
 }
 
-// Running maximum with the lowest index winning ties, whatever the order of offers.
 template <typename acc_t>
-struct Best {
-  acc_t value = -std::numeric_limits<acc_t>::infinity();
-  int64_t index = -1;
-  void offer(acc_t v, int64_t i) {
-    if (index < 0 || v > value || (v == value && i < index)) {
-      value = v;
-      index = i;
-    }
-  }
-};
-
-template <typename acc_t>
-acc_t hinge(acc_t margin, acc_t positive, acc_t other) {
-  return std::max(acc_t(0), (margin - positive) + other);
-}
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
 template <typename acc_t>
 bool active(acc_t margin, acc_t positive, acc_t other) {
   return (margin - positive) + other > acc_t(0);
 }
 
-// Everything one scan needs: ids, positives, and the score of every positive pair
-// in both CSR orders (looked up once before the scan).
+// Everything one scan needs: ids, positives, the score of every positive pair in
+// both CSR orders (looked up once before the scan), and per column the hinge
+// threshold of its first positive so the inner loops stay dense and branch-free.
+// Further positives of a column (only when image ids repeat) take a slow path.
 template <typename acc_t>
 struct Problem {
   int64_t ni, nc;
@@ -94,6 +82,8 @@ struct Problem {
   const int64_t* cap_ids;
   Positives pos;
   std::vector<acc_t> pos_score_row, pos_score_col;
+  std::vector<acc_t> col_threshold;  // margin - S[first positive, c], or -inf: no positive
+  std::vector<int64_t> multi_cols;   // columns with more than one positive
   acc_t margin;
   bool max_violation;
   int64_t n_chunks;
@@ -112,14 +102,18 @@ struct Problem {
     for (int64_t i = 0; i < ni; ++i)
       for (int64_t k = pos.row_ptr[i]; k < pos.row_ptr[i + 1]; ++k) pos_score_row[k] = score(i, pos.row_cols[k]);
     pos_score_col.resize(pos.col_rows.size());
-    for (int64_t c = 0; c < nc; ++c)
+    col_threshold.assign(nc, kNegInf<acc_t>);
+    for (int64_t c = 0; c < nc; ++c) {
       for (int64_t k = pos.col_ptr[c]; k < pos.col_ptr[c + 1]; ++k) pos_score_col[k] = score(pos.col_rows[k], c);
+      if (n_positive_rows(c) > 0) col_threshold[c] = margin - pos_score_col[pos.col_ptr[c]];
+      if (n_positive_rows(c) > 1) multi_cols.push_back(c);
+    }
   }
 
-  int64_t chunk_of(int64_t i) const { return i * n_chunks / ni; }
+  int64_t n_positive_rows(int64_t c) const { return pos.col_ptr[c + 1] - pos.col_ptr[c]; }
   int64_t chunk_begin(int64_t chunk) const { return (chunk * ni + n_chunks - 1) / n_chunks; }
 
-  // Runs body(chunk, row) for rows [begin, end), rows of one chunk on one thread.
+  // Runs body(chunk, row) for rows [begin, end), all rows of a chunk on one thread.
   template <typename Body>
   void for_rows(int64_t begin, int64_t end, const Body& body) const {
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -131,85 +125,122 @@ struct Problem {
   }
 };
 
+// Per-chunk dense buffers, one slot per column.
+template <typename V>
+using PerChunk = std::vector<std::vector<V>>;
+
 // ------------------------------------------------------------------ forward
 template <typename acc_t>
 struct ForwardScan {
   const Problem<acc_t>& p;
-  std::vector<Best<acc_t>> row_best;                // ni
-  std::vector<std::vector<Best<acc_t>>> col_best;   // n_chunks x nc
-  std::vector<acc_t> row_cost;                      // per row-CSR positive (sum of hinges)
-  std::vector<std::vector<acc_t>> col_cost;         // n_chunks x per col-CSR positive
+  std::vector<acc_t> row_value;     // ni: max over negatives (-inf: none)
+  std::vector<int64_t> row_index;   // ni
+  PerChunk<acc_t> col_value;        // running column maxima of each chunk
+  PerChunk<int64_t> col_index;
+  std::vector<acc_t> row_cost;      // sum of hinges, per row-CSR positive
+  PerChunk<acc_t> col_cost_first;   // sum of hinges of each column's first positive
+  PerChunk<acc_t> col_cost_extra;   // ... of its further positives, per col-CSR positive
 
   explicit ForwardScan(const Problem<acc_t>& problem)
       : p(problem),
-        row_best(problem.ni),
-        col_best(problem.n_chunks, std::vector<Best<acc_t>>(problem.nc)),
-        row_cost(problem.max_violation ? 0 : problem.pos.row_cols.size(), acc_t(0)),
-        col_cost(problem.n_chunks, std::vector<acc_t>(problem.max_violation ? 0 : problem.pos.col_rows.size(), acc_t(0))) {}
+        row_value(problem.ni),
+        row_index(problem.ni),
+        col_value(problem.n_chunks, std::vector<acc_t>(problem.nc, kNegInf<acc_t>)),
+        col_index(problem.n_chunks, std::vector<int64_t>(problem.nc, -1)),
+        row_cost(problem.pos.row_cols.size(), acc_t(0)),
+        col_cost_first(problem.max_violation ? 0 : problem.n_chunks, std::vector<acc_t>(problem.nc, acc_t(0))),
+        col_cost_extra(problem.max_violation ? 0 : problem.n_chunks,
+                       std::vector<acc_t>(problem.pos.col_rows.size(), acc_t(0))) {}
 
   // Row i of S (global row index), values s[0..nc).
   template <typename T>
   void scan_row(int64_t chunk, int64_t i, const T* s) {
     const int64_t id = p.img_ids[i];
-    Best<acc_t> best;
-    Best<acc_t>* cols = col_best[chunk].data();
+    const int64_t* cap_ids = p.cap_ids;
+    acc_t* cv = col_value[chunk].data();
+    int64_t* ci = col_index[chunk].data();
+    // kLanes independent maxima let the compiler vectorise a reduction it may not reorder.
+    acc_t lane[kLanes];
+    std::fill(lane, lane + kLanes, kNegInf<acc_t>);
     for (int64_t c = 0; c < p.nc; ++c) {
-      if (p.cap_ids[c] == id) continue;
-      const acc_t x = static_cast<acc_t>(s[c]);
-      if (x > best.value || best.index < 0) best.offer(x, c);
-      if (x > cols[c].value || cols[c].index < 0) cols[c].offer(x, i);
+      const acc_t v = cap_ids[c] != id ? static_cast<acc_t>(s[c]) : kNegInf<acc_t>;
+      acc_t& m = lane[c % kLanes];
+      m = v > m ? v : m;
+      const bool higher = v > cv[c];  // strict: rows come in ascending order, so ties keep the lowest
+      cv[c] = higher ? v : cv[c];
+      ci[c] = higher ? i : ci[c];
     }
-    row_best[i] = best;
+    const acc_t best = *std::max_element(lane, lane + kLanes);
+    int64_t arg = -1;
+    if (best > kNegInf<acc_t>)
+      for (int64_t c = 0; c < p.nc && arg < 0; ++c)
+        if (cap_ids[c] != id && static_cast<acc_t>(s[c]) == best) arg = c;
+    row_value[i] = best;
+    row_index[i] = arg;
     if (!p.max_violation) add_hinges(chunk, i, s);
   }
 
   template <typename T>
   void add_hinges(int64_t chunk, int64_t i, const T* s) {
     const int64_t id = p.img_ids[i];
+    const int64_t* cap_ids = p.cap_ids;
     const auto& pos = p.pos;
     for (int64_t k = pos.row_ptr[i]; k < pos.row_ptr[i + 1]; ++k) {
-      acc_t sum = 0;
-      for (int64_t c = 0; c < p.nc; ++c)
-        if (p.cap_ids[c] != id) sum += hinge(p.margin, p.pos_score_row[k], static_cast<acc_t>(s[c]));
-      row_cost[k] += sum;
+      const acc_t threshold = p.margin - p.pos_score_row[k];
+      acc_t lane[kLanes] = {};
+      for (int64_t c = 0; c < p.nc; ++c) {
+        const acc_t h = std::max(acc_t(0), threshold + static_cast<acc_t>(s[c]));
+        lane[c % kLanes] += cap_ids[c] != id ? h : acc_t(0);
+      }
+      row_cost[k] += std::accumulate(lane, lane + kLanes, acc_t(0));
     }
-    acc_t* col_sums = col_cost[chunk].data();
+    acc_t* first = col_cost_first[chunk].data();
+    const acc_t* threshold = p.col_threshold.data();
     for (int64_t c = 0; c < p.nc; ++c) {
-      if (p.cap_ids[c] == id) continue;
-      const acc_t x = static_cast<acc_t>(s[c]);
-      for (int64_t k = pos.col_ptr[c]; k < pos.col_ptr[c + 1]; ++k)
-        col_sums[k] += hinge(p.margin, p.pos_score_col[k], x);
+      const acc_t h = std::max(acc_t(0), threshold[c] + static_cast<acc_t>(s[c]));
+      first[c] += cap_ids[c] != id ? h : acc_t(0);
+    }
+    acc_t* extra = col_cost_extra[chunk].data();
+    for (int64_t c : p.multi_cols) {
+      if (cap_ids[c] == id) continue;
+      for (int64_t k = pos.col_ptr[c] + 1; k < pos.col_ptr[c + 1]; ++k)
+        extra[k] += std::max(acc_t(0), (p.margin - p.pos_score_col[k]) + static_cast<acc_t>(s[c]));
     }
   }
 
   std::tuple<Tensor, Tensor, Tensor> finish(at::ScalarType acc_type) {
     const auto& pos = p.pos;
     Tensor per_caption = at::zeros({p.nc}, at::TensorOptions().dtype(acc_type));
-    Tensor hard_cap = at::empty({p.ni}, at::kLong), hard_img = at::empty({p.nc}, at::kLong);
+    Tensor hard_cap = at::from_blob(row_index.data(), {p.ni}, at::kLong).clone();
+    Tensor hard_img = at::empty({p.nc}, at::kLong);
     acc_t* out = per_caption.data_ptr<acc_t>();
-    int64_t* hc = hard_cap.data_ptr<int64_t>();
     int64_t* hi = hard_img.data_ptr<int64_t>();
-    for (int64_t i = 0; i < p.ni; ++i) hc[i] = row_best[i].index;
-    std::vector<Best<acc_t>> col(p.nc);
-    for (int64_t chunk = 0; chunk < p.n_chunks; ++chunk)
+    // Merge the chunks' column maxima: higher value wins, equal values keep the lower row.
+    std::vector<acc_t> col_max(col_value[0]);
+    for (int64_t c = 0; c < p.nc; ++c) hi[c] = col_index[0][c];
+    for (int64_t chunk = 1; chunk < p.n_chunks; ++chunk)
       for (int64_t c = 0; c < p.nc; ++c)
-        if (col_best[chunk][c].index >= 0) col[c].offer(col_best[chunk][c].value, col_best[chunk][c].index);
-    for (int64_t c = 0; c < p.nc; ++c) hi[c] = col[c].index;
+        if (col_index[chunk][c] >= 0 && (hi[c] < 0 || col_value[chunk][c] > col_max[c])) {
+          col_max[c] = col_value[chunk][c];
+          hi[c] = col_index[chunk][c];
+        }
 
     if (p.max_violation) {
       for (int64_t c = 0; c < p.nc; ++c)
         for (int64_t k = pos.col_ptr[c]; k < pos.col_ptr[c + 1]; ++k) {
           const int64_t i = pos.col_rows[k];
-          const acc_t sp = p.pos_score_col[k];
-          if (row_best[i].index >= 0) out[c] += hinge(p.margin, sp, row_best[i].value);
-          if (col[c].index >= 0) out[c] += hinge(p.margin, sp, col[c].value);
+          const acc_t threshold = p.margin - p.pos_score_col[k];
+          if (row_index[i] >= 0) out[c] += std::max(acc_t(0), threshold + row_value[i]);
+          if (hi[c] >= 0) out[c] += std::max(acc_t(0), threshold + col_max[c]);
         }
-    } else {
-      for (int64_t i = 0; i < p.ni; ++i)
-        for (int64_t k = pos.row_ptr[i]; k < pos.row_ptr[i + 1]; ++k) out[pos.row_cols[k]] += row_cost[k];
-      for (int64_t chunk = 0; chunk < p.n_chunks; ++chunk)
-        for (int64_t c = 0; c < p.nc; ++c)
-          for (int64_t k = pos.col_ptr[c]; k < pos.col_ptr[c + 1]; ++k) out[c] += col_cost[chunk][k];
+      return {per_caption, hard_cap, hard_img};
+    }
+    for (int64_t i = 0; i < p.ni; ++i)
+      for (int64_t k = pos.row_ptr[i]; k < pos.row_ptr[i + 1]; ++k) out[pos.row_cols[k]] += row_cost[k];
+    for (int64_t chunk = 0; chunk < p.n_chunks; ++chunk) {
+      for (int64_t c = 0; c < p.nc; ++c) out[c] += col_cost_first[chunk][c];
+      for (int64_t c : p.multi_cols)
+        for (int64_t k = pos.col_ptr[c] + 1; k < pos.col_ptr[c + 1]; ++k) out[c] += col_cost_extra[chunk][k];
     }
     return {per_caption, hard_cap, hard_img};
   }
@@ -269,44 +300,67 @@ template <typename acc_t>
 struct HingeGradScan {
   const Problem<acc_t>& p;
   const acc_t* g;
-  std::vector<int64_t> row_counts;                 // per row-CSR positive
-  std::vector<std::vector<int64_t>> col_counts;    // n_chunks x per col-CSR positive
+  std::vector<int64_t> row_counts;   // per row-CSR positive
+  PerChunk<int64_t> count_first;     // active hinges of each column's first positive
+  PerChunk<int64_t> count_extra;     // ... of its further positives, per col-CSR positive
+  PerChunk<acc_t> row_buffer;        // one row of gradient in acc precision
 
   HingeGradScan(const Problem<acc_t>& problem, const acc_t* grad)
       : p(problem),
         g(grad),
         row_counts(problem.pos.row_cols.size(), 0),
-        col_counts(problem.n_chunks, std::vector<int64_t>(problem.pos.col_rows.size(), 0)) {}
+        count_first(problem.n_chunks, std::vector<int64_t>(problem.nc, 0)),
+        count_extra(problem.n_chunks, std::vector<int64_t>(problem.pos.col_rows.size(), 0)),
+        row_buffer(problem.n_chunks, std::vector<acc_t>(problem.nc)) {}
 
   // Writes the gradient of row i (global index) of S into out[0..nc); positive cells get 0.
   template <typename T, typename Out>
   void scan_row(int64_t chunk, int64_t i, const T* s, Out* out) {
     const int64_t id = p.img_ids[i];
+    const int64_t* cap_ids = p.cap_ids;
     const auto& pos = p.pos;
-    int64_t* cc = col_counts[chunk].data();
-    for (int64_t c = 0; c < p.nc; ++c) {
-      acc_t value = 0;
-      if (p.cap_ids[c] != id) {
-        const acc_t x = static_cast<acc_t>(s[c]);
-        for (int64_t k = pos.row_ptr[i]; k < pos.row_ptr[i + 1]; ++k)
-          if (active(p.margin, p.pos_score_row[k], x)) {
-            value += g[pos.row_cols[k]];
-            ++row_counts[k];
-          }
-        for (int64_t k = pos.col_ptr[c]; k < pos.col_ptr[c + 1]; ++k)
-          if (active(p.margin, p.pos_score_col[k], x)) {
-            value += g[c];
-            ++cc[k];
-          }
+    acc_t* buf = row_buffer[chunk].data();
+    std::fill(buf, buf + p.nc, acc_t(0));
+    for (int64_t k = pos.row_ptr[i]; k < pos.row_ptr[i + 1]; ++k) {
+      const acc_t threshold = p.margin - p.pos_score_row[k];
+      const acc_t gk = g[pos.row_cols[k]];
+      int64_t count = 0;
+      for (int64_t c = 0; c < p.nc; ++c) {
+        const bool on = cap_ids[c] != id && threshold + static_cast<acc_t>(s[c]) > acc_t(0);
+        buf[c] += on ? gk : acc_t(0);
+        count += on;
       }
-      out[c] = static_cast<Out>(value);
+      row_counts[k] += count;
     }
+    int64_t* first = count_first[chunk].data();
+    const acc_t* threshold = p.col_threshold.data();
+    for (int64_t c = 0; c < p.nc; ++c) {
+      const bool on = cap_ids[c] != id && threshold[c] + static_cast<acc_t>(s[c]) > acc_t(0);
+      buf[c] += on ? g[c] : acc_t(0);
+      first[c] += on;
+    }
+    int64_t* extra = count_extra[chunk].data();
+    for (int64_t c : p.multi_cols) {
+      if (cap_ids[c] == id) continue;
+      for (int64_t k = pos.col_ptr[c] + 1; k < pos.col_ptr[c + 1]; ++k)
+        if (active(p.margin, p.pos_score_col[k], static_cast<acc_t>(s[c]))) {
+          buf[c] += g[c];
+          ++extra[k];
+        }
+    }
+    for (int64_t c = 0; c < p.nc; ++c) out[c] = static_cast<Out>(buf[c]);
   }
 
-  std::vector<int64_t> merged_col_counts() const {
-    std::vector<int64_t> total(p.pos.col_rows.size(), 0);
-    for (const auto& chunk : col_counts)
-      for (size_t k = 0; k < total.size(); ++k) total[k] += chunk[k];
+  // Active-hinge counts per col-CSR positive, summed over chunks.
+  std::vector<int64_t> col_counts() const {
+    const auto& pos = p.pos;
+    std::vector<int64_t> total(pos.col_rows.size(), 0);
+    for (int64_t chunk = 0; chunk < p.n_chunks; ++chunk)
+      for (int64_t c = 0; c < p.nc; ++c) {
+        if (p.n_positive_rows(c) == 0) continue;
+        total[pos.col_ptr[c]] += count_first[chunk][c];
+        for (int64_t k = pos.col_ptr[c] + 1; k < pos.col_ptr[c + 1]; ++k) total[k] += count_extra[chunk][k];
+      }
     return total;
   }
 };
@@ -375,7 +429,7 @@ Tensor backward_cpu(const Tensor& grad_in, const Tensor& scores_in, const Tensor
       problem.for_rows(0, problem.ni,
                        [&](int64_t chunk, int64_t i) { scan.scan_row(chunk, i, s + i * nc, out + i * nc); });
       row_counts = std::move(scan.row_counts);
-      col_counts = scan.merged_col_counts();
+      col_counts = scan.col_counts();
     }
     const auto terms = sparse_terms(problem, grad.data_ptr<acc_t>(), hard_cap.data_ptr<int64_t>(),
                                     hard_img.data_ptr<int64_t>(), score, row_counts, col_counts);
@@ -464,21 +518,19 @@ std::tuple<Tensor, Tensor> embed_backward_cpu(const Tensor& grad_in, const Tenso
         grad_cap.addmm_(g_rows.t(), img.narrow(0, i0, rows));
       }
       row_counts = std::move(scan.row_counts);
-      col_counts = scan.merged_col_counts();
+      col_counts = scan.col_counts();
     }
     const auto terms = sparse_terms(problem, grad.data_ptr<acc_t>(), hard_cap.data_ptr<int64_t>(),
                                     hard_img.data_ptr<int64_t>(), score, row_counts, col_counts);
-    if (!terms.empty()) {
-      const auto n = static_cast<int64_t>(terms.size());
-      Tensor rows = at::empty({n}, at::kLong), cols = at::empty({n}, at::kLong), values = at::empty({n}, img.options());
-      for (int64_t k = 0; k < n; ++k) {
-        rows.data_ptr<int64_t>()[k] = terms[k].row;
-        cols.data_ptr<int64_t>()[k] = terms[k].col;
-        values.data_ptr<acc_t>()[k] = terms[k].value;
+    // Sparse terms: grad_img[row] += value * cap[col], grad_cap[col] += value * img[row] (in order).
+    const int64_t d = img.size(1);
+    const acc_t *a = img.data_ptr<acc_t>(), *b = cap.data_ptr<acc_t>();
+    acc_t *ga = grad_img.data_ptr<acc_t>(), *gb = grad_cap.data_ptr<acc_t>();
+    for (const auto& t : terms)
+      for (int64_t k = 0; k < d; ++k) {
+        ga[t.row * d + k] += t.value * b[t.col * d + k];
+        gb[t.col * d + k] += t.value * a[t.row * d + k];
       }
-      grad_img.index_add_(0, rows, cap.index_select(0, cols) * values.unsqueeze(1));
-      grad_cap.index_add_(0, cols, img.index_select(0, rows) * values.unsqueeze(1));
-    }
     result = {grad_img.to(img_in.scalar_type()), grad_cap.to(cap_in.scalar_type())};
   });
   return result;

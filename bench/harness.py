@@ -1,0 +1,154 @@
+"""Shared benchmark harness: time, peak memory, CSV rows and one plot per op.
+
+Timing: torch.utils.benchmark (median of blocked runs) on the CPU,
+triton.testing.do_bench (median) on a GPU. Peak memory: on a GPU the CUDA
+allocator's peak; on the CPU the running sum of the allocations ATen reports to
+the profiler while the function runs (the kernels' small O(N) std::vector
+bookkeeping is not seen by it). Either way it is the memory *added* by the call:
+inputs exist before it starts. Rows go to ``bench/results/<op>_<device>.csv`` with
+the ratio of every backend to the reference measured in the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 1.0) -> float:
+    """Median milliseconds per call."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm up (first-call allocations, lazy imports)
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by one call beyond what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    backend: str
+    device: str
+    dtype: str
+    shape: str
+    ms: float
+    peak_mib: float
+    speedup_vs_reference: float = float("nan")
+    memory_vs_reference: float = float("nan")
+    commit: str = field(default_factory=commit)
+
+
+def measure(op: str, case: str, backend: str, device: torch.device, dtype: torch.dtype, shape: str, fn) -> Row:
+    ms = time_ms(fn, device)
+    peak = peak_bytes(fn, device) / 2**20
+    row = Row(op, case, backend, device_name(device), str(dtype).replace("torch.", ""), shape, ms, peak)
+    print(f"{op:24s} {case:22s} {backend:10s} {shape:22s} {ms:10.3f} ms {peak:10.1f} MiB", flush=True)
+    return row
+
+
+def add_ratios(rows: list[Row], baseline: str = "reference") -> None:
+    """Fill each row's speedup and memory ratio against the baseline row of the same case and shape."""
+    base = {(r.case, r.shape, r.dtype): r for r in rows if r.backend == baseline}
+    for r in rows:
+        ref = base.get((r.case, r.shape, r.dtype))
+        if ref is not None:
+            r.speedup_vs_reference = ref.ms / r.ms
+            r.memory_vs_reference = r.peak_mib / ref.peak_mib if ref.peak_mib > 0 else float("nan")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def write(op: str, rows: list[Row], device: torch.device) -> str:
+    """Write rows to bench/results/<op>_<device>.csv and draw the plot next to it; returns the CSV path."""
+    os.makedirs(RESULTS, exist_ok=True)
+    tag = slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
+    path = os.path.join(RESULTS, f"{op}_{tag}.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in asdict(r).items()})
+    plot(path, rows, f"{op} on {rows[0].device}")
+    return path
+
+
+def plot(csv_path: str, rows: list[Row], title: str) -> None:
+    """One PNG per op: time and peak memory per case and backend, log scale."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    cases = sorted({r.case for r in rows})
+    fig, axes = plt.subplots(len(cases), 2, figsize=(11, 3.2 * len(cases)), squeeze=False)
+    for line, case in zip(axes, cases):
+        subset = [r for r in rows if r.case == case]
+        shapes = list(dict.fromkeys(r.shape for r in subset))
+        for backend in dict.fromkeys(r.backend for r in subset):
+            points = {r.shape: r for r in subset if r.backend == backend}
+            xs = [i for i, s in enumerate(shapes) if s in points]
+            line[0].plot(xs, [points[shapes[i]].ms for i in xs], marker="o", label=backend)
+            line[1].plot(xs, [max(points[shapes[i]].peak_mib, 1e-3) for i in xs], marker="o", label=backend)
+        for ax, label in zip(line, ("ms (median)", "extra peak MiB")):
+            ax.set_xticks(range(len(shapes)), shapes, rotation=20, fontsize=7)
+            ax.set_yscale("log")
+            ax.set_ylabel(label)
+            ax.set_title(case, fontsize=9)
+            ax.grid(alpha=0.3)
+        line[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(csv_path.replace(".csv", ".png"), dpi=110)
+    plt.close(fig)
