@@ -3,7 +3,9 @@
 CUDA is compiled when the installed torch is a CUDA build and nvcc is found, or
 when FORCE_CUDA=1. Without a visible GPU the target architectures come from
 TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). CPU kernels get -fopenmp when torch
-was built with OpenMP, so at::parallel_for really runs in parallel.
+was built with OpenMP, so at::parallel_for really runs in parallel, and
+-march=$SGFUSED_CPU_MARCH (default native: the row scans vectorise; set it empty
+for a portable binary).
 """
 
 import glob
@@ -27,7 +29,8 @@ def extension():
     sources = ["csrc/ops.cpp", "csrc/python/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     macros = [("SGFUSED_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3", "-march=native"] + openmp
+    march = os.environ.get("SGFUSED_CPU_MARCH", "native")  # "" builds a portable binary
+    cxx = ["-O3"] + ([f"-march={march}"] if march else []) + openmp
     if not with_cuda:
         return CppExtension(
             "sgfused._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=openmp
