@@ -78,8 +78,7 @@ bool active(acc_t margin, acc_t positive, acc_t other) {
 template <typename acc_t>
 struct Problem {
   int64_t ni, nc;
-  const int64_t* img_ids;
-  const int64_t* cap_ids;
+  std::vector<int32_t> img_key, cap_key;  // ids relabelled to 32 bits: inner loops stay in 32-bit lanes
   Positives pos;
   std::vector<acc_t> pos_score_row, pos_score_col;
   std::vector<acc_t> col_threshold;  // margin - S[first positive, c], or -inf: no positive
@@ -92,12 +91,11 @@ struct Problem {
   Problem(const Tensor& img_ids_t, const Tensor& cap_ids_t, double margin_, bool max_violation_, ScoreFn score)
       : ni(img_ids_t.numel()),
         nc(cap_ids_t.numel()),
-        img_ids(img_ids_t.data_ptr<int64_t>()),
-        cap_ids(cap_ids_t.data_ptr<int64_t>()),
         pos(find_positives(img_ids_t, cap_ids_t)),
         margin(static_cast<acc_t>(margin_)),
         max_violation(max_violation_),
         n_chunks(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ni))) {
+    relabel(img_ids_t, cap_ids_t);
     pos_score_row.resize(pos.row_cols.size());
     for (int64_t i = 0; i < ni; ++i)
       for (int64_t k = pos.row_ptr[i]; k < pos.row_ptr[i + 1]; ++k) pos_score_row[k] = score(i, pos.row_cols[k]);
@@ -108,6 +106,23 @@ struct Problem {
       if (n_positive_rows(c) > 0) col_threshold[c] = margin - pos_score_col[pos.col_ptr[c]];
       if (n_positive_rows(c) > 1) multi_cols.push_back(c);
     }
+  }
+
+  // Equal ids get equal keys: the rank of the id among all distinct ids.
+  void relabel(const Tensor& img_ids_t, const Tensor& cap_ids_t) {
+    const int64_t* img = img_ids_t.data_ptr<int64_t>();
+    const int64_t* cap = cap_ids_t.data_ptr<int64_t>();
+    std::vector<int64_t> distinct(img, img + ni);
+    distinct.insert(distinct.end(), cap, cap + nc);
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    auto key = [&](int64_t id) {
+      return static_cast<int32_t>(std::lower_bound(distinct.begin(), distinct.end(), id) - distinct.begin());
+    };
+    img_key.resize(ni);
+    cap_key.resize(nc);
+    for (int64_t i = 0; i < ni; ++i) img_key[i] = key(img[i]);
+    for (int64_t c = 0; c < nc; ++c) cap_key[c] = key(cap[c]);
   }
 
   int64_t n_positive_rows(int64_t c) const { return pos.col_ptr[c + 1] - pos.col_ptr[c]; }
@@ -136,7 +151,7 @@ struct ForwardScan {
   std::vector<acc_t> row_value;     // ni: max over negatives (-inf: none)
   std::vector<int64_t> row_index;   // ni
   PerChunk<acc_t> col_value;        // running column maxima of each chunk
-  PerChunk<int64_t> col_index;
+  PerChunk<int32_t> col_index;
   std::vector<acc_t> row_cost;      // sum of hinges, per row-CSR positive
   PerChunk<acc_t> col_cost_first;   // sum of hinges of each column's first positive
   PerChunk<acc_t> col_cost_extra;   // ... of its further positives, per col-CSR positive
@@ -146,7 +161,7 @@ struct ForwardScan {
         row_value(problem.ni),
         row_index(problem.ni),
         col_value(problem.n_chunks, std::vector<acc_t>(problem.nc, kNegInf<acc_t>)),
-        col_index(problem.n_chunks, std::vector<int64_t>(problem.nc, -1)),
+        col_index(problem.n_chunks, std::vector<int32_t>(problem.nc, -1)),
         row_cost(problem.pos.row_cols.size(), acc_t(0)),
         col_cost_first(problem.max_violation ? 0 : problem.n_chunks, std::vector<acc_t>(problem.nc, acc_t(0))),
         col_cost_extra(problem.max_violation ? 0 : problem.n_chunks,
@@ -155,20 +170,24 @@ struct ForwardScan {
   // Row i of S (global row index), values s[0..nc).
   template <typename T>
   void scan_row(int64_t chunk, int64_t i, const T* s) {
-    const int64_t id = p.img_ids[i];
-    const int64_t* cap_ids = p.cap_ids;
-    acc_t* cv = col_value[chunk].data();
-    int64_t* ci = col_index[chunk].data();
+    const int32_t id = p.img_key[i];
+    const int32_t* cap_ids = p.cap_key.data();
+    acc_t* __restrict__ cv = col_value[chunk].data();
+    int32_t* __restrict__ ci = col_index[chunk].data();
+    const int32_t row = static_cast<int32_t>(i);
     // kLanes independent maxima let the compiler vectorise a reduction it may not reorder.
     acc_t lane[kLanes];
     std::fill(lane, lane + kLanes, kNegInf<acc_t>);
-    for (int64_t c = 0; c < p.nc; ++c) {
-      const acc_t v = cap_ids[c] != id ? static_cast<acc_t>(s[c]) : kNegInf<acc_t>;
-      acc_t& m = lane[c % kLanes];
-      m = v > m ? v : m;
-      const bool higher = v > cv[c];  // strict: rows come in ascending order, so ties keep the lowest
-      cv[c] = higher ? v : cv[c];
-      ci[c] = higher ? i : ci[c];
+    for (int64_t c0 = 0; c0 < p.nc; c0 += kLanes) {
+      const int64_t width = std::min(kLanes, p.nc - c0);
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t c = c0 + j;
+        const acc_t v = cap_ids[c] != id ? static_cast<acc_t>(s[c]) : kNegInf<acc_t>;
+        lane[j] = v > lane[j] ? v : lane[j];
+        const bool higher = v > cv[c];  // strict: rows come in ascending order, so ties keep the lowest
+        cv[c] = higher ? v : cv[c];
+        ci[c] = higher ? row : ci[c];
+      }
     }
     const acc_t best = *std::max_element(lane, lane + kLanes);
     int64_t arg = -1;
@@ -182,8 +201,8 @@ struct ForwardScan {
 
   template <typename T>
   void add_hinges(int64_t chunk, int64_t i, const T* s) {
-    const int64_t id = p.img_ids[i];
-    const int64_t* cap_ids = p.cap_ids;
+    const int32_t id = p.img_key[i];
+    const int32_t* cap_ids = p.cap_key.data();
     const auto& pos = p.pos;
     for (int64_t k = pos.row_ptr[i]; k < pos.row_ptr[i + 1]; ++k) {
       const acc_t threshold = p.margin - p.pos_score_row[k];
@@ -294,6 +313,20 @@ std::vector<Term<acc_t>> sparse_terms(const Problem<acc_t>& p, const acc_t* g, c
   return terms;
 }
 
+// Gradient of the column hinges of one row: cell c is active when it is a negative
+// and (margin - S[first positive of c, c]) + S[i, c] > 0. A free function so that
+// __restrict__ holds and the loop vectorises (branch-free: the outcome is random).
+template <typename acc_t, typename T>
+void column_hinge_grads(int64_t n, int32_t id, const int32_t* __restrict__ keys, const T* __restrict__ s,
+                        const acc_t* __restrict__ threshold, const acc_t* __restrict__ g,
+                        acc_t* __restrict__ buf, int32_t* __restrict__ count) {
+  for (int64_t c = 0; c < n; ++c) {
+    const bool on = (keys[c] != id) & (threshold[c] + static_cast<acc_t>(s[c]) > acc_t(0));
+    buf[c] += on ? g[c] : acc_t(0);
+    count[c] += on;
+  }
+}
+
 // Dense sum-of-hinges gradient over negative cells, one row at a time; counts the
 // active hinges of every positive pair for sparse_terms.
 template <typename acc_t>
@@ -301,7 +334,7 @@ struct HingeGradScan {
   const Problem<acc_t>& p;
   const acc_t* g;
   std::vector<int64_t> row_counts;   // per row-CSR positive
-  PerChunk<int64_t> count_first;     // active hinges of each column's first positive
+  PerChunk<int32_t> count_first;     // active hinges of each column's first positive (32-bit: vectorises with fp32)
   PerChunk<int64_t> count_extra;     // ... of its further positives, per col-CSR positive
   PerChunk<acc_t> row_buffer;        // one row of gradient in acc precision
 
@@ -309,36 +342,30 @@ struct HingeGradScan {
       : p(problem),
         g(grad),
         row_counts(problem.pos.row_cols.size(), 0),
-        count_first(problem.n_chunks, std::vector<int64_t>(problem.nc, 0)),
+        count_first(problem.n_chunks, std::vector<int32_t>(problem.nc, 0)),
         count_extra(problem.n_chunks, std::vector<int64_t>(problem.pos.col_rows.size(), 0)),
         row_buffer(problem.n_chunks, std::vector<acc_t>(problem.nc)) {}
 
   // Writes the gradient of row i (global index) of S into out[0..nc); positive cells get 0.
   template <typename T, typename Out>
-  void scan_row(int64_t chunk, int64_t i, const T* s, Out* out) {
-    const int64_t id = p.img_ids[i];
-    const int64_t* cap_ids = p.cap_ids;
+  void scan_row(int64_t chunk, int64_t i, const T* __restrict__ s, Out* __restrict__ out) {
+    const int32_t id = p.img_key[i];
+    const int32_t* cap_ids = p.cap_key.data();
     const auto& pos = p.pos;
-    acc_t* buf = row_buffer[chunk].data();
+    acc_t* __restrict__ buf = row_buffer[chunk].data();
     std::fill(buf, buf + p.nc, acc_t(0));
     for (int64_t k = pos.row_ptr[i]; k < pos.row_ptr[i + 1]; ++k) {
       const acc_t threshold = p.margin - p.pos_score_row[k];
       const acc_t gk = g[pos.row_cols[k]];
-      int64_t count = 0;
+      int32_t count = 0;
       for (int64_t c = 0; c < p.nc; ++c) {
-        const bool on = cap_ids[c] != id && threshold + static_cast<acc_t>(s[c]) > acc_t(0);
+        const bool on = (cap_ids[c] != id) & (threshold + static_cast<acc_t>(s[c]) > acc_t(0));
         buf[c] += on ? gk : acc_t(0);
         count += on;
       }
       row_counts[k] += count;
     }
-    int64_t* first = count_first[chunk].data();
-    const acc_t* threshold = p.col_threshold.data();
-    for (int64_t c = 0; c < p.nc; ++c) {
-      const bool on = cap_ids[c] != id && threshold[c] + static_cast<acc_t>(s[c]) > acc_t(0);
-      buf[c] += on ? g[c] : acc_t(0);
-      first[c] += on;
-    }
+    column_hinge_grads(p.nc, id, cap_ids, s, p.col_threshold.data(), g, buf, count_first[chunk].data());
     int64_t* extra = count_extra[chunk].data();
     for (int64_t c : p.multi_cols) {
       if (cap_ids[c] == id) continue;
