@@ -53,4 +53,15 @@ TORCH_LIBRARY(sgfused, m) {
       "hardest_negative_embed_backward(Tensor grad_per_caption, Tensor img, Tensor cap, "
       "Tensor img_ids, Tensor cap_img_ids, Tensor hard_cap, Tensor hard_img, float margin, "
       "bool max_violation) -> (Tensor, Tensor)");
+
+  // All-pairs (or aligned-pairs) learned vector similarity (DESIGN §2,
+  // docs/pairwise_similarity_contract.md): out = l2norm(W e(x_i, y_j) + b) with
+  // e = (x - y)^2 ("distance") or l2norm(x) * l2norm(y) ("direction"); also
+  // returns ||W e + b|| for the backward.
+  m.def(
+      "pairwise_similarity_forward(Tensor x, Tensor y, Tensor weight, Tensor? bias, str mode, "
+      "float eps, bool aligned) -> (Tensor, Tensor)");
+  m.def(
+      "pairwise_similarity_backward(Tensor grad_out, Tensor x, Tensor y, Tensor weight, Tensor? bias, "
+      "Tensor out, Tensor norm, str mode, float eps, bool aligned) -> (Tensor, Tensor, Tensor, Tensor)");
 }

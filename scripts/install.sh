@@ -10,4 +10,5 @@ python="${PYTHON:-python3}"
 .venv/bin/pip install -q "torch==${SGFUSED_TORCH:-2.13.0}"
 .venv/bin/pip install -q -r requirements-dev.txt
 MAX_JOBS="${MAX_JOBS:-2}" .venv/bin/pip install -q --no-build-isolation .
-.venv/bin/python -c "import sgfused; print('sgfused', sgfused.__version__, sgfused.build_info())"
+# from another directory: in the checkout, the uncompiled sources would shadow the installed package
+(cd / && "$OLDPWD/.venv/bin/python" -c "import sgfused; print('sgfused', sgfused.__version__, sgfused.build_info())")

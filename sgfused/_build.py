@@ -39,6 +39,8 @@ def _load_extension():
         raise BuildMismatch(
             f"sgfused's compiled extension sgfused._C cannot be loaded with torch {torch.__version__} "
             f"({error}). If sgfused was built for another torch, or not built at all: " + REBUILD_HINT
+            + " If you are inside the source checkout, its uncompiled sgfused/ shadows the installed "
+            "package: run from another directory, or build in place (python setup.py build_ext --inplace)."
         ) from error
     return _C
 

@@ -1,5 +1,6 @@
 """Drop-in nn.Module wrappers of the ops."""
 
 from .losses import HardestNegativeLoss
+from .similarity import VectorSimilarity
 
-__all__ = ["HardestNegativeLoss"]
+__all__ = ["HardestNegativeLoss", "VectorSimilarity"]

@@ -1,5 +1,12 @@
 """Pure-PyTorch ground truth for every op: readable, exact, slow. Depends on nothing but torch."""
 
 from .hardest_negative import hardest_negative_embed_terms, hardest_negative_terms, vsepp_contrastive_loss
+from .pairwise_similarity import l2norm, pairwise_similarity
 
-__all__ = ["hardest_negative_terms", "hardest_negative_embed_terms", "vsepp_contrastive_loss"]
+__all__ = [
+    "hardest_negative_terms",
+    "hardest_negative_embed_terms",
+    "vsepp_contrastive_loss",
+    "l2norm",
+    "pairwise_similarity",
+]
