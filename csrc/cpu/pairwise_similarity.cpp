@@ -154,6 +154,19 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& y, const T
   return {out, norm};
 }
 
+// One pair's contribution to the gradient of one side ("self"; "other" is its
+// partner) from de = d(loss)/d(e): distance e = (x - y)^2 gives 2 (self - other) de
+// for both sides; direction e = xhat * yhat gives other * de.
+template <typename acc_t>
+void add_pair_grad(acc_t* __restrict__ grad, const acc_t* __restrict__ self, const acc_t* __restrict__ other,
+                   const acc_t* __restrict__ de, int64_t d, bool distance) {
+  if (distance) {
+    for (int64_t k = 0; k < d; ++k) grad[k] += 2 * (self[k] - other[k]) * de[k];
+  } else {
+    for (int64_t k = 0; k < d; ++k) grad[k] += other[k] * de[k];
+  }
+}
+
 // For u = v / (||v|| + eps): dv = du / (||v|| + eps) - v (v . du) / ((||v|| + eps)^2 ||v||), row by row.
 Tensor l2norm_backward(const Tensor& v, const Tensor& v_norm, const Tensor& du, double eps) {
   const Tensor r = v_norm + eps;
@@ -207,22 +220,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out, 
       grad_w.addmm_(dz_block.t(), e_block);
       at::mm_out(de_block, dz_block, p.w);
       const acc_t* dep = de_block.data_ptr<acc_t>();
-      // term(i, j)[k]: the contribution of pair row r to grad x_i (and, negated for distance, y_j).
-      auto term = [&](int64_t r, int64_t k) {
-        const acc_t* a = xs + p.x_of(i0, r) * d;
-        const acc_t* b = ys + p.y_of(i0, r) * d;
-        return p.distance ? 2 * (a[k] - b[k]) * dep[r * d + k] : dep[r * d + k] * b[k];
-      };
-      auto term_y = [&](int64_t r, int64_t k) {
-        return p.distance ? -term(r, k) : dep[r * d + k] * xs[p.x_of(i0, r) * d + k];
-      };
       // grad x rows of the block: each row sums its own pairs in order.
       at::parallel_for(i0, i1, 1, [&](int64_t a0, int64_t a1) {
-        for (int64_t i = a0; i < a1; ++i) {
-          const int64_t r_begin = p.rows(i0, i), r_end = p.rows(i0, i + 1);
-          for (int64_t r = r_begin; r < r_end; ++r)
-            for (int64_t k = 0; k < d; ++k) gxs[i * d + k] += term(r, k);
-        }
+        for (int64_t i = a0; i < a1; ++i)
+          for (int64_t r = p.rows(i0, i); r < p.rows(i0, i + 1); ++r)
+            add_pair_grad(gxs + i * d, xs + i * d, ys + p.y_of(i0, r) * d, dep + r * d, d, p.distance);
       });
       // grad y rows: each y row sums the block's pairs that touch it, in order.
       const int64_t y_begin = p.aligned ? i0 : 0, y_end = p.aligned ? i1 : p.ny;
@@ -231,7 +233,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out, 
           const int64_t i_begin = p.aligned ? j : i0, i_end = p.aligned ? j + 1 : i1;
           for (int64_t i = i_begin; i < i_end; ++i) {
             const int64_t r = p.aligned ? i - i0 : (i - i0) * p.ny + j;
-            for (int64_t k = 0; k < d; ++k) gys[j * d + k] += term_y(r, k);
+            add_pair_grad(gys + j * d, ys + j * d, xs + i * d, dep + r * d, d, p.distance);
           }
         }
       });
