@@ -80,16 +80,21 @@ class Row:
     shape: str
     ms: float
     peak_mib: float
+    gflop_per_s: float = float("nan")
     speedup_vs_reference: float = float("nan")
     memory_vs_reference: float = float("nan")
     commit: str = field(default_factory=commit)
 
 
-def measure(op: str, case: str, backend: str, device: torch.device, dtype: torch.dtype, shape: str, fn) -> Row:
+def measure(
+    op: str, case: str, backend: str, device: torch.device, dtype: torch.dtype, shape: str, fn, flop: float = 0.0
+) -> Row:
+    """Time and peak memory of ``fn``; ``flop`` (the useful floating-point operations of one call) adds GFLOP/s."""
     ms = time_ms(fn, device)
     peak = peak_bytes(fn, device) / 2**20
-    row = Row(op, case, backend, device_name(device), str(dtype).replace("torch.", ""), shape, ms, peak)
-    print(f"{op:24s} {case:22s} {backend:10s} {shape:22s} {ms:10.3f} ms {peak:10.1f} MiB", flush=True)
+    rate = flop / ms / 1e6 if flop else float("nan")
+    row = Row(op, case, backend, device_name(device), str(dtype).replace("torch.", ""), shape, ms, peak, rate)
+    print(f"{op:20s} {case:26s} {backend:10s} {shape:24s} {ms:10.3f} ms {peak:10.1f} MiB {rate:8.1f} GFLOP/s", flush=True)
     return row
 
 

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace sgfused {
 namespace {
@@ -66,22 +67,22 @@ Pairs make_pairs(const Tensor& x, const Tensor& y, const Tensor& weight, const s
   return p;
 }
 
-// e rows of the block into e (rows x d).
-template <typename acc_t>
+// e rows of the block into e (rows x d), computed in acc_t and stored as e_t.
+template <typename acc_t, typename e_t>
 void build_e(const Pairs& p, int64_t i0, int64_t i1, Tensor& e) {
   const acc_t* xs = p.xs.data_ptr<acc_t>();
   const acc_t* ys = p.ys.data_ptr<acc_t>();
-  acc_t* out = e.data_ptr<acc_t>();
+  e_t* out = e.data_ptr<e_t>();
   const int64_t d = p.d;
   at::parallel_for(0, p.rows(i0, i1), 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const acc_t* a = xs + p.x_of(i0, r) * d;
       const acc_t* b = ys + p.y_of(i0, r) * d;
-      acc_t* o = out + r * d;
+      e_t* o = out + r * d;
       if (p.distance) {
-        for (int64_t k = 0; k < d; ++k) o[k] = (a[k] - b[k]) * (a[k] - b[k]);
+        for (int64_t k = 0; k < d; ++k) o[k] = static_cast<e_t>((a[k] - b[k]) * (a[k] - b[k]));
       } else {
-        for (int64_t k = 0; k < d; ++k) o[k] = a[k] * b[k];
+        for (int64_t k = 0; k < d; ++k) o[k] = static_cast<e_t>(a[k] * b[k]);
       }
     }
   });
@@ -124,23 +125,28 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& y, const T
     out = at::empty(out_shape(p), x.options());
     norm = at::empty(p.aligned ? std::vector<int64_t>{p.nx} : std::vector<int64_t>{p.nx, p.ny}, x.options().dtype(acc));
     const int64_t step = p.x_rows_per_block();
-    Tensor e = at::empty({p.rows(0, std::min(step, p.nx)), p.d}, p.xs.options());
-    Tensor z = at::empty({e.size(0), p.m}, p.xs.options());
+    // bf16 inputs: e and W in bf16 on the bf16 matrix unit (fp32 accumulation inside the
+    // GEMM; z is rounded to bf16 once, as the bf16 output will be); otherwise acc_t.
+    using gemm_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, at::BFloat16, acc_t>;
+    const auto gemm_options = x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value);
+    const Tensor w = p.w.to(gemm_options.dtype());
+    Tensor e = at::empty({p.rows(0, std::min(step, p.nx)), p.d}, gemm_options);
+    Tensor z = at::empty({e.size(0), p.m}, gemm_options);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     acc_t* norm_ptr = norm.data_ptr<acc_t>();
     const acc_t* bias_ptr = p.b.defined() ? p.b.data_ptr<acc_t>() : nullptr;
     for (int64_t i0 = 0; i0 < p.nx; i0 += step) {
       const int64_t i1 = std::min(p.nx, i0 + step), rows = p.rows(i0, i1), first = p.rows(0, i0);
       Tensor e_block = e.narrow(0, 0, rows), z_block = z.narrow(0, 0, rows);
-      build_e<acc_t>(p, i0, i1, e_block);
-      at::mm_out(z_block, e_block, p.w.t());
-      const acc_t* zp = z_block.data_ptr<acc_t>();
+      build_e<acc_t, gemm_t>(p, i0, i1, e_block);
+      at::mm_out(z_block, e_block, w.t());
+      const gemm_t* zp = z_block.data_ptr<gemm_t>();
       at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
         std::vector<acc_t> row(p.m);
         for (int64_t r = r0; r < r1; ++r) {
           acc_t sum = 0;
           for (int64_t k = 0; k < p.m; ++k) {
-            row[k] = zp[r * p.m + k] + (bias_ptr ? bias_ptr[k] : acc_t(0));
+            row[k] = static_cast<acc_t>(zp[r * p.m + k]) + (bias_ptr ? bias_ptr[k] : acc_t(0));
             sum += row[k] * row[k];
           }
           const acc_t n = std::sqrt(sum), scale = acc_t(1) / (n + static_cast<acc_t>(p.eps));
@@ -202,7 +208,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out, 
     for (int64_t i0 = 0; i0 < p.nx; i0 += step) {
       const int64_t i1 = std::min(p.nx, i0 + step), rows = p.rows(i0, i1), first = p.rows(0, i0);
       Tensor e_block = e.narrow(0, 0, rows), dz_block = dz.narrow(0, 0, rows), de_block = de.narrow(0, 0, rows);
-      build_e<acc_t>(p, i0, i1, e_block);
+      build_e<acc_t, acc_t>(p, i0, i1, e_block);
       acc_t* dzp = dz_block.data_ptr<acc_t>();
       at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {

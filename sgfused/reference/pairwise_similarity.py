@@ -13,7 +13,7 @@ from torch import Tensor
 
 def l2norm(v: Tensor, eps: float = 1e-8) -> Tensor:
     """``v / (||v||_2 + eps)`` over the last dimension (SCAN / SGRAF convention)."""
-    return v / (v.pow(2).sum(-1, keepdim=True).sqrt() + eps)
+    return v / (torch.linalg.vector_norm(v, dim=-1, keepdim=True) + eps)
 
 
 def pairwise_similarity(
