@@ -47,7 +47,7 @@ if grep -E "csrc/cuda/.*warning" "$BUILD/build.log"; then
 fi
 
 cd "$BUILD/pkg"
-PYTHONPATH="$BUILD/pkg" "$PYTHON" - <<'EOF'
+SGFUSED_SRC="$ROOT" PYTHONPATH="$BUILD/pkg" "$PYTHON" - <<'EOF'
 import torch
 
 import sgfused
@@ -56,7 +56,12 @@ info = sgfused.build_info()
 print("check_cuda_build: build_info", info)
 assert sgfused.__file__.startswith(__import__("os").getcwd()), sgfused.__file__
 assert "cuda" in info["backends"], f"the CUDA kernels were not compiled: {info}"
-for op in ("hardest_negative_forward", "hardest_negative_backward"):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sgfused::{op}", "CUDA"), f"no CUDA kernel for {op}"
+import glob, os
+# every csrc/cuda/<op>.cu must register CUDA kernels for <op>_forward and <op>_backward
+for source in sorted(glob.glob(os.path.join(os.environ["SGFUSED_SRC"], "csrc/cuda/*.cu"))):
+    name = os.path.basename(source)[: -len(".cu")]
+    for op in (f"{name}_forward", f"{name}_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sgfused::{op}", "CUDA"), f"no CUDA kernel for {op}"
+        print("check_cuda_build: CUDA kernel registered for", op)
 EOF
 echo "check_cuda_build: OK"
