@@ -64,4 +64,17 @@ TORCH_LIBRARY(sgfused, m) {
   m.def(
       "pairwise_similarity_backward(Tensor grad_out, Tensor x, Tensor y, Tensor weight, Tensor? bias, "
       "Tensor out, Tensor norm, str mode, float eps, bool aligned) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Batched region-word cross-attention for all (query set, context set) pairs
+  // with a similarity epilogue (DESIGN §1, docs/cross_attention_contract.md).
+  // Returns the epilogue's output and small per-(pair, query) statistics
+  // (Nq, Nc, Lq, 2) that the backward may reuse.
+  m.def(
+      "cross_attention_forward(Tensor queries, Tensor contexts, Tensor query_lens, Tensor context_lens, "
+      "float smooth, float leaky, str norm, str epilogue, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "cross_attention_backward(Tensor grad_out, Tensor queries, Tensor contexts, Tensor query_lens, "
+      "Tensor context_lens, float smooth, float leaky, str norm, str epilogue, Tensor? weight, "
+      "Tensor? bias, float eps, Tensor out, Tensor stats) -> (Tensor, Tensor, Tensor, Tensor)");
 }

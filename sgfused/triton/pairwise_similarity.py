@@ -1,0 +1,391 @@
+"""Triton kernels for all-pairs vector similarity (DESIGN §2).
+
+Semantics: docs/pairwise_similarity_contract.md; ground truth: sgfused/reference/pairwise_similarity.py.
+The two launchers at the bottom are wrapped as ``torch.library.custom_op`` by sgfused.ops.
+
+A "pair" p is (i, j) = (p // Ny, p % Ny) for all pairs, (p, p) when aligned. Its feature vector
+``e_p`` is ``(a_i - b_j)^2`` (distance: a, b = x, y as stored) or ``a_i * b_j`` (direction: a, b =
+l2norm(x), l2norm(y), which the launcher computes once in the accumulation dtype, O((Nx + Ny) d)).
+``e`` tiles are built from the a and b rows in registers, one d-chunk at a time, and fed to
+``tl.dot``; the (Nx, Ny, d) tensor is never stored, not even one block of it.
+
+Kernels:
+
+* ``_pairs_kernel``: one program per block of BLOCK_P pairs holding all m outputs of each pair
+  (BLOCK_M = next power of two >= m): z = e @ W^T + b over d-chunks, then the l2norm epilogue.
+  Forward: writes out and norm. GRAD: recomputes z (exact even for fp16 / bf16 outputs) and writes
+  ``dz = g / r - z (z . g) / (r^2 ||z||)`` (second term 0 when ||z|| = 0) into a (P, m) buffer in
+  the accumulation dtype: the same size as grad_out, so z is recomputed once, not once per gradient.
+* ``_grad_rows_kernel``: gradient of the a rows, one program per (row, d-chunk). All pairs: loops
+  over the partner rows in blocks, ``dE = dz_tile @ W_chunk`` and reduces ``2 (a_i - b_j) dE``
+  (distance) or ``dE * b_j`` (direction) over j in order. Run on (x, y) for grad_x and on (y, x)
+  with the dz strides swapped for grad_y (the formula is symmetric). Aligned: one program per
+  block of rows, each row its own single pair.
+* ``_grad_weight_kernel``: one program per (m-block, d-chunk, split): ``sum_p outer(dz_p, e_p)`` over a
+  contiguous range of pairs, in order, into a (split, m, d) partial; the launcher sums the splits
+  (torch, deterministic). grad_bias is the (deterministic) torch sum of dz over pairs.
+
+Direction mode: the row kernels give the gradients of l2norm(x) / l2norm(y); the launcher takes
+them through l2norm per row with torch (O((Nx + Ny) d)); a zero row (||v|| = 0) gets du / eps, the
+second term dropped as for dz (the reference's autograd gives NaN there).
+
+Extra memory: the dz buffer (P, m), the (split, m, d) grad_weight partials, and O((Nx + Ny) d)
+for l2norm(x), l2norm(y) (direction) and the row-gradient buffers.
+
+Stores to bf16 go through ``_cast``, which rounds to nearest even by hand: the interpreter's
+fp32 -> bf16 conversion truncates, the GPU's rounds; this gives the same bits on both.
+
+All arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input; tl.dot with
+input_precision="ieee"); no atomics, every output element is written by one program in a fixed
+order, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_K = 32  # d-chunk of one tl.dot
+BLOCK_KW = 64  # d columns of grad_weight per program
+BLOCK_MW = 64  # m rows of grad_weight per program
+BLOCK_PW = 32  # pairs per step of the grad_weight loop
+TARGET_PROGRAMS_CUDA = 512  # grad_weight splits the pairs until about this many programs run
+
+
+# ----------------------------------------------------------------------------- tile helpers
+@triton.jit
+def _pair_index(p, Ny, ALIGNED: tl.constexpr):
+    """(i, j) of pairs p, as int64."""
+    p = p.to(tl.int64)
+    if ALIGNED:
+        i = p
+        j = p
+    else:
+        i = p // Ny
+        j = p % Ny
+    return i, j
+
+
+@triton.jit
+def _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC: tl.constexpr, DISTANCE: tl.constexpr):
+    """e[i[p], j[p], ks] for every pair p: (BLOCK_P, BLOCK_K) in ACC, 0 where masked."""
+    msk = pmask[:, None] & kmask[None, :]
+    a = tl.load(a_ptr + i[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
+    b = tl.load(b_ptr + j[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
+    if DISTANCE:
+        diff = a - b
+        e = diff * diff
+    else:
+        e = a * b
+    return e
+
+
+@triton.jit
+def _cast(v, DST: tl.constexpr):
+    """v in DST, rounded to nearest even (bf16 by hand: the interpreter's fp32 -> bf16 cast truncates)."""
+    if DST == tl.bfloat16:
+        f = v.to(tl.float32)
+        u = f.to(tl.uint32, bitcast=True)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        v = tl.where(f == f, u.to(tl.float32, bitcast=True), f)  # NaN stays NaN
+    return v.to(DST)
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_ptr,
+                  P, Ny, D, M,
+                  ACC: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, GRAD: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """z of BLOCK_P pairs (all m); forward: out = z / (||z|| + eps), norm = ||z||; GRAD: out = dz."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < P
+    i, j = _pair_index(p, Ny, ALIGNED)
+    ms = tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    z = tl.zeros((BLOCK_P, BLOCK_M), ACC)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        e = _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC, DISTANCE)
+        wt = tl.load(w_ptr + ms[None, :] * D + ks[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0).to(ACC)
+        z = tl.dot(e, wt, z, input_precision="ieee", out_dtype=ACC)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + ms, mask=mmask, other=0.0).to(ACC)[None, :]
+    eps = tl.load(eps_ptr)
+    nrm = tl.sqrt(tl.sum(z * z, axis=1))
+    r = nrm + eps
+    pm = p.to(tl.int64)[:, None] * M + ms[None, :]
+    msk = pmask[:, None] & mmask[None, :]
+    if GRAD:
+        g = tl.load(g_ptr + pm, mask=msk, other=0.0).to(ACC)
+        zg = tl.sum(z * g, axis=1)
+        coef = tl.where(nrm > 0, zg / (r * r) / tl.where(nrm > 0, nrm, 1.0), 0.0)
+        dz = g / r[:, None] - z * coef[:, None]
+        tl.store(out_ptr + pm, dz.to(out_ptr.dtype.element_ty), mask=msk)
+    else:
+        tl.store(out_ptr + pm, _cast(z / r[:, None], out_ptr.dtype.element_ty), mask=msk)
+        tl.store(norm_ptr + p, nrm.to(norm_ptr.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c,
+                      ACC: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r, ks] = sum over the partners c of r of dE_rc * (2 (a_r - b_c) | b_c), dE_rc = W^T dz_rc.
+
+    dz of pair (r, c) is at dz_ptr + r * s_r + c * s_c (m contiguous values); aligned: r's only
+    partner is c = r and its dz is at r * M.
+    """
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < D
+    ms = tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    w = tl.load(w_ptr + ms[:, None] * D + ks[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0).to(ACC)
+    if ALIGNED:
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        rmask = rows < R
+        dz = tl.load(dz_ptr + rows[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
+        de = tl.dot(dz, w, input_precision="ieee", out_dtype=ACC)
+        msk = rmask[:, None] & kmask[None, :]
+        a = tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
+        b = tl.load(b_ptr + rows[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
+        if DISTANCE:
+            res = 2.0 * (a - b) * de
+        else:
+            res = de * b
+        tl.store(out_ptr + rows[:, None] * D + ks[None, :], _cast(res, out_ptr.dtype.element_ty), mask=msk)
+    else:
+        row = tl.program_id(0).to(tl.int64)
+        a = tl.load(a_ptr + row * D + ks, mask=kmask, other=0.0).to(ACC)
+        acc = tl.zeros((BLOCK_K,), ACC)
+        for c0 in range(0, C, BLOCK_R):
+            cols = (c0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            cmask = cols < C
+            dz = tl.load(dz_ptr + row * s_r + cols[:, None] * s_c + ms[None, :],
+                         mask=cmask[:, None] & mmask[None, :], other=0.0)
+            de = tl.dot(dz, w, input_precision="ieee", out_dtype=ACC)
+            b = tl.load(b_ptr + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :],
+                        other=0.0).to(ACC)
+            if DISTANCE:
+                t = 2.0 * (a[None, :] - b) * de
+            else:
+                t = de * b
+            acc += tl.sum(t, axis=0)
+        tl.store(out_ptr + row * D + ks, _cast(acc, out_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _grad_weight_kernel(a_ptr, b_ptr, dz_ptr, part_ptr, P, Ny, D, M, pairs_per_split,
+                        ACC: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_MW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """part[s, ms, ks] = sum over the pairs p of split s (in order) of dz[p, ms] e[p, ks]."""
+    ms = tl.program_id(0) * BLOCK_MW + tl.arange(0, BLOCK_MW)
+    mmask = ms < M
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < D
+    s = tl.program_id(2)
+    start = s * pairs_per_split
+    end = tl.minimum(start + pairs_per_split, P)
+    acc = tl.zeros((BLOCK_MW, BLOCK_K), ACC)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < end
+        i, j = _pair_index(p, Ny, ALIGNED)
+        dzt = tl.load(dz_ptr + p.to(tl.int64)[None, :] * M + ms[:, None],
+                      mask=mmask[:, None] & pmask[None, :], other=0.0)
+        e = _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC, DISTANCE)
+        acc = tl.dot(dzt, e, acc, input_precision="ieee", out_dtype=ACC)
+    ptrs = part_ptr + (s.to(tl.int64) * M + ms[:, None]) * D + ks[None, :]
+    tl.store(ptrs, acc, mask=mmask[:, None] & kmask[None, :])
+
+
+# ----------------------------------------------------------------------------- launch helpers
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(n, 1)))
+
+
+def _block_m(m: int) -> int:
+    return _pow2(m)
+
+
+def _block_p(block_m: int, acc: torch.dtype) -> int:
+    """Pairs per program of the (BLOCK_P, BLOCK_M) z tile: about 8K fp32 (4K fp64) accumulators."""
+    budget = 4096 if acc == torch.float64 else 8192
+    return max(16, min(64, budget // block_m))
+
+
+def _block_k(d: int, cap: int) -> int:
+    return min(cap, _pow2(d))
+
+
+def _check_mode(mode: str) -> bool:
+    if mode not in ("distance", "direction"):
+        raise ValueError(f"pairwise_similarity: mode must be 'distance' or 'direction', got {mode!r}")
+    return mode == "distance"
+
+
+def _l2norm_rows(v: Tensor, acc: torch.dtype, eps: float) -> tuple[Tensor, Tensor]:
+    """(l2norm(v) in acc, ||v|| (rows, 1) in acc), exactly as the reference computes them."""
+    va = v.to(acc)
+    n = va.pow(2).sum(-1, keepdim=True).sqrt()
+    return va / (n + eps), n
+
+
+def _l2norm_backward(v: Tensor, n: Tensor, du: Tensor, eps: float) -> Tensor:
+    """dv for u = v / (||v|| + eps): du / r - v (v . du) / (r^2 ||v||), second term 0 where ||v|| = 0."""
+    va = v.to(du.dtype)
+    r = n + eps
+    coef = torch.where(n > 0, (va * du).sum(-1, keepdim=True) / (r * r) / torch.where(n > 0, n, 1.0), 0.0)
+    return du / r - va * coef
+
+
+class _Setup:
+    """Contiguous inputs, the a / b rows the kernels read, shapes and the accumulation dtype."""
+
+    def __init__(self, x, y, weight, bias, mode, eps, aligned):
+        self.distance = _check_mode(mode)
+        self.aligned = bool(aligned)
+        self.x, self.y, self.w = x.contiguous(), y.contiguous(), weight.contiguous()
+        self.bias = None if bias is None else bias.contiguous()
+        self.nx, self.ny, self.d = x.shape[0], y.shape[0], x.shape[1]
+        self.m = weight.shape[0]
+        if self.aligned and self.nx != self.ny:
+            raise ValueError(f"pairwise_similarity: aligned needs x and y of equal length, got {self.nx} and {self.ny}")
+        self.p = self.nx if self.aligned else self.nx * self.ny
+        self.acc = _acc_dtype(x.dtype)
+        self.eps = float(eps)
+        if self.distance:
+            self.a, self.b, self.xn, self.yn = self.x, self.y, None, None
+        else:
+            self.a, self.xn = _l2norm_rows(self.x, self.acc, self.eps)
+            self.b, self.yn = _l2norm_rows(self.y, self.acc, self.eps)
+        self.block_m = _block_m(self.m)
+        self.block_p = _block_p(self.block_m, self.acc)
+        self.block_k = _block_k(self.d, BLOCK_K)
+        # a device scalar in the accumulation dtype (a Python float argument would be fp32)
+        self.eps_t = torch.full((1,), self.eps, dtype=self.acc, device=x.device)
+
+    @property
+    def out_shape(self) -> tuple:
+        return (self.nx, self.m) if self.aligned else (self.nx, self.ny, self.m)
+
+    def pairs(self, g: Tensor | None, out: Tensor, norm: Tensor | None) -> None:
+        w = self.w
+        _pairs_kernel[(triton.cdiv(self.p, self.block_p),)](
+            self.a, self.b, w, w if self.bias is None else self.bias, self.eps_t,
+            out if g is None else g, out, out if norm is None else norm,
+            self.p, self.ny, self.d, self.m,
+            ACC=_tl(self.acc), DISTANCE=self.distance, ALIGNED=self.aligned,
+            HAS_BIAS=self.bias is not None, GRAD=g is not None,
+            BLOCK_P=self.block_p, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
+        )
+
+
+def _grad_rows(s: _Setup, a: Tensor, b: Tensor, dz: Tensor, n_rows: int, n_cols: int,
+               s_r: int, s_c: int, dtype: torch.dtype) -> Tensor:
+    out = torch.empty((n_rows, s.d), dtype=dtype, device=dz.device)
+    if n_rows == 0 or n_cols == 0 or s.d == 0:
+        return out.zero_()
+    if s.aligned:
+        grid = (triton.cdiv(n_rows, s.block_p), triton.cdiv(s.d, s.block_k))
+    else:
+        grid = (n_rows, triton.cdiv(s.d, s.block_k))
+    _grad_rows_kernel[grid](
+        a, b, s.w, dz, out, n_rows, n_cols, s.d, s.m, s_r, s_c,
+        ACC=_tl(s.acc), DISTANCE=s.distance, ALIGNED=s.aligned,
+        BLOCK_R=s.block_p, BLOCK_M=s.block_m, BLOCK_K=s.block_k,
+    )
+    return out
+
+
+def _grad_weight(s: _Setup, dz: Tensor) -> Tensor:
+    device = dz.device
+    if s.p == 0 or s.m == 0 or s.d == 0:
+        return torch.zeros((s.m, s.d), dtype=s.w.dtype, device=device)
+    block_mw = min(BLOCK_MW, s.block_m)
+    block_kw = _block_k(s.d, BLOCK_KW)
+    n_mk = triton.cdiv(s.m, block_mw) * triton.cdiv(s.d, block_kw)
+    n_blocks = triton.cdiv(s.p, BLOCK_PW)
+    # split the pairs into contiguous ranges so enough programs run; the split count depends on the
+    # shapes and device only, so the summation order (and the result) is fixed for a given problem.
+    target = TARGET_PROGRAMS_CUDA if device.type == "cuda" else 2
+    split = max(1, min(n_blocks, triton.cdiv(target, n_mk)))
+    pairs_per_split = triton.cdiv(n_blocks, split) * BLOCK_PW
+    split = triton.cdiv(s.p, pairs_per_split)
+    part = torch.empty((split, s.m, s.d), dtype=s.acc, device=device)
+    _grad_weight_kernel[(triton.cdiv(s.m, block_mw), triton.cdiv(s.d, block_kw), split)](
+        s.a, s.b, dz, part, s.p, s.ny, s.d, s.m, pairs_per_split,
+        ACC=_tl(s.acc), DISTANCE=s.distance, ALIGNED=s.aligned,
+        BLOCK_P=BLOCK_PW, BLOCK_MW=block_mw, BLOCK_K=block_kw,
+    )
+    gw = part[0] if split == 1 else part.sum(0)
+    return gw.to(s.w.dtype)
+
+
+# ----------------------------------------------------------------------------- launchers
+def forward(
+    x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None, mode: str, eps: float, aligned: bool
+) -> tuple[Tensor, Tensor]:
+    """(out (Nx, Ny, m) or (N, m) in the input dtype, norm (Nx, Ny) or (N,) in the accumulation dtype)."""
+    s = _Setup(x, y, weight, bias, mode, eps, aligned)
+    out = torch.empty(s.out_shape, dtype=x.dtype, device=x.device)
+    norm = torch.empty(s.out_shape[:-1], dtype=s.acc, device=x.device)
+    if s.p > 0:
+        s.pairs(None, out, norm)
+    return out, norm
+
+
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out: Tensor,
+    norm: Tensor,
+    mode: str,
+    eps: float,
+    aligned: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_y, grad_weight, grad_bias), each in its input's dtype; grad_bias is (0,) without bias.
+
+    z is recomputed from x, y, weight and bias (not recovered from the rounded ``out``), so ``out``
+    and ``norm`` are not read.
+    """
+    s = _Setup(x, y, weight, bias, mode, eps, aligned)
+    device = x.device
+    # dz of every pair, (P, m) in the accumulation dtype (the size of grad_out)
+    dz = torch.empty((s.p, s.m), dtype=s.acc, device=device)
+    if s.p > 0:
+        s.pairs(grad_out.contiguous(), dz, None)
+    grad_bias = (
+        torch.empty((0,), dtype=weight.dtype, device=device)
+        if bias is None
+        else dz.sum(0).to(bias.dtype)
+    )
+    # the row kernels write the gradient itself (distance) or that of l2norm(x) / l2norm(y) (direction)
+    gx_dtype = x.dtype if s.distance else s.acc
+    gy_dtype = y.dtype if s.distance else s.acc
+    if s.aligned:
+        gx = _grad_rows(s, s.a, s.b, dz, s.nx, s.ny, s.m, 0, gx_dtype)
+        gy = _grad_rows(s, s.b, s.a, dz, s.ny, s.nx, s.m, 0, gy_dtype)
+    else:
+        gx = _grad_rows(s, s.a, s.b, dz, s.nx, s.ny, s.ny * s.m, s.m, gx_dtype)
+        gy = _grad_rows(s, s.b, s.a, dz, s.ny, s.nx, s.m, s.ny * s.m, gy_dtype)
+    if not s.distance:
+        gx = _l2norm_backward(s.x, s.xn, gx, s.eps).to(x.dtype)
+        gy = _l2norm_backward(s.y, s.yn, gy, s.eps).to(y.dtype)
+    grad_weight = _grad_weight(s, dz)
+    return gx, gy, grad_weight, grad_bias
