@@ -3,9 +3,10 @@
 Tolerances are relative to the largest reference magnitude: fp32 1e-5 (values) and
 1e-4 (gradients, sums over many pairs), fp16 5e-3, bf16 3e-2 (one or two ulps of
 the output dtype, in which the kernels' saved output is rounded). With m = 1 the
-output is sign(z) and its true gradient, g eps / (|z| + eps)^2, is the difference
-of two nearly equal terms in any precision; there the gradients are compared in
-float64, where both sides resolve it.
+output is z / (|z| + eps), a step at z = 0: where the learned sum z cancels to near
+zero, fp32 rounding of z moves the value, and the true gradient g eps / (|z| + eps)^2
+is the difference of two nearly equal terms in any precision. For m = 1 the values
+are compared in the input dtype only when it is fp64, and the gradients in fp64.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def values_and_grads(fn, inputs, upstream):
 def check_against_reference(backend, shape, mode, bias, aligned, dtype):
     device = backend_device(backend)
     nx, ny, d, m = shape
+    if backend == "triton" and device.type == "cpu" and nx * (nx if aligned else ny) * d > 200_000:
+        pytest.skip("too slow for the Triton interpreter (runs on a GPU); d = 1024 is covered by a smaller shape")
     if aligned:
         ny = nx
     inputs = make_inputs(nx, ny, d, m, bias, device, dtype)
@@ -71,12 +74,12 @@ def check_against_reference(backend, shape, mode, bias, aligned, dtype):
     want, want_grads = values_and_grads(ref, inputs, upstream)
     value_tol, grad_tol = SCALED_TOL[dtype]
     assert got.dtype == dtype
-    assert_scaled_close(got, want, value_tol)
     if m == 1:
         wide = [t.double() if t is not None else None for t in inputs]
-        got_grads = values_and_grads(ours, wide, upstream)[1]
-        want_grads = values_and_grads(ref, wide, upstream)[1]
-        grad_tol = SCALED_TOL[torch.float64][1]
+        got, got_grads = values_and_grads(ours, wide, upstream)
+        want, want_grads = values_and_grads(ref, wide, upstream)
+        value_tol, grad_tol = SCALED_TOL[torch.float64]
+    assert_scaled_close(got, want, value_tol)
     for g, w in zip(got_grads, want_grads):
         assert g.dtype == (torch.float64 if m == 1 else dtype)
         assert_scaled_close(g, w, grad_tol)
