@@ -10,6 +10,8 @@
 set -euo pipefail
 
 PYTHON="${1:-python3}"
+# an interpreter given by relative path must keep working after the cd's below
+[[ "$PYTHON" == */* ]] && PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"
 shift || true
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JOBS="${SGFUSED_BUILD_JOBS:-2}"

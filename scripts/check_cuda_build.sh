@@ -14,6 +14,8 @@
 set -euo pipefail
 
 PYTHON="${1:-python3}"
+# an interpreter given by relative path must keep working after the cd's below
+[[ "$PYTHON" == */* ]] && PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
