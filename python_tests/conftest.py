@@ -39,6 +39,23 @@ TOLERANCE = {
 }
 
 
+# Tolerances relative to the largest reference magnitude: (values, gradients) per dtype.
+SCALED_TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+def assert_scaled_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape
+    assert torch.isfinite(got).all()
+    error = (got - want).abs().max().item() if got.numel() else 0.0
+    scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-2)  # m = 1: gradients are ~0
+    assert error <= tol * scale, f"max error {error:.3g} > {tol:g} x {scale:.3g}"
+
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,29 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KERNEL_BACKENDS, backend_device
+from conftest import KERNEL_BACKENDS, SCALED_TOL, assert_scaled_close, backend_device
 
 from sgfused import reference
 from sgfused.nn import VectorSimilarity
 from sgfused.ops import pairwise_similarity
 
-SCALED_TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (5e-3, 5e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-}
 # (Nx, Ny, d, m): every size of the issue appears: N in {1, 3, 64, 257}, d in {1, 17, 1024}, m in {1, 256}
 SHAPES = [(1, 1, 1, 1), (3, 64, 17, 256), (64, 3, 1024, 1), (257, 3, 17, 256), (3, 257, 1024, 1), (64, 64, 17, 1)]
-
-
-def assert_scaled_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-    got, want = got.double(), want.double()
-    assert got.shape == want.shape
-    assert torch.isfinite(got).all()
-    error = (got - want).abs().max().item() if got.numel() else 0.0
-    scale = max(want.abs().max().item() if want.numel() else 0.0, 1e-2)  # m = 1: gradients are ~0
-    assert error <= tol * scale, f"max error {error:.3g} > {tol:g} x {scale:.3g}"
 
 
 def make_inputs(nx, ny, d, m, bias, device, dtype):

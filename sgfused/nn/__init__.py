@@ -1,6 +1,6 @@
 """Drop-in nn.Module wrappers of the ops."""
 
 from .losses import HardestNegativeLoss
-from .similarity import VectorSimilarity
+from .similarity import CrossAttentionSimilarity, VectorSimilarity
 
-__all__ = ["HardestNegativeLoss", "VectorSimilarity"]
+__all__ = ["CrossAttentionSimilarity", "HardestNegativeLoss", "VectorSimilarity"]

@@ -1,4 +1,4 @@
-"""Learned vector similarity layer."""
+"""Learned similarity layers: global (vector pairs) and local (cross-attention) similarity blocks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops import pairwise_similarity
+from ..ops import cross_attention, pairwise_similarity
+
+
+def _papers_init(weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+    """Xavier-uniform weight (r = sqrt(6 / (d + m))) and zero bias, as the SGRAF / MPSM code initialises them."""
+    m, d = weight.shape
+    bound = math.sqrt(6.0 / (d + m))
+    nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.zeros_(bias)
 
 
 class VectorSimilarity(nn.Module):
@@ -28,11 +37,7 @@ class VectorSimilarity(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        m, d = self.weight.shape
-        bound = math.sqrt(6.0 / (d + m))
-        nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _papers_init(self.weight, self.bias)
 
     def forward(self, x: Tensor, y: Tensor, all_pairs: bool = True) -> Tensor:
         return pairwise_similarity(
@@ -42,3 +47,55 @@ class VectorSimilarity(nn.Module):
     def extra_repr(self) -> str:
         m, d = self.weight.shape
         return f"d={d}, m={m}, mode={self.mode!r}, bias={self.bias is not None}"
+
+
+class CrossAttentionSimilarity(nn.Module):
+    """SCAN attention + learned similarity: SGRAF's local alignment block (``sim_tranloc_w``).
+
+    ``forward(queries, contexts, query_lens, context_lens)`` attends every query
+    set (e.g. caption words, ``(Nq, Lq, d)``) over every context set (e.g. image
+    regions, ``(Nc, Lc, d)``) and returns ``(Nq, Nc, Lq, m)`` local similarity
+    vectors, zero at padded query positions. ``epilogue`` is ``"distance"``
+    (SGRAF, MPSM) or ``"direction"`` (MPSM). Same initialisation as
+    :class:`VectorSimilarity`.
+    """
+
+    def __init__(
+        self,
+        d: int,
+        m: int,
+        epilogue: str = "distance",
+        smooth: float = 9.0,
+        leaky: float = 0.1,
+        norm: str = "clipped_l2",
+        bias: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if epilogue not in ("distance", "direction"):
+            raise ValueError(f"epilogue must be 'distance' or 'direction', got {epilogue!r}")
+        self.epilogue, self.smooth, self.leaky, self.norm, self.backend = epilogue, smooth, leaky, norm, backend
+        self.weight = nn.Parameter(torch.empty(m, d))
+        self.bias = nn.Parameter(torch.empty(m)) if bias else None
+        _papers_init(self.weight, self.bias)
+
+    def forward(
+        self, queries: Tensor, contexts: Tensor, query_lens: Tensor | None = None, context_lens: Tensor | None = None
+    ) -> Tensor:
+        return cross_attention(
+            queries,
+            contexts,
+            query_lens=query_lens,
+            context_lens=context_lens,
+            smooth=self.smooth,
+            leaky=self.leaky,
+            norm=self.norm,
+            epilogue=self.epilogue,
+            weight=self.weight,
+            bias=self.bias,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        m, d = self.weight.shape
+        return f"d={d}, m={m}, epilogue={self.epilogue!r}, smooth={self.smooth}, norm={self.norm!r}"
