@@ -52,7 +52,7 @@ def call(tensors, backend: str, backward: bool, mode: str = "distance"):
 def chunked_scores(tensors, backend: str, chunk: int):
     """Evaluation: (Nx, Ny) scores through (chunk, Ny, m) similarity blocks reduced by a Linear(m, 1)."""
     x, y, w, b = tensors
-    reduce = torch.randn(w.shape[0], device=x.device, dtype=x.dtype)
+    reduce = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
 
     @torch.no_grad()
     def run():

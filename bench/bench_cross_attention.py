@@ -1,0 +1,123 @@
+"""Benchmark cross_attention at SGRAF shapes against the batched reference in one run.
+
+Training: Nq = Nc = 128 (captions x images), Lq = 32 padded with lengths 8-20,
+Lc = 36 regions, d = 1024, m = 256, "distance" epilogue, forward+backward.
+Evaluation: 100 images x 500 captions (1000 x 5000 on a GPU), forward, in chunks of
+captions, each chunk reduced to one score per pair (as SGRAF's sim_eval_w does), fp32
+and bf16 inputs; pairs/s, GFLOP/s, and the largest score difference of bf16 from fp32.
+The device's plain fp32 and bf16 matmul rates are measured in the same harness.
+Usage: python bench/bench_cross_attention.py [--device cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Row, add_ratios, measure, write  # noqa: E402
+
+from sgfused.ops import cross_attention  # noqa: E402
+
+OP = "cross_attention"
+
+
+def backends_for(device: torch.device) -> list[str]:
+    return ["reference", "cuda", "triton"] if device.type == "cuda" else ["reference", "cpu"]
+
+
+def flop_per_pair(lq: int, lc: int, d: int, m: int) -> float:
+    """Scores, weighted contexts and the W projection of one pair (forward)."""
+    return 2.0 * lq * lc * d * 2 + 2.0 * lq * d * m
+
+
+def make(nq, nc, lq, lc, d, m, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randn(nq, lq, d, generator=g).to(device, dtype)
+    regions = torch.randn(nc, lc, d, generator=g).to(device, dtype)
+    lens = torch.randint(8, 21, (nq,), generator=g).clamp(max=lq).to(device)
+    weight = (torch.randn(m, d, generator=g) / d**0.5).to(device, dtype)
+    bias = torch.zeros(m, device=device, dtype=dtype)
+    return words, regions, lens, weight, bias
+
+
+def train_step(tensors, backend: str):
+    words, regions, lens, weight, bias = tensors
+
+    def run():
+        leaves = [t.detach().requires_grad_(True) for t in (words, regions, weight, bias)]
+        out = cross_attention(leaves[0], leaves[1], query_lens=lens, epilogue="distance", weight=leaves[2],
+                              bias=leaves[3], backend=backend)
+        out.sum().backward()
+        return out
+
+    return run
+
+
+def eval_scores(tensors, backend: str, chunk: int):
+    words, regions, lens, weight, bias = tensors
+    reduce = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(1)).to(words.device, words.dtype)
+
+    @torch.no_grad()
+    def run():
+        scores = []
+        for i in range(0, words.shape[0], chunk):
+            local = cross_attention(words[i : i + chunk], regions, query_lens=lens[i : i + chunk],
+                                    epilogue="distance", weight=weight, bias=bias, backend=backend)
+            scores.append((local @ reduce).float().sum(-1))  # (chunk, n_image)
+        return torch.cat(scores)
+
+    return run
+
+
+def run(device: torch.device, quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    lq, lc, d, m = (32, 36, 1024, 256) if not quick else (16, 12, 64, 32)
+    n = 16 if quick else 128
+    tensors = make(n, n, lq, lc, d, m, device, torch.float32)
+    flop = 3 * n * n * flop_per_pair(lq, lc, d, m)
+    for backend in backends_for(device):
+        rows.append(measure(OP, "train fwd+bwd fp32", backend, device, torch.float32,
+                            f"{n}x{n},Lq={lq},Lc={lc},d={d},m={m}", train_step(tensors, backend), flop=flop))
+    n_img, n_cap = (20, 100) if quick else ((1000, 5000) if device.type == "cuda" else (100, 500))
+    shape = f"{n_img}img x {n_cap}cap"
+    flop = n_img * n_cap * flop_per_pair(lq, lc, d, m)
+    scores = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors = make(n_cap, n_img, lq, lc, d, m, device, dtype)
+        for backend in backends_for(device):
+            if dtype == torch.bfloat16 and backend == "reference":
+                continue  # the target compares bf16 kernels with the fp32 reference
+            fn = eval_scores(tensors, backend, 50)
+            rows.append(measure(OP, "eval fwd", backend, device, dtype, shape, fn, flop=flop))
+            scores[(backend, dtype)] = fn()
+    fp32 = scores[("reference", torch.float32)]
+    for (backend, dtype), value in scores.items():
+        diff = (value - fp32).abs().max().item() / max(fp32.abs().max().item(), 1e-12)
+        print(f"eval scores {backend:10s} {str(dtype):15s} max |diff| vs fp32 reference, relative: {diff:.2e}")
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n * lq, d, device=device).to(dtype)
+        b = torch.randn(d, m, device=device).to(dtype)
+        rows.append(measure(OP, "plain mm", "torch.mm", device, dtype, f"{n * lq}x{d}x{m}", lambda: a @ b,
+                            flop=2.0 * n * lq * d * m))
+    add_ratios(rows)
+    for r in rows:  # pairs/s for the evaluation rows
+        if r.case == "eval fwd":
+            print(f"{r.backend:10s} {r.dtype:9s} {n_img * n_cap / (r.ms / 1e3):12.0f} pairs/s")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print("wrote", write(OP, run(device, args.quick), device))
+
+
+if __name__ == "__main__":
+    main()
