@@ -166,11 +166,17 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& queries, const Tensor& cont
     } else if (o.cosine) {
       result = cosine(a, eps);
     } else {
-      Tensor z = at::matmul(epilogue_rows(a, o), in.weight.t());
+      // Only the valid query rows go through W (padding is ~half of a captions batch).
+      // bf16 inputs: the GEMM runs in bf16 on the bf16 matrix unit (fp32 accumulation inside).
+      const Tensor rows = epilogue_rows(a, o).index({keep});  // (R, d)
+      const bool bf16 = queries.scalar_type() == at::kBFloat16;
+      Tensor z = bf16 ? at::mm(rows.to(at::kBFloat16), in.weight.to(at::kBFloat16).t()).to(rows.scalar_type())
+                      : at::mm(rows, in.weight.t());
       if (in.bias.defined()) z = z + in.bias;
       const Tensor n = vector_norm(z, -1);
-      result = z / (n + eps);
-      stats.select(3, 0).narrow(0, a0, a1 - a0).copy_(n.squeeze(-1) * keep);
+      result = at::zeros({a1 - a0, in.nc, in.lq, in.m}, z.options());
+      result.index_put_({keep}, z / (n + eps));
+      stats.select(3, 0).narrow(0, a0, a1 - a0).index_put_({keep}, n.squeeze(-1));
     }
     stats.select(3, 1).narrow(0, a0, a1 - a0).copy_(a.lse * keep);
     const Tensor mask = o.cosine ? keep : keep.unsqueeze(-1);
@@ -209,17 +215,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
       d_c = gk * (q / safe_den - at::where(big, value * a.c / (nc * nc).clamp_min(1e-300), at::zeros_like(a.c)));
       d_q_direct = gk * (a.c / safe_den - at::where(big, value * q / (nqn * nqn).clamp_min(1e-300), at::zeros_like(q)));
     } else {
-      // dz = g / r - u (u . g) / n with u = out, n = ||z||, r = n + eps
-      const Tensor u = out.index({Slice(a0, a1)}).to(acc);
-      const Tensor n = stats.select(3, 0).narrow(0, a0, nb).unsqueeze(-1);
-      const Tensor gk = g * keep.unsqueeze(-1);
-      const Tensor along = at::where(n > 0, (u * gk).sum(-1, true) / n.clamp_min(1e-300), at::zeros_like(n));
-      const Tensor dz = gk / (n + eps) - u * along;  // (B, Nc, Lq, m)
-      const Tensor e = epilogue_rows(a, o);
-      const Tensor dz2 = dz.reshape({-1, in.m}), e2 = e.reshape({-1, in.d});
-      grad_w.addmm_(dz2.t(), e2);
-      if (in.bias.defined()) grad_b.add_(dz2.sum(0));
-      const Tensor de = at::matmul(dz, in.weight);  // (B, Nc, Lq, d)
+      // On the valid rows only: dz = g / r - u (u . g) / n with u = out, n = ||z||, r = n + eps
+      const Tensor valid = keep.to(at::kBool);
+      const Tensor u = out.index({Slice(a0, a1)}).index({valid}).to(acc);                 // (R, m)
+      const Tensor n = stats.select(3, 0).narrow(0, a0, nb).index({valid}).unsqueeze(-1);
+      const Tensor gv = g.index({valid});
+      const Tensor along = at::where(n > 0, (u * gv).sum(-1, true) / n.clamp_min(1e-300), at::zeros_like(n));
+      const Tensor dz = gv / (n + eps) - u * along;
+      const Tensor rows = epilogue_rows(a, o).index({valid});                           // (R, d)
+      grad_w.addmm_(dz.t(), rows);
+      if (in.bias.defined()) grad_b.add_(dz.sum(0));
+      Tensor de = at::zeros({nb, in.nc, in.lq, in.d}, rows.options());
+      de.index_put_({valid}, at::mm(dz, in.weight));
       if (o.distance) {
         d_c = 2 * (a.c - q) * de;
         d_q_direct = -d_c;
