@@ -11,14 +11,13 @@ Usage: python bench/bench_cross_attention.py [--device cuda] [--quick]
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, measure, write  # noqa: E402
+from harness import Row, add_ratios, main, measure  # noqa: E402
 
 from sgfused.ops import cross_attention  # noqa: E402
 
@@ -110,14 +109,5 @@ def run(device: torch.device, quick: bool) -> list[Row]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    print("wrote", write(OP, run(device, args.quick), device))
-
-
 if __name__ == "__main__":
-    main()
+    main(OP, run, __doc__)

@@ -8,14 +8,13 @@ entry point at d = 1024. The published VSE++ ContrastiveLoss is measured too
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, measure, write  # noqa: E402
+from harness import Row, add_ratios, main, measure  # noqa: E402
 
 from sgfused import reference  # noqa: E402
 from sgfused.ops import hardest_negative_loss, hardest_negative_loss_from_embeddings  # noqa: E402
@@ -49,7 +48,10 @@ def embed_call(img: torch.Tensor, cap: torch.Tensor, backend: str):
     return call
 
 
-def run(device: torch.device, sizes: list[int], embed_sizes: list[int], dtype: torch.dtype) -> list[Row]:
+def run(device: torch.device, quick: bool) -> list[Row]:
+    sizes = [128, 1024] if quick else [128, 1024, 4096, 16384]
+    embed_sizes = [1024] if quick else [4096, 16384]
+    dtype = torch.float32
     rows = []
     for n in sizes:
         scores = torch.randn(n, n, device=device, dtype=dtype)
@@ -75,17 +77,5 @@ def run(device: torch.device, sizes: list[int], embed_sizes: list[int], dtype: t
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    sizes = [128, 1024] if args.quick else [128, 1024, 4096, 16384]
-    embed_sizes = [1024] if args.quick else [4096, 16384]
-    rows = run(device, sizes, embed_sizes, torch.float32)
-    print("wrote", write("hardest_negative_loss", rows, device))
-
-
 if __name__ == "__main__":
-    main()
+    main("hardest_negative_loss", run, __doc__)

@@ -11,6 +11,7 @@ the ratio of every backend to the reference measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import re
@@ -157,3 +158,13 @@ def plot(csv_path: str, rows: list[Row], title: str) -> None:
     fig.tight_layout()
     fig.savefig(csv_path.replace(".csv", ".png"), dpi=110)
     plt.close(fig)
+
+
+def main(op: str, run: Callable[[torch.device, bool], list[Row]], doc: str | None) -> None:
+    """Command line shared by the bench scripts: --device, --quick; runs, then writes CSV and plot."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print("wrote", write(op, run(device, args.quick), device))

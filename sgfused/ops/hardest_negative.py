@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import choose_backend
 from ._checks import check_nonempty, check_no_nan, check_same_device, check_size, check_tensor
+from ._registration import register_forward_backward
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -140,30 +141,12 @@ def _embed_backward_via(backward_op):
     return backward
 
 
-def _register(forward: str, backward: str, fake_forward, fake_backward, make_backward) -> None:
-    torch.library.register_fake(forward)(fake_forward)
-    torch.library.register_fake(backward)(fake_backward)
-    backward_op = getattr(torch.ops.sgfused, backward.split("::")[1])
-    torch.library.register_autograd(forward, make_backward(backward_op), setup_context=_setup_context)
-
-
 def register() -> None:
     """Attach fake kernels and autograd to the compiled and Triton operators (called once at import)."""
-    for suffix in ("", "_triton"):
-        _register(
-            f"sgfused::hardest_negative_forward{suffix}",
-            f"sgfused::hardest_negative_backward{suffix}",
-            _fake_forward,
-            _fake_backward,
-            _scores_backward_via,
-        )
-        _register(
-            f"sgfused::hardest_negative_embed_forward{suffix}",
-            f"sgfused::hardest_negative_embed_backward{suffix}",
-            _fake_embed_forward,
-            _fake_embed_backward,
-            _embed_backward_via,
-        )
+    register_forward_backward("hardest_negative", _fake_forward, _fake_backward, _scores_backward_via, _setup_context)
+    register_forward_backward(
+        "hardest_negative_embed", _fake_embed_forward, _fake_embed_backward, _embed_backward_via, _setup_context
+    )
 
 
 # ---------------------------------------------------------------- public API

@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import reference
 from .._backend import choose_backend
 from ._checks import check_nonempty, check_same_device, check_size, check_tensor
+from ._registration import register_forward_backward
 
 MODES = ("distance", "direction")
 
@@ -84,12 +85,7 @@ def _backward_via(backward_op):
 
 def register() -> None:
     """Attach fake kernels and autograd to the compiled and Triton operators (called once at import)."""
-    for suffix in ("", "_triton"):
-        forward, backward = f"sgfused::pairwise_similarity_forward{suffix}", f"sgfused::pairwise_similarity_backward{suffix}"
-        torch.library.register_fake(forward)(_fake_forward)
-        torch.library.register_fake(backward)(_fake_backward)
-        backward_op = getattr(torch.ops.sgfused, backward.split("::")[1])
-        torch.library.register_autograd(forward, _backward_via(backward_op), setup_context=_setup_context)
+    register_forward_backward("pairwise_similarity", _fake_forward, _fake_backward, _backward_via, _setup_context)
 
 
 def _reference(x, y, weight, bias, mode, eps, aligned):

@@ -1,0 +1,648 @@
+"""Triton kernels for batched region-word cross-attention over all pairs (DESIGN §1).
+
+Semantics: docs/cross_attention_contract.md; ground truth: sgfused/reference/cross_attention.py.
+The two launchers at the bottom are wrapped as ``torch.library.custom_op`` by sgfused.ops.
+
+One program holds one pair (a, b) whole: all Lq query positions and all Lc context positions,
+padded to powers of two (BLOCK_J x BLOCK_C, at least 16 each for ``tl.dot``), with the feature
+dimension d streamed in chunks of BLOCK_D. Loads are masked by the valid lengths, so padded
+positions read as 0 and never influence a valid result.
+
+* ``_forward_kernel``: one program per pair. ``s = Q_a C_b^T`` over d-chunks (BLOCK_J, BLOCK_C);
+  leaky ReLU and the clipped l2 norm over the valid j (the program has them all); softmax over the
+  valid k with temperature ``smooth``, kept in registers as P. Then d-chunk passes, each
+  recomputing the chunk ``u = P C_b`` (cheap: Lq x Lc x BLOCK_D): pass 1 reduces ||u||, <u, q> and
+  ||q||; pass 2 is the epilogue: ``context`` writes ``u / (||u|| + eps)``; ``cosine`` needs no pass
+  2; ``distance`` / ``direction`` build the feature tile e (BLOCK_J, BLOCK_D) in registers and
+  accumulate ``z += e W_chunk^T`` (BLOCK_J, BLOCK_M), then bias, l2norm, store. The
+  (Nq, Nc, Lq, d) contexts are only written for ``context``; stats = (||z||, log-sum-exp).
+* ``_backward_kernel``: recomputes each pair from the inputs and the log-sum-exp in ``stats``
+  (P = exp(smooth s - lse); no probabilities or contexts are stored). Run twice: FOR_Q, one
+  program per (query set a, split of the context sets) looping over its b in order, accumulating
+  dQ_a (and the grad_weight / grad_bias partials of a); and FOR_C, one program per (context set b,
+  split of the query sets) looping over its a, accumulating dC_b. Every accumulator slice has a
+  single owning program, which adds into it (load + store, in the accumulation dtype) once per
+  partner in a fixed order; the launcher sums the splits with torch in a fixed order. The
+  per-pair chain is: dz (distance / direction, z recomputed exactly) -> d-chunk pass for the
+  direction l2norm terms -> d-chunk pass accumulating ``d_ctx C^T``, ``(u / ||u||) C^T`` and
+  <u / ||u||, d_ctx> (which give ``dP = du C^T`` without forming du first) -> softmax, clipped-l2 and leaky-ReLU
+  backward on the (BLOCK_J, BLOCK_C) tile -> d-chunk pass writing ``dQ += d_q + dS C`` or
+  ``dC += P^T du + dS^T Q`` (and ``dW += dz^T e``).
+
+Extra memory: backward only: fp32 / fp64 accumulators for dQ (split x Nq x Lq x d), dC
+(split x Nc x Lc x d), and, with a weight, grad_weight partials (split x Nq x m x d) and grad_bias
+partials (split x Nq x m). ``split`` is 1 in the interpreter and on CPU; on CUDA it grows until
+about TARGET_PROGRAMS_CUDA programs run (bounded by the partner count).
+
+Subgradients follow PyTorch autograd on the reference: leaky_relu'(0) = leaky, the norm of a zero
+vector has gradient 0, clamp(min=eps) passes the gradient where the clamped value is >= eps.
+Every ``v / (||v|| + eps)`` (z, u, the clipped-l2 columns, direction's ctx and q) is differentiated in
+the projected form of ``_norm_grad``, which has no cancellation: where the true gradient is ~eps
+(m = 1, a single valid query position under clipped_l2, d = 1) the kernels give it to working
+precision, while the reference's autograd in fp32 gives rounding noise there (compare in fp64).
+
+All arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input; ``tl.dot`` with
+input_precision="ieee"); on CUDA the score product of fp16 / bf16 inputs runs on the matrix unit
+(exact products, fp32 accumulation). No atomics; results are deterministic. Stores to bf16 round to
+nearest even by hand (``_cast``), as the interpreter's conversion truncates.
+
+Limits: a pair must fit one program, so register use grows with next_pow2(Lq) x next_pow2(Lc) and
+next_pow2(Lq) x next_pow2(m); meant for Lq, Lc up to about 128 and m up to 256 (larger sizes are
+correct, but spill on the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_D_FWD = 64  # d-chunk of the forward passes
+BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles)
+TARGET_PROGRAMS_CUDA = 264  # backward splits the partner loop until about this many programs run
+
+EPILOGUES = {"context": 0, "cosine": 1, "distance": 2, "direction": 3}
+NORMS = ("clipped_l2", "none")
+
+
+# ----------------------------------------------------------------------------- tile helpers
+@triton.jit
+def _cast(v, DST: tl.constexpr):
+    """v in DST, rounded to nearest even (bf16 by hand: the interpreter's fp32 -> bf16 cast truncates)."""
+    if DST == tl.bfloat16:
+        f = v.to(tl.float32)
+        u = f.to(tl.uint32, bitcast=True)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        v = tl.where(f == f, u.to(tl.float32, bitcast=True), f)  # NaN stays NaN
+    return v.to(DST)
+
+
+@triton.jit
+def _rows(ptr, base, rows, rmask, ds, dmask, D, ACC: tl.constexpr):
+    """ptr[base + rows[:, None] * D + ds[None, :]] in ACC, 0 where masked."""
+    ptrs = ptr + base + rows[:, None] * D + ds[None, :]
+    return tl.load(ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
+def _unit(v, n):
+    """v / n row-wise ((R, K) by (R,)), 0 where n = 0 (then v = 0 too); exact +-1 when K = 1."""
+    return v / tl.where(n > 0, n, 1.0)[:, None]
+
+
+@triton.jit
+def _norm_grad(dy, unit, proj, r, eps):
+    """Gradient through y = v / r, r = ||v|| + eps, row-wise, given unit = v / ||v|| and proj = <unit, dy>.
+
+    Written as the projection of dy off v plus the eps term, ``(dy - unit proj) / r + unit proj eps / r^2``,
+    instead of ``dy / r - v <v, dy> / (r^2 ||v||)``: the same value, but without the cancellation that
+    leaves rounding noise where the true gradient is ~eps (a single element, m = 1, Lq = 1, d = 1).
+    A zero row (unit = 0) gets dy / r, as PyTorch's autograd gives the reference.
+    """
+    return (dy - unit * proj[:, None]) / r[:, None] + unit * (proj * eps / (r * r))[:, None]
+
+
+@triton.jit
+def _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
+            ACC: tl.constexpr, NATIVE_DOT: tl.constexpr,
+            BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """s0[j, k] = <Q[a, j], C[b, k]> (BLOCK_J, BLOCK_C) in ACC, 0 at padded j or k."""
+    s = tl.zeros((BLOCK_J, BLOCK_C), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dm = ds < D
+        q = tl.load(q_ptr + qb + js[:, None] * D + ds[None, :], mask=jv[:, None] & dm[None, :], other=0.0)
+        ct = tl.load(c_ptr + cb + ks[None, :] * D + ds[:, None], mask=dm[:, None] & kv[None, :], other=0.0)
+        if not NATIVE_DOT:
+            q = q.to(ACC)
+            ct = ct.to(ACC)
+        s = tl.dot(q, ct, s, input_precision="ieee", out_dtype=ACC)
+    return s
+
+
+@triton.jit
+def _logits(s0, jv, kv, smooth, leaky, eps, CLIPPED: tl.constexpr):
+    """(t, r, x): t = leaky_relu(s0) (or s0), r[k] = ||t[valid j, k]||, x = smooth * s (-inf at padded k)."""
+    if CLIPPED:
+        t = tl.where(s0 > 0, s0, s0 * leaky)
+        t = tl.where(jv[:, None], t, 0.0)
+        r = tl.sqrt(tl.sum(t * t, axis=0))
+        s = t / (r + eps)[None, :]
+    else:
+        t = s0
+        r = tl.sum(s0 * 0.0, axis=0)
+        s = s0
+    x = tl.where(kv[None, :], smooth * s, float("-inf"))
+    return t, r, x
+
+
+@triton.jit
+def _features(u, q, ru, rc, rq, EPI: tl.constexpr):
+    """e = (ctx - q)^2 (distance) or l2norm(ctx) * l2norm(q) (direction), ctx = u / ru."""
+    ctx = u / ru[:, None]
+    if EPI == 2:
+        diff = ctx - q
+        e = diff * diff
+    else:
+        e = (ctx / rc[:, None]) * (q / rq[:, None])
+    return e
+
+
+@triton.jit
+def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
+                ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row sums of u*u, u*q and q*q over d, with u = P C_b (BLOCK_J,) each."""
+    uu = tl.zeros((BLOCK_J,), ACC)
+    uq = tl.zeros((BLOCK_J,), ACC)
+    qq = tl.zeros((BLOCK_J,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dm = ds < D
+        c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+        q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
+        u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+        uu += tl.sum(u * u, axis=1)
+        uq += tl.sum(u * q, axis=1)
+        qq += tl.sum(q * q, axis=1)
+    return uu, uq, qq
+
+
+@triton.jit
+def _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
+                  ACC: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z = e W^T + bias (BLOCK_J, BLOCK_M), e built chunk by chunk in registers."""
+    z = tl.zeros((BLOCK_J, BLOCK_M), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dm = ds < D
+        c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+        q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
+        u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+        e = _features(u, q, ru, rc, rq, EPI)
+        wt = tl.load(w_ptr + ms[None, :] * D + ds[:, None], mask=dm[:, None] & mm[None, :], other=0.0).to(ACC)
+        z = tl.dot(e, wt, z, input_precision="ieee", out_dtype=ACC)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + ms, mask=mm, other=0.0).to(ACC)[None, :]
+    return z
+
+
+@triton.jit
+def _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI: tl.constexpr):
+    """(d_ctx, d_q) of one d-chunk: the gradients reaching ctx = u / ru and q from the epilogue.
+
+    context: g is the grad_out chunk. cosine: d_ctx = k1 q + k2 ctx, d_q = k1 ctx + k3 q.
+    distance: de = dz W_chunk. direction: de = dz W_chunk; k2 = <u / ||u||, d l2norm(ctx)> and
+    k3 = <q / ||q||, d l2norm(q)> (full-d sums), for the l2norm backward of ctx and q.
+    """
+    ctx = u / ru[:, None]
+    if EPI == 0:
+        d_ctx = g
+        d_q = g * 0.0
+    elif EPI == 1:
+        d_ctx = k1[:, None] * q + k2[:, None] * ctx
+        d_q = k1[:, None] * ctx + k3[:, None] * q
+    elif EPI == 2:
+        d_ctx = 2.0 * (ctx - q) * de
+        d_q = -d_ctx
+    else:
+        cn = ctx / rc[:, None]
+        qn = q / rq[:, None]
+        d_ctx = _norm_grad(de * qn, _unit(u, nu), k2, rc, eps)
+        d_q = _norm_grad(de * cn, _unit(q, nq), k3, rq, eps)
+    return d_ctx, d_q
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_ptr, stats_ptr,
+                    Nc, Lq, Lc, D, M,
+                    ACC: tl.constexpr, CLIPPED: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    NATIVE_DOT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out and stats of pair (a, b) = divmod(program, Nc), all query positions."""
+    pair = tl.program_id(0).to(tl.int64)
+    a = pair // Nc
+    b = pair % Nc
+    smooth = tl.load(prm_ptr)
+    leaky = tl.load(prm_ptr + 1)
+    eps = tl.load(prm_ptr + 2)
+    lq = tl.minimum(tl.load(ql_ptr + a), Lq)
+    lc = tl.minimum(tl.load(cl_ptr + b), Lc)
+    js = tl.arange(0, BLOCK_J)
+    ks = tl.arange(0, BLOCK_C)
+    jv = js < lq
+    kv = ks < lc
+    jin = js < Lq
+    qb = a * Lq * D
+    cb = b * Lc * D
+    row = pair * Lq + js  # (a, b, j) as a row of out / stats
+
+    s0 = _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, NATIVE_DOT, BLOCK_J, BLOCK_C, BLOCK_D)
+    t, r, x = _logits(s0, jv, kv, smooth, leaky, eps, CLIPPED)
+    mx = tl.max(x, axis=1)
+    ex = tl.exp(x - mx[:, None])
+    se = tl.sum(ex, axis=1)
+    p = ex / se[:, None]
+    lse = mx + tl.log(se)
+
+    uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, BLOCK_J, BLOCK_D)
+    nu = tl.sqrt(uu)
+    ru = nu + eps
+    nz = tl.zeros((BLOCK_J,), ACC)
+    if EPI == 0:
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            dm = ds < D
+            c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+            u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+            val = tl.where(jv[:, None], u / ru[:, None], 0.0)
+            tl.store(out_ptr + row[:, None] * D + ds[None, :], _cast(val, out_ptr.dtype.element_ty),
+                     mask=jin[:, None] & dm[None, :])
+    elif EPI == 1:
+        nc = nu / ru
+        nq = tl.sqrt(qq)
+        val = (uq / ru) / tl.maximum(nc * nq, eps)
+        val = tl.where(jv, val, 0.0)
+        tl.store(out_ptr + row, _cast(val, out_ptr.dtype.element_ty), mask=jin)
+    else:
+        rc = nu / ru + eps
+        rq = tl.sqrt(qq) + eps
+        ms = tl.arange(0, BLOCK_M)
+        mm = ms < M
+        z = _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
+                          ACC, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
+        nz = tl.sqrt(tl.sum(z * z, axis=1))
+        val = tl.where(jv[:, None], z / (nz + eps)[:, None], 0.0)
+        tl.store(out_ptr + row[:, None] * M + ms[None, :], _cast(val, out_ptr.dtype.element_ty),
+                 mask=jin[:, None] & mm[None, :])
+    tl.store(stats_ptr + row * 2, tl.where(jv, nz, 0.0), mask=jin)
+    tl.store(stats_ptr + row * 2 + 1, tl.where(jv, lse, 0.0), mask=jin)
+
+
+@triton.jit
+def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, stats_ptr,
+                     acc_ptr, dw_ptr, db_ptr,
+                     Nq, Nc, Lq, Lc, D, M, partners_per_split,
+                     ACC: tl.constexpr, CLIPPED: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     NATIVE_DOT: tl.constexpr, FOR_Q: tl.constexpr,
+                     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """FOR_Q: acc[split, a] += dQ_a over the context sets b of the split (and dW / dbias partials of a).
+    Otherwise: acc[split, b] += dC_b over the query sets a of the split. acc is (split, N, L, d) in ACC."""
+    me = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    smooth = tl.load(prm_ptr)
+    leaky = tl.load(prm_ptr + 1)
+    eps = tl.load(prm_ptr + 2)
+    js = tl.arange(0, BLOCK_J)
+    ks = tl.arange(0, BLOCK_C)
+    ms = tl.arange(0, BLOCK_M)
+    mm = ms < M
+    jin = js < Lq
+    kin = ks < Lc
+    if FOR_Q:
+        n_mine = Nq
+        n_partners = Nc
+    else:
+        n_mine = Nc
+        n_partners = Nq
+    start = split * partners_per_split
+    end = tl.minimum(start + partners_per_split, n_partners)
+    slot = split * n_mine + me  # this program's slice of acc / dw / db
+    db_acc = tl.zeros((BLOCK_M,), ACC)
+    for other in range(start, end):
+        if FOR_Q:
+            a = me
+            b = other
+        else:
+            a = other
+            b = me
+        lq = tl.minimum(tl.load(ql_ptr + a), Lq)
+        lc = tl.minimum(tl.load(cl_ptr + b), Lc)
+        jv = js < lq
+        kv = ks < lc
+        pm = jv[:, None] & kv[None, :]
+        qb = a * Lq * D
+        cb = b * Lc * D
+        row = (a * Nc + b) * Lq + js
+
+        # ---- recompute the attention (P from the saved log-sum-exp)
+        s0 = _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, NATIVE_DOT, BLOCK_J, BLOCK_C, BLOCK_D)
+        t, r, x = _logits(s0, jv, kv, smooth, leaky, eps, CLIPPED)
+        lse = tl.load(stats_ptr + row * 2 + 1, mask=jv, other=0.0).to(ACC)
+        p = tl.where(pm, tl.exp(x - lse[:, None]), 0.0)
+        uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, BLOCK_J, BLOCK_D)
+        nu = tl.sqrt(uu)
+        ru = nu + eps
+        nc = nu / ru
+        rc = nc + eps
+        nq = tl.sqrt(qq)
+        rq = nq + eps
+
+        # ---- per-row epilogue terms
+        k1 = tl.zeros((BLOCK_J,), ACC)
+        k2 = tl.zeros((BLOCK_J,), ACC)
+        k3 = tl.zeros((BLOCK_J,), ACC)
+        dz = tl.zeros((BLOCK_J, BLOCK_M), ACC)
+        if EPI == 1:
+            gc = tl.load(g_ptr + row, mask=jv, other=0.0).to(ACC)
+            dot = uq / ru
+            den = nc * nq
+            dd = tl.maximum(den, eps)
+            k1 = gc / dd  # d out / d dot
+            d_den = tl.where(den >= eps, -gc * dot / (dd * dd), 0.0)
+            k2 = tl.where(nc > 0, d_den * nq / tl.where(nc > 0, nc, 1.0), 0.0)  # through ||ctx||
+            k3 = tl.where(nq > 0, d_den * nc / tl.where(nq > 0, nq, 1.0), 0.0)  # through ||q||
+        if EPI >= 2:
+            z = _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
+                              ACC, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
+            gz = tl.load(g_ptr + row[:, None] * M + ms[None, :], mask=jv[:, None] & mm[None, :], other=0.0).to(ACC)
+            nz = tl.sqrt(tl.sum(z * z, axis=1))
+            rz = nz + eps
+            zu = _unit(z, nz)
+            dz = _norm_grad(gz, zu, tl.sum(zu * gz, axis=1), rz, eps)
+            db_acc += tl.sum(dz, axis=0)
+        if EPI == 3:
+            # <u / ||u||, d l2norm(ctx)> and <q / ||q||, d l2norm(q)> for the l2norm backward of both
+            k2 = tl.zeros((BLOCK_J,), ACC)
+            k3 = tl.zeros((BLOCK_J,), ACC)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                dm = ds < D
+                c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+                q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
+                w = _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC)
+                u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+                de = tl.dot(dz, w, input_precision="ieee", out_dtype=ACC)
+                k2 += tl.sum(_unit(u, nu) * de * (q / rq[:, None]), axis=1)
+                k3 += tl.sum(_unit(q, nq) * de * ((u / ru[:, None]) / rc[:, None]), axis=1)
+
+        # ---- dP = du C^T, du = (d_ctx - uu a) / ru + uu a eps / ru^2 (uu = u / ||u||, a = <uu, d_ctx>),
+        #      from d1 = d_ctx C^T, d2 = uu C^T and a, so du is not needed before a is known
+        d1 = tl.zeros((BLOCK_J, BLOCK_C), ACC)
+        d2 = tl.zeros((BLOCK_J, BLOCK_C), ACC)
+        a_u = tl.zeros((BLOCK_J,), ACC)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            dm = ds < D
+            c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+            q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
+            u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+            if EPI == 0:
+                g = _rows(g_ptr, 0, row, jv, ds, dm, D, ACC)
+            else:
+                g = u
+            if EPI >= 2:
+                de = tl.dot(dz, _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC), input_precision="ieee", out_dtype=ACC)
+            else:
+                de = u
+            d_ctx, d_q = _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI)
+            ct = tl.trans(c)
+            uu_ = _unit(u, nu)
+            d1 = tl.dot(d_ctx, ct, d1, input_precision="ieee", out_dtype=ACC)
+            d2 = tl.dot(uu_, ct, d2, input_precision="ieee", out_dtype=ACC)
+            a_u += tl.sum(uu_ * d_ctx, axis=1)
+        dp = (d1 - d2 * a_u[:, None]) / ru[:, None] + d2 * (a_u * eps / (ru * ru))[:, None]
+
+        # ---- softmax, clipped l2 and leaky ReLU backward on the (j, k) tile
+        dx = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        dsc = smooth * dx
+        if CLIPPED:
+            # the norm runs over j (axis 0): _norm_grad on the transposed tile
+            tu = _unit(tl.trans(t), r)
+            dsct = tl.trans(dsc)
+            dt = tl.trans(_norm_grad(dsct, tu, tl.sum(tu * dsct, axis=1), r + eps, eps))
+            ds0 = tl.where(s0 > 0, dt, dt * leaky)
+        else:
+            ds0 = dsc
+        ds0 = tl.where(pm, ds0, 0.0)
+
+        # ---- accumulate this pair's share of the outputs, one d-chunk at a time
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            dm = ds < D
+            c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+            q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
+            u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+            if EPI == 0:
+                g = _rows(g_ptr, 0, row, jv, ds, dm, D, ACC)
+            else:
+                g = u
+            if EPI >= 2:
+                de = tl.dot(dz, _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC), input_precision="ieee", out_dtype=ACC)
+            else:
+                de = u
+            d_ctx, d_q = _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI)
+            if FOR_Q:
+                val = d_q + tl.dot(ds0, c, input_precision="ieee", out_dtype=ACC)
+                ptrs = acc_ptr + (slot * Lq + js[:, None]) * D + ds[None, :]
+                msk = jin[:, None] & dm[None, :]
+                tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + val, mask=msk)
+                if EPI >= 2:
+                    e = _features(u, q, ru, rc, rq, EPI)
+                    dwc = tl.dot(tl.trans(dz), e, input_precision="ieee", out_dtype=ACC)
+                    wptrs = dw_ptr + (slot * M + ms[:, None]) * D + ds[None, :]
+                    wmsk = mm[:, None] & dm[None, :]
+                    tl.store(wptrs, tl.load(wptrs, mask=wmsk, other=0.0) + dwc, mask=wmsk)
+            else:
+                du = _norm_grad(d_ctx, _unit(u, nu), a_u, ru, eps)
+                val = tl.dot(tl.trans(p), du, input_precision="ieee", out_dtype=ACC)
+                val = tl.dot(tl.trans(ds0), q, val, input_precision="ieee", out_dtype=ACC)
+                ptrs = acc_ptr + (slot * Lc + ks[:, None]) * D + ds[None, :]
+                msk = kin[:, None] & dm[None, :]
+                tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + val, mask=msk)
+    if FOR_Q:
+        if HAS_BIAS:
+            tl.store(db_ptr + slot * M + ms, db_acc, mask=mm)
+
+
+# ----------------------------------------------------------------------------- launch helpers
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+class _Setup:
+    """Contiguous inputs, shapes, block sizes and the kernels' common constexprs."""
+
+    def __init__(self, queries, contexts, query_lens, context_lens, smooth, leaky, norm, epilogue,
+                 weight, bias, eps):
+        if norm not in NORMS:
+            raise ValueError(f"cross_attention: norm must be one of {NORMS}, got {norm!r}")
+        if epilogue not in EPILOGUES:
+            raise ValueError(f"cross_attention: epilogue must be one of {tuple(EPILOGUES)}, got {epilogue!r}")
+        self.epi = EPILOGUES[epilogue]
+        self.clipped = norm == "clipped_l2"
+        if self.epi >= 2 and weight is None:
+            raise ValueError(f"cross_attention: epilogue {epilogue!r} needs a weight")
+        self.q, self.c = queries.contiguous(), contexts.contiguous()
+        self.ql = query_lens.to(device=queries.device, dtype=torch.int64).contiguous()
+        self.cl = context_lens.to(device=queries.device, dtype=torch.int64).contiguous()
+        self.nq, self.lq, self.d = self.q.shape
+        self.nc, self.lc = self.c.shape[0], self.c.shape[1]
+        self.uses_w = self.epi >= 2
+        self.w = weight.contiguous() if (self.uses_w and weight is not None) else None
+        self.bias = bias.contiguous() if (self.uses_w and bias is not None) else None
+        self.m = self.w.shape[0] if self.w is not None else 0
+        self.dtype = queries.dtype
+        self.acc = _acc_dtype(queries.dtype)
+        self.device = queries.device
+        # (smooth, leaky, eps) on the device in the accumulation dtype (a Python float argument would be
+        # fp32); filled in place rather than copied from the host, so there is no synchronisation
+        self.params = torch.full((3,), float(eps), dtype=self.acc, device=self.device)
+        self.params[0:1].fill_(float(smooth))
+        self.params[1:2].fill_(float(leaky))
+        self.block_j = _pow2(self.lq)
+        self.block_c = _pow2(self.lc)
+        self.block_m = _pow2(self.m)
+        tiles = max(self.block_j * self.block_c, self.block_j * self.block_m)
+        self.num_warps = 8 if tiles >= 8192 else 4
+        # native fp16 / bf16 tl.dot (fp32 accumulation) for the scores on the GPU; the interpreter needs fp32
+        self.native_dot = self.dtype in (torch.float16, torch.bfloat16) and self.device.type == "cuda"
+
+    def const(self, block_d: int) -> dict:
+        return dict(
+            ACC=_tl(self.acc), CLIPPED=self.clipped, EPI=self.epi, HAS_BIAS=self.bias is not None,
+            NATIVE_DOT=self.native_dot, BLOCK_J=self.block_j, BLOCK_C=self.block_c,
+            BLOCK_D=min(block_d, _pow2(self.d)), BLOCK_M=self.block_m, num_warps=self.num_warps,
+        )
+
+    @property
+    def out_shape(self) -> tuple:
+        head = (self.nq, self.nc, self.lq)
+        if self.epi == 0:
+            return head + (self.d,)
+        if self.epi == 1:
+            return head
+        return head + (self.m,)
+
+    def ptrs(self) -> tuple:
+        """(w, bias) arguments; unused ones point at the queries (never read)."""
+        w = self.w if self.w is not None else self.q
+        return w, (self.bias if self.bias is not None else w)
+
+
+def _splits(n_mine: int, n_partners: int, device: torch.device) -> int:
+    if device.type != "cuda" or n_mine == 0:
+        return 1
+    return max(1, min(n_partners, triton.cdiv(TARGET_PROGRAMS_CUDA, n_mine)))
+
+
+# ----------------------------------------------------------------------------- launchers
+def forward(
+    queries: Tensor,
+    contexts: Tensor,
+    query_lens: Tensor,
+    context_lens: Tensor,
+    smooth: float,
+    leaky: float,
+    norm: str,
+    epilogue: str,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(out in the input dtype, stats (Nq, Nc, Lq, 2) in the accumulation dtype); see the contract."""
+    s = _Setup(queries, contexts, query_lens, context_lens, smooth, leaky, norm, epilogue, weight, bias, eps)
+    out = torch.empty(s.out_shape, dtype=s.dtype, device=s.device)
+    stats = torch.empty((s.nq, s.nc, s.lq, 2), dtype=s.acc, device=s.device)
+    if out.numel() == 0 and stats.numel() == 0:
+        return out, stats
+    if s.d == 0 or s.lc == 0:
+        raise ValueError("cross_attention: d and Lc must be positive")
+    w, b = s.ptrs()
+    _forward_kernel[(s.nq * s.nc,)](
+        s.q, s.c, s.ql, s.cl, w, b, s.params, out, stats,
+        s.nc, s.lq, s.lc, s.d, max(s.m, 1),
+        **s.const(BLOCK_D_FWD),
+    )
+    return out, stats
+
+
+def backward(
+    grad_out: Tensor,
+    queries: Tensor,
+    contexts: Tensor,
+    query_lens: Tensor,
+    context_lens: Tensor,
+    smooth: float,
+    leaky: float,
+    norm: str,
+    epilogue: str,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    out: Tensor,
+    stats: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_queries, grad_contexts, grad_weight, grad_bias) in their inputs' dtypes.
+
+    grad_weight / grad_bias are empty (0,) tensors when weight / bias are None. Reads the
+    log-sum-exp in ``stats[..., 1]``; z is recomputed from the inputs, so ``out`` and
+    ``stats[..., 0]`` are not read.
+    """
+    s = _Setup(queries, contexts, query_lens, context_lens, smooth, leaky, norm, epilogue, weight, bias, eps)
+    device, acc = s.device, s.acc
+    g = grad_out.contiguous()
+    st = stats.to(acc).contiguous()
+    empty_w = torch.empty((0,), dtype=weight.dtype if weight is not None else s.dtype, device=device)
+    empty_b = torch.empty((0,), dtype=bias.dtype if bias is not None else s.dtype, device=device)
+    n_pairs = s.nq * s.nc
+    if n_pairs == 0 or s.lq == 0 or s.d == 0:
+        gw = torch.zeros_like(weight) if weight is not None else empty_w
+        gb = torch.zeros_like(bias) if bias is not None else empty_b
+        return torch.zeros_like(queries), torch.zeros_like(contexts), gw, gb
+    w, b = s.ptrs()
+    const = s.const(BLOCK_D_BWD)
+
+    # dQ (and the weight / bias partials): programs per (a, split of b)
+    split_q = _splits(s.nq, s.nc, device)
+    per_q = triton.cdiv(s.nc, split_q)
+    split_q = triton.cdiv(s.nc, per_q)
+    dq = torch.zeros((split_q, s.nq, s.lq, s.d), dtype=acc, device=device)
+    if s.uses_w:
+        dw = torch.zeros((split_q, s.nq, s.m, s.d), dtype=acc, device=device)
+        db = torch.zeros((split_q, s.nq, s.m), dtype=acc, device=device)
+    else:
+        dw = db = dq
+    _backward_kernel[(s.nq, split_q)](
+        g, s.q, s.c, s.ql, s.cl, w, b, s.params, st, dq, dw, db,
+        s.nq, s.nc, s.lq, s.lc, s.d, max(s.m, 1), per_q,
+        FOR_Q=True, **const,
+    )
+
+    # dC: programs per (b, split of a)
+    split_c = _splits(s.nc, s.nq, device)
+    per_c = triton.cdiv(s.nq, split_c)
+    split_c = triton.cdiv(s.nq, per_c)
+    dc = torch.zeros((split_c, s.nc, s.lc, s.d), dtype=acc, device=device)
+    _backward_kernel[(s.nc, split_c)](
+        g, s.q, s.c, s.ql, s.cl, w, b, s.params, st, dc, dc, dc,
+        s.nq, s.nc, s.lq, s.lc, s.d, max(s.m, 1), per_c,
+        FOR_Q=False, **const,
+    )
+
+    grad_q = (dq[0] if split_q == 1 else dq.sum(0)).to(queries.dtype)
+    grad_c = (dc[0] if split_c == 1 else dc.sum(0)).to(contexts.dtype)
+    if weight is not None and s.uses_w:
+        grad_w = dw.sum((0, 1)).to(weight.dtype)
+    elif weight is not None:
+        grad_w = torch.zeros_like(weight)
+    else:
+        grad_w = empty_w
+    if bias is not None and s.uses_w:
+        grad_b = db.sum((0, 1)).to(bias.dtype)
+    elif bias is not None:
+        grad_b = torch.zeros_like(bias)
+    else:
+        grad_b = empty_b
+    return grad_q, grad_c, grad_w, grad_b
