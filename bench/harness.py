@@ -87,6 +87,9 @@ class Row:
     commit: str = field(default_factory=commit)
 
 
+FLOAT_FIELDS = {"ms", "peak_mib", "gflop_per_s", "speedup_vs_reference", "memory_vs_reference"}
+
+
 def measure(
     op: str, case: str, backend: str, device: torch.device, dtype: torch.dtype, shape: str, fn, flop: float = 0.0
 ) -> Row:
@@ -127,6 +130,15 @@ def write(op: str, rows: list[Row], device: torch.device) -> str:
     return path
 
 
+def read(path: str) -> list[Row]:
+    """Rows back from a CSV written by :func:`write` (to redraw a plot without re-measuring)."""
+    with open(path, newline="") as handle:
+        return [
+            Row(**{k: (float(v) if k in FLOAT_FIELDS else v) for k, v in record.items()})
+            for record in csv.DictReader(handle)
+        ]
+
+
 def plot(csv_path: str, rows: list[Row], title: str) -> None:
     """One PNG per op: time and peak memory per case and backend, log scale."""
     try:
@@ -137,10 +149,10 @@ def plot(csv_path: str, rows: list[Row], title: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    cases = sorted({r.case for r in rows})
+    cases = sorted({(r.case, r.dtype) for r in rows})
     fig, axes = plt.subplots(len(cases), 2, figsize=(11, 3.2 * len(cases)), squeeze=False)
-    for line, case in zip(axes, cases):
-        subset = [r for r in rows if r.case == case]
+    for line, (case, dtype) in zip(axes, cases):
+        subset = [r for r in rows if (r.case, r.dtype) == (case, dtype)]
         shapes = list(dict.fromkeys(r.shape for r in subset))
         for backend in dict.fromkeys(r.backend for r in subset):
             points = {r.shape: r for r in subset if r.backend == backend}
@@ -151,7 +163,7 @@ def plot(csv_path: str, rows: list[Row], title: str) -> None:
             ax.set_xticks(range(len(shapes)), shapes, rotation=20, fontsize=7)
             ax.set_yscale("log")
             ax.set_ylabel(label)
-            ax.set_title(case, fontsize=9)
+            ax.set_title(f"{case} ({dtype})", fontsize=9)
             ax.grid(alpha=0.3)
         line[0].legend(fontsize=7)
     fig.suptitle(title)
@@ -168,3 +180,11 @@ def main(op: str, run: Callable[[torch.device, bool], list[Row]], doc: str | Non
     args = parser.parse_args()
     device = torch.device(args.device)
     print("wrote", write(op, run(device, args.quick), device))
+
+
+if __name__ == "__main__":
+    import sys
+
+    for csv_path in sys.argv[1:]:  # redraw plots from CSVs: python bench/harness.py bench/results/*.csv
+        measured = read(csv_path)
+        plot(csv_path, measured, f"{measured[0].op} on {measured[0].device}")
