@@ -139,6 +139,9 @@ def read(path: str) -> list[Row]:
         ]
 
 
+COLORS = {"reference": "C0", "cpu": "C1", "cuda": "C2", "triton": "C3", "vsepp": "C4", "torch.mm": "C5"}
+
+
 def plot(csv_path: str, rows: list[Row], title: str) -> None:
     """One PNG per op: time and peak memory per case and backend, log scale."""
     try:
@@ -157,8 +160,9 @@ def plot(csv_path: str, rows: list[Row], title: str) -> None:
         for backend in dict.fromkeys(r.backend for r in subset):
             points = {r.shape: r for r in subset if r.backend == backend}
             xs = [i for i, s in enumerate(shapes) if s in points]
-            line[0].plot(xs, [points[shapes[i]].ms for i in xs], marker="o", label=backend)
-            line[1].plot(xs, [max(points[shapes[i]].peak_mib, 1e-3) for i in xs], marker="o", label=backend)
+            color = COLORS.get(backend)
+            line[0].plot(xs, [points[shapes[i]].ms for i in xs], marker="o", label=backend, color=color)
+            line[1].plot(xs, [max(points[shapes[i]].peak_mib, 1e-3) for i in xs], marker="o", label=backend, color=color)
         for ax, label in zip(line, ("ms (median)", "extra peak MiB")):
             ax.set_xticks(range(len(shapes)), shapes, rotation=20, fontsize=7)
             ax.set_yscale("log")
