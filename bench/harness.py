@@ -116,11 +116,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def write(op: str, rows: list[Row], device: torch.device) -> str:
-    """Write rows to bench/results/<op>_<device>.csv and draw the plot next to it; returns the CSV path."""
+def write(op: str, rows: list[Row], device: torch.device, quick: bool = False) -> str:
+    """Write rows to bench/results/<op>_<device>[_quick].csv and draw the plot next to it; returns the CSV path.
+
+    Quick (smoke) runs get their own files, so they never replace a full run's results.
+    """
     os.makedirs(RESULTS, exist_ok=True)
     tag = slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
-    path = os.path.join(RESULTS, f"{op}_{tag}.csv")
+    path = os.path.join(RESULTS, f"{op}_{tag}{'_quick' if quick else ''}.csv")
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
@@ -183,7 +186,7 @@ def main(op: str, run: Callable[[torch.device, bool], list[Row]], doc: str | Non
     parser.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print("wrote", write(op, run(device, args.quick), device))
+    print("wrote", write(op, run(device, args.quick), device, args.quick))
 
 
 if __name__ == "__main__":
