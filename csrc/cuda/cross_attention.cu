@@ -75,17 +75,18 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.cuh"
+
 namespace sgfused {
 namespace {
 
 using at::Tensor;
+using namespace cuda_common;
 
 constexpr int kThreads = 256;  // block size of the row / elementwise kernels
 constexpr int kWarps = kThreads / 32;
 constexpr int kPairThreads = 128;  // block size of the per-pair attention kernels
 constexpr int kPairWarps = kPairThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int64_t kMaxGridStrideBlocks = int64_t(1) << 16;
 constexpr int64_t kBlockBytes = int64_t(64) << 20;   // bound of each per-block acc buffer
 constexpr int64_t kMaxSharedBytes = int64_t(48) << 10;  // dynamic shared memory without opt-in
 
@@ -93,12 +94,6 @@ enum Epilogue : int { kContext = 0, kCosine = 1, kDistance = 2, kDirection = 3 }
 
 // ---------------------------------------------------------------- device helpers
 
-__device__ __forceinline__ float acc_sqrt(float v) {
-  return sqrtf(v);
-}
-__device__ __forceinline__ double acc_sqrt(double v) {
-  return ::sqrt(v);
-}
 __device__ __forceinline__ float acc_exp(float v) {
   return expf(v);
 }
@@ -112,12 +107,7 @@ __device__ __forceinline__ double acc_log(double v) {
   return ::log(v);
 }
 
-// Sum / max over the warp by a fixed xor butterfly: every lane gets the same, bit-identical result.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
+// Max over the warp by a fixed xor butterfly (warp_sum: common.cuh): every lane gets the same result.
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_max(acc_t v) {
   for (int offset = 16; offset > 0; offset /= 2) {
@@ -141,13 +131,6 @@ __device__ __forceinline__ acc_t leaky_relu_grad(acc_t s, acc_t leaky) {
 // padded; the clamp only keeps a bad length from reading out of bounds).
 __device__ __forceinline__ int64_t clamp_len(int64_t len, int64_t padded) {
   return len < 0 ? 0 : (len > padded ? padded : len);
-}
-
-__device__ __forceinline__ int64_t global_thread() {
-  return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-}
-__device__ __forceinline__ int64_t global_threads() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
 
 // One block of pairs: query sets [a0, a0 + na) x context sets [b0, b0 + nb).
@@ -607,18 +590,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------- host side
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-unsigned int grid_stride_blocks(int64_t items, int64_t per_block) {
-  return static_cast<unsigned int>(std::clamp<int64_t>(ceil_div(items, per_block), 1, kMaxGridStrideBlocks));
-}
-
-at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 struct Config {
   bool clipped;
   Epilogue epilogue;
@@ -752,15 +723,6 @@ void with_epilogue(Epilogue e, Fn&& fn) {
   }
 }
 
-void warn_if_tf32_possible(at::ScalarType acc) {
-  if (acc == at::kFloat && at::globalContext().allowTF32CuBLAS() &&
-      at::globalContext().blasPreferredBackend() == at::BlasBackend::Cublaslt) {
-    TORCH_WARN_ONCE(
-        "cross_attention (CUDA): the preferred BLAS library is cublasLt and TF32 matmuls are allowed; the fp32 "
-        "GEMMs of this operator may then run in TF32 (the default cuBLAS library computes them in fp32).");
-  }
-}
-
 // (N, L, d) input in acc with padded positions zeroed.
 template <typename scalar_t, typename acc_t>
 Tensor masked_to_acc(const Tensor& x, const Tensor& lens, cudaStream_t stream) {
@@ -876,7 +838,7 @@ void forward_impl(const Config& cfg, const Tensor& queries, const Tensor& contex
     z_buf = at::empty({plan.na * plan.nb * cfg.lq * cfg.m}, ws.qa.options());
   }
 
-  warn_if_tf32_possible(acc);
+  warn_if_tf32_possible("cross_attention", acc);
   const at::NoTF32Guard no_tf32;
   with_epilogue(cfg.epilogue, [&](auto tag) {
     constexpr int kEpi = decltype(tag)::value;
@@ -964,7 +926,7 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
       gq_buf = at::empty({max_rows * cfg.d}, acc_options);
     }
 
-    warn_if_tf32_possible(acc);
+    warn_if_tf32_possible("cross_attention", acc);
     const at::NoTF32Guard no_tf32;
     with_epilogue(cfg.epilogue, [&](auto tag) {
       constexpr int kEpi = decltype(tag)::value;

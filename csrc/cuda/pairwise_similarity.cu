@@ -60,32 +60,19 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.cuh"
+
 namespace sgfused {
 namespace {
 
 using at::Tensor;
+using namespace cuda_common;
 
 constexpr int kThreads = 256;  // every kernel's block size
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int64_t kMaxGridStrideBlocks = int64_t(1) << 16;
 constexpr int64_t kBlockBytes = int64_t(64) << 20;  // bound of each per-block (pairs x width) buffer
 
 // ---------------------------------------------------------------- device helpers
-
-__device__ __forceinline__ float acc_sqrt(float v) {
-  return sqrtf(v);
-}
-__device__ __forceinline__ double acc_sqrt(double v) {
-  return ::sqrt(v);
-}
-
-// Sum over the warp by a fixed xor butterfly: every lane gets the same, bit-identical total.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
 
 // The pairs of one block. All pairs: p -> (i0 + p / nj, j0 + p % nj), an ni x nj
 // rectangle of the (Nx, Ny) grid; aligned: p -> (i0 + p, i0 + p).
@@ -97,14 +84,6 @@ struct PairBlock {
   // Row of the pair in out viewed as (pairs, m) and in norm viewed as (pairs,).
   __device__ __forceinline__ int64_t row_of(int64_t p) const { return aligned ? i0 + p : x_of(p) * ny + y_of(p); }
 };
-
-// Grid-stride index helpers.
-__device__ __forceinline__ int64_t global_thread() {
-  return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-}
-__device__ __forceinline__ int64_t global_threads() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
 
 // ---------------------------------------------------------------- row l2norm
 
@@ -289,19 +268,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------- host side
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-// Blocks of a grid-stride kernel over `items` items of `per_block` each (>= 1 block).
-unsigned int grid_stride_blocks(int64_t items, int64_t per_block) {
-  return static_cast<unsigned int>(std::clamp<int64_t>(ceil_div(items, per_block), 1, kMaxGridStrideBlocks));
-}
-
-at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Pair blocks: all pairs in rectangles of ni x nj, aligned in ranges of ni; each
 // (pairs x max(d, m)) acc buffer of a block stays within kBlockBytes.
 struct BlockPlan {
@@ -388,15 +354,6 @@ std::vector<int64_t> out_shape(int64_t nx, int64_t ny, int64_t m, bool aligned) 
 
 std::vector<int64_t> norm_shape(int64_t nx, int64_t ny, bool aligned) {
   return aligned ? std::vector<int64_t>{nx} : std::vector<int64_t>{nx, ny};
-}
-
-void warn_if_tf32_possible(at::ScalarType acc) {
-  if (acc == at::kFloat && at::globalContext().allowTF32CuBLAS() &&
-      at::globalContext().blasPreferredBackend() == at::BlasBackend::Cublaslt) {
-    TORCH_WARN_ONCE(
-        "pairwise_similarity (CUDA): the preferred BLAS library is cublasLt and TF32 matmuls are allowed; the "
-        "fp32 GEMMs of this operator may then run in TF32 (the default cuBLAS library computes them in fp32).");
-  }
 }
 
 // Rows of v (acc) l2-normalised.
@@ -496,7 +453,7 @@ void forward_impl(const Tensor& x, const Tensor& y, const Tensor& weight, const 
   const Tensor w_t = wa.t();
   const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
-  warn_if_tf32_possible(acc);
+  warn_if_tf32_possible("pairwise_similarity", acc);
   const at::NoTF32Guard no_tf32;
   for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t, int64_t, int64_t np) {
     Tensor e_block = e.narrow(0, 0, np), z_block = z.narrow(0, 0, np);
@@ -560,7 +517,7 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
     const Tensor w_t = wa.t();
     const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
-    warn_if_tf32_possible(acc);
+    warn_if_tf32_possible("pairwise_similarity", acc);
     const at::NoTF32Guard no_tf32;
     for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t ni, int64_t nj, int64_t np) {
       Tensor e_block = e.narrow(0, 0, np), dz_block = dz.narrow(0, 0, np), de_block = de.narrow(0, 0, np);
