@@ -58,6 +58,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import cast_rounded
+
 BLOCK_D_FWD = 64  # d-chunk of the forward passes
 BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles)
 TARGET_PROGRAMS_CUDA = 264  # backward splits the partner loop until about this many programs run
@@ -67,17 +69,6 @@ NORMS = ("clipped_l2", "none")
 
 
 # ----------------------------------------------------------------------------- tile helpers
-@triton.jit
-def _cast(v, DST: tl.constexpr):
-    """v in DST, rounded to nearest even (bf16 by hand: the interpreter's fp32 -> bf16 cast truncates)."""
-    if DST == tl.bfloat16:
-        f = v.to(tl.float32)
-        u = f.to(tl.uint32, bitcast=True)
-        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-        v = tl.where(f == f, u.to(tl.float32, bitcast=True), f)  # NaN stays NaN
-    return v.to(DST)
-
-
 @triton.jit
 def _rows(ptr, base, rows, rmask, ds, dmask, D, ACC: tl.constexpr):
     """ptr[base + rows[:, None] * D + ds[None, :]] in ACC, 0 where masked."""
@@ -258,14 +249,14 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
             c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
             u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
             val = tl.where(jv[:, None], u / ru[:, None], 0.0)
-            tl.store(out_ptr + row[:, None] * D + ds[None, :], _cast(val, out_ptr.dtype.element_ty),
+            tl.store(out_ptr + row[:, None] * D + ds[None, :], cast_rounded(val, out_ptr.dtype.element_ty),
                      mask=jin[:, None] & dm[None, :])
     elif EPI == 1:
         nc = nu / ru
         nq = tl.sqrt(qq)
         val = (uq / ru) / tl.maximum(nc * nq, eps)
         val = tl.where(jv, val, 0.0)
-        tl.store(out_ptr + row, _cast(val, out_ptr.dtype.element_ty), mask=jin)
+        tl.store(out_ptr + row, cast_rounded(val, out_ptr.dtype.element_ty), mask=jin)
     else:
         rc = nu / ru + eps
         rq = tl.sqrt(qq) + eps
@@ -275,7 +266,7 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
                           ACC, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
         nz = tl.sqrt(tl.sum(z * z, axis=1))
         val = tl.where(jv[:, None], z / (nz + eps)[:, None], 0.0)
-        tl.store(out_ptr + row[:, None] * M + ms[None, :], _cast(val, out_ptr.dtype.element_ty),
+        tl.store(out_ptr + row[:, None] * M + ms[None, :], cast_rounded(val, out_ptr.dtype.element_ty),
                  mask=jin[:, None] & mm[None, :])
     tl.store(stats_ptr + row * 2, tl.where(jv, nz, 0.0), mask=jin)
     tl.store(stats_ptr + row * 2 + 1, tl.where(jv, lse, 0.0), mask=jin)

@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import cast_rounded
+
 BLOCK_K = 32  # d-chunk of one tl.dot
 BLOCK_KW = 64  # d columns of grad_weight per program
 BLOCK_MW = 64  # m rows of grad_weight per program
@@ -80,17 +82,6 @@ def _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC: tl.constexpr, DISTANCE
     else:
         e = a * b
     return e
-
-
-@triton.jit
-def _cast(v, DST: tl.constexpr):
-    """v in DST, rounded to nearest even (bf16 by hand: the interpreter's fp32 -> bf16 cast truncates)."""
-    if DST == tl.bfloat16:
-        f = v.to(tl.float32)
-        u = f.to(tl.uint32, bitcast=True)
-        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-        v = tl.where(f == f, u.to(tl.float32, bitcast=True), f)  # NaN stays NaN
-    return v.to(DST)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -127,7 +118,7 @@ def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_p
         dz = g / r[:, None] - z * coef[:, None]
         tl.store(out_ptr + pm, dz.to(out_ptr.dtype.element_ty), mask=msk)
     else:
-        tl.store(out_ptr + pm, _cast(z / r[:, None], out_ptr.dtype.element_ty), mask=msk)
+        tl.store(out_ptr + pm, cast_rounded(z / r[:, None], out_ptr.dtype.element_ty), mask=msk)
         tl.store(norm_ptr + p, nrm.to(norm_ptr.dtype.element_ty), mask=pmask)
 
 
@@ -157,7 +148,7 @@ def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c
             res = 2.0 * (a - b) * de
         else:
             res = de * b
-        tl.store(out_ptr + rows[:, None] * D + ks[None, :], _cast(res, out_ptr.dtype.element_ty), mask=msk)
+        tl.store(out_ptr + rows[:, None] * D + ks[None, :], cast_rounded(res, out_ptr.dtype.element_ty), mask=msk)
     else:
         row = tl.program_id(0).to(tl.int64)
         a = tl.load(a_ptr + row * D + ks, mask=kmask, other=0.0).to(ACC)
@@ -175,7 +166,7 @@ def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c
             else:
                 t = de * b
             acc += tl.sum(t, axis=0)
-        tl.store(out_ptr + row * D + ks, _cast(acc, out_ptr.dtype.element_ty), mask=kmask)
+        tl.store(out_ptr + row * D + ks, cast_rounded(acc, out_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
