@@ -273,6 +273,25 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
 
 
 @triton.jit
+def _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm, ds, dm, D,
+                 ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI: tl.constexpr, ACC: tl.constexpr):
+    """One d-chunk of the backward: context and query rows, u = p C, and the epilogue's gradients."""
+    c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+    q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
+    u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+    if EPI == 0:
+        g = _rows(g_ptr, 0, row, jv, ds, dm, D, ACC)
+    else:
+        g = u
+    if EPI >= 2:
+        de = tl.dot(dz, _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC), input_precision="ieee", out_dtype=ACC)
+    else:
+        de = u
+    d_ctx, d_q = _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI)
+    return c, q, u, d_ctx, d_q
+
+
+@triton.jit
 def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, stats_ptr,
                      acc_ptr, dw_ptr, db_ptr,
                      Nq, Nc, Lq, Lc, D, M, partners_per_split,
@@ -378,18 +397,8 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
-            c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
-            q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
-            u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
-            if EPI == 0:
-                g = _rows(g_ptr, 0, row, jv, ds, dm, D, ACC)
-            else:
-                g = u
-            if EPI >= 2:
-                de = tl.dot(dz, _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC), input_precision="ieee", out_dtype=ACC)
-            else:
-                de = u
-            d_ctx, d_q = _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI)
+            c, q, u, d_ctx, d_q = _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm,
+                                               ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC)
             ct = tl.trans(c)
             uu_ = _unit(u, nu)
             d1 = tl.dot(d_ctx, ct, d1, input_precision="ieee", out_dtype=ACC)
@@ -414,18 +423,8 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
-            c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
-            q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
-            u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
-            if EPI == 0:
-                g = _rows(g_ptr, 0, row, jv, ds, dm, D, ACC)
-            else:
-                g = u
-            if EPI >= 2:
-                de = tl.dot(dz, _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC), input_precision="ieee", out_dtype=ACC)
-            else:
-                de = u
-            d_ctx, d_q = _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI)
+            c, q, u, d_ctx, d_q = _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm,
+                                               ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC)
             if FOR_Q:
                 val = d_q + tl.dot(ds0, c, input_precision="ieee", out_dtype=ACC)
                 ptrs = acc_ptr + (slot * Lq + js[:, None]) * D + ds[None, :]
