@@ -1,0 +1,172 @@
+"""The trainer: exact resume after an interruption, checkpoints, logging, options; and that a model learns."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from sgfused.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from sgfused.data.precomp import PrecompSplit
+from sgfused.data.synthetic import generate
+from sgfused.data.vocab import Vocabulary
+from sgfused.evaluate import evaluate_model
+from sgfused.models import build_model
+from sgfused.train import TrainConfig, Trainer, epoch_order
+
+FEATURE_DIM = 16
+SMALL = {"vsepp": dict(img_dim=FEATURE_DIM, embed_size=16, word_dim=8)}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, 40, seed=3, feature_dim=FEATURE_DIM, progress=False)
+    vocab = Vocabulary.load(root / "vocab.json")
+    return root, vocab, PrecompSplit(root, "train", vocab), PrecompSplit(root, "dev", vocab)
+
+
+def _trainer(dataset, out, name="vsepp", init_seed=0, **options) -> Trainer:
+    _, vocab, train, dev = dataset
+    torch.manual_seed(init_seed)
+    model = build_model(name, len(vocab), SMALL[name])
+    config = TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 1e-3, "lr_decay_epochs": 1, **options})
+    return Trainer(model, train, dev, vocab, config, out, progress=False)
+
+
+@pytest.mark.parametrize("stop", [5, 13])
+def test_resume_after_interruption_gives_the_same_weights(dataset, tmp_path, stop):
+    uninterrupted = _trainer(dataset, tmp_path / "a", checkpoint_every=3)
+    uninterrupted.fit()
+    first = _trainer(dataset, tmp_path / "b", checkpoint_every=3)
+    summary = first.fit(stop_after_steps=stop)
+    assert not summary["finished"] and summary["steps"] == stop
+    # a fresh process would rebuild the model with other random weights: they must all come from last.pt
+    resumed = _trainer(dataset, tmp_path / "b", init_seed=99, checkpoint_every=3)
+    summary = resumed.fit()
+    assert summary["finished"] and summary["steps"] == uninterrupted.step
+    for (name, want), got in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(want, got), name
+    assert resumed.best_rsum == uninterrupted.best_rsum
+    assert resumed.optimizer.param_groups[0]["lr"] == uninterrupted.optimizer.param_groups[0]["lr"]
+    with open(tmp_path / "a" / "log.csv") as a, open(tmp_path / "b" / "log.csv") as b:
+        steps_a = [row["step"] for row in csv.DictReader(a)]
+        steps_b = [row["step"] for row in csv.DictReader(b)]
+    assert steps_a == steps_b  # rows after the checkpoint were dropped, then written once by the resumed run
+
+
+def test_no_resume_starts_afresh(dataset, tmp_path):
+    _trainer(dataset, tmp_path, epochs=1).fit()
+    again = _trainer(dataset, tmp_path, epochs=1)
+    assert again.fit(resume=False)["steps"] == again.batches_per_epoch
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    assert epoch_order(50, 1, 2) == epoch_order(50, 1, 2)
+    assert epoch_order(50, 1, 2) != epoch_order(50, 1, 3)
+    assert sorted(epoch_order(50, 4, 0)) == list(range(50))
+
+
+def test_checkpoints_rebuild_the_trained_model(dataset, tmp_path):
+    root, vocab, _, dev = dataset
+    trainer = _trainer(dataset, tmp_path, epochs=1)
+    trainer.fit()
+    state = load_checkpoint(tmp_path / "best.pt")
+    assert state["model_name"] == "vsepp" and state["model_config"] == SMALL["vsepp"]
+    model, loaded_vocab = model_from_checkpoint(state)
+    assert loaded_vocab.word2idx == vocab.word2idx
+    results, sims = evaluate_model(model, dev, progress=False)
+    assert results["full"]["rsum"] == pytest.approx(state["metrics"]["rsum"])
+    assert sims.shape == (dev.n_images, dev.n_captions)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_foreign_or_truncated_checkpoints_are_refused(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an sgfused checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="not a readable sgfused checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_resume_refuses_another_vocabulary_or_model(dataset, tmp_path):
+    root, vocab, train, dev = dataset
+    _trainer(dataset, tmp_path, epochs=1).fit()
+    other_vocab = Vocabulary([*list(vocab.word2idx)[4:], "zebra-striped"])
+    model = build_model("vsepp", len(other_vocab), SMALL["vsepp"])
+    trainer = Trainer(model, train, dev, other_vocab, TrainConfig(epochs=2, batch_size=16), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="vocabulary mismatch"):
+        trainer.fit()
+    model = build_model("vsepp", len(vocab), {**SMALL["vsepp"], "embed_size": 8})
+    trainer = Trainer(model, train, dev, vocab, TrainConfig(epochs=2, batch_size=16), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="config"):
+        trainer.fit()
+
+
+def test_log_has_loss_lr_and_recalls(dataset, tmp_path):
+    trainer = _trainer(dataset, tmp_path, epochs=2, log_every=2, val_every=4)
+    trainer.fit()
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["loss"]) for r in rows if r["loss"]]
+    assert len(losses) >= trainer.step // 2 and all(loss > 0 for loss in losses)
+    validations = [r for r in rows if r["rsum"]]
+    assert len(validations) == trainer.step // 4 + 2  # every 4 iterations and at each epoch's end
+    assert {r["lr"] for r in rows} == {"0.001", "0.0001"}  # decayed after the first epoch
+    assert max(float(r["rsum"]) for r in validations) == pytest.approx(trainer.best_rsum, abs=0.01)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains(dataset, tmp_path, amp):
+    trainer = _trainer(dataset, tmp_path, epochs=1, amp=amp)
+    summary = trainer.fit()
+    assert summary["finished"]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_bad_training_options():
+    with pytest.raises(ValueError, match="unknown training options"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="amp must be one of"):
+        TrainConfig(amp="fp8")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainConfig(batch_size=0)
+
+
+def test_unknown_model_and_config_keys(dataset):
+    with pytest.raises(ValueError, match="unknown model 'nope'; available: .*vsepp"):
+        build_model("nope", 10)
+    with pytest.raises(ValueError, match="unknown config keys \\['hidden'\\]"):
+        build_model("vsepp", 10, {"hidden": 3})
+
+
+def test_vsepp_learns_on_synthetic_scenes(tmp_path_factory, tmp_path):
+    root = tmp_path_factory.mktemp("learn")
+    generate(root, 300, seed=0, feature_dim=64, progress=False)
+    vocab = Vocabulary.load(root / "vocab.json")
+    train, test = PrecompSplit(root, "train", vocab), PrecompSplit(root, "test", vocab)
+    torch.manual_seed(0)
+    model = build_model("vsepp", len(vocab), dict(img_dim=64, embed_size=64, word_dim=32))
+    before = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
+    config = TrainConfig(epochs=4, batch_size=32, lr=2e-3, lr_decay_epochs=10)
+    Trainer(model, train, test, vocab, config, tmp_path, progress=False).fit()
+    after = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
+    assert after > before + 60, (before, after)

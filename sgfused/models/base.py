@@ -1,0 +1,55 @@
+"""What the trainer and the evaluator need from a model, and the loss every paper uses.
+
+A retrieval model encodes images and captions separately (so evaluation encodes
+each once) and scores every image against every caption in one call. The
+encodings are tensors, or tuples of tensors, whose first dimension is the batch:
+the evaluator concatenates and slices them along it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..data.batch import CaptionBatch, ImageBatch, PairBatch
+from ..ops import hardest_negative_loss
+
+
+class RetrievalModel(nn.Module):
+    """Base class of every model in :mod:`sgfused.models`.
+
+    Subclasses implement :meth:`encode_images`, :meth:`encode_captions` and
+    :meth:`similarity`; the default :meth:`loss` is the in-batch
+    hardest-negative triplet loss (VSE++ max violation) on the pair batch's
+    image x caption score matrix, with the diagonal as the positives.
+    ``margin`` and ``max_violation`` are attributes a subclass sets.
+    """
+
+    margin: float = 0.2
+    max_violation: bool = True
+    registry_name: str = ""
+    # Optional dataset parts the model reads: any of "boxes", "image_graphs", "caption_graphs".
+    data_requirements: tuple[str, ...] = ()
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        """The keyword options of the constructor (everything but ``vocab_size``)."""
+        params = inspect.signature(cls.__init__).parameters
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [n for n, p in params.items() if n not in ("self", "vocab_size") and p.kind in kinds]
+
+    def encode_images(self, images: ImageBatch) -> Any:
+        raise NotImplementedError
+
+    def encode_captions(self, captions: CaptionBatch) -> Any:
+        raise NotImplementedError
+
+    def similarity(self, images: Any, captions: Any) -> Tensor:
+        """Scores ``(n_images, n_captions)`` for every pair of the given encodings."""
+        raise NotImplementedError
+
+    def loss(self, batch: PairBatch) -> Tensor:
+        scores = self.similarity(self.encode_images(batch.images), self.encode_captions(batch.captions))
+        return hardest_negative_loss(scores, margin=self.margin, max_violation=self.max_violation)
