@@ -50,7 +50,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a truncated, foreign or corrupt file
-        raise CheckpointError(f"{path} is not a readable sgfused checkpoint: {error}") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable sgfused checkpoint ({first_line})") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an sgfused checkpoint (expected format {FORMAT!r}); "

@@ -1,0 +1,112 @@
+"""The ``sgfused`` command line end to end on a tiny synthetic dataset, its help, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sgfused.cli import main
+from sgfused.evaluate import save_similarity
+
+TINY_MODEL = ["--set", "img_dim=16", "embed_size=16", "word_dim=8"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_data")
+    assert main(["data", "synth", "--out", str(root), "--images", "40", "--seed", "1", "--feature-dim", "16", "--quiet"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run")
+    args = ["train", "--model", "vsepp", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "16",
+            *TINY_MODEL, "--quiet"]
+    assert main(args) == 0
+    return out / "best.pt"
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["data"], ["data", "synth"], ["data", "vocab"], ["data", "parse"], ["train"], ["eval"],
+                ["eval-ensemble"], ["info"]]
+)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: sgfused" in capsys.readouterr().out
+
+
+def test_train_eval_and_ensemble(data, checkpoint, tmp_path, capsys):
+    assert (checkpoint.parent / "last.pt").exists() and (checkpoint.parent / "log.csv").exists()
+    sims = [tmp_path / "a", tmp_path / "b"]
+    for path in sims:
+        args = ["eval", str(checkpoint), "--data", str(data), "--split", "test", "--save-sims", str(path),
+                "--json", str(tmp_path / "results.json"), "--quiet"]
+        assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "R@1" in table and "rsum" in table
+    results = json.loads((tmp_path / "results.json").read_text())
+    saved = np.load(tmp_path / "a.npy")
+    assert saved.shape == (4, 20) and saved.dtype == np.float32  # 10% of 40 images, 5 captions each
+    assert main(["eval-ensemble", str(sims[0]) + ".npy", str(sims[1]) + ".npy", "--json", str(tmp_path / "ens.json")]) == 0
+    ensemble = json.loads((tmp_path / "ens.json").read_text())
+    assert ensemble["full"]["rsum"] == pytest.approx(results["full"]["rsum"])  # the mean of two equal matrices
+
+
+def test_train_resumes_and_config_files(data, tmp_path):
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"model": "vsepp", "model_config": {"img_dim": 16, "embed_size": 16, "word_dim": 8},
+                                  "train": {"epochs": 1, "batch_size": 16}}))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    log_rows = (out / "log.csv").read_text().splitlines()
+    # a second call finds last.pt at the end of the schedule and has nothing left to do
+    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    assert (out / "log.csv").read_text().splitlines() == log_rows
+
+
+def test_data_vocab(data, tmp_path, capsys):
+    out = tmp_path / "vocab.json"
+    assert main(["data", "vocab", "--data", str(data), "--threshold", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["word2idx"] == json.loads((data / "vocab.json").read_text())["word2idx"]
+
+
+def test_info_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "sgfused", "info"], capture_output=True, text=True, check=True)
+    info = json.loads(done.stdout)
+    assert "cpu" in info["backends"] and "vsepp" in info["models"]
+
+
+def _fails(args, capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sgfused ") and "Traceback" not in err
+    return err
+
+
+def test_user_errors_are_one_line(data, checkpoint, tmp_path, capsys):
+    assert "unknown model 'nope'" in _fails(["train", "--model", "nope", "--data", str(data)], capsys)
+    assert "does not exist" in _fails(["train", "--model", "vsepp", "--data", str(tmp_path / "none")], capsys)
+    assert "KEY=VALUE" in _fails(["train", "--model", "vsepp", "--data", str(data), "--set", "embed_size"], capsys)
+    assert "unknown config keys" in _fails(["train", "--model", "vsepp", "--data", str(data), "--set", "size=3"], capsys)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "vsepp", "optimizer": {}}))
+    assert "unknown sections" in _fails(["train", "--config", str(bad), "--data", str(data)], capsys)
+    assert "no model given" in _fails(["train", "--data", str(data)], capsys)
+    other_vocab = tmp_path / "other_vocab.json"
+    other_vocab.write_text(json.dumps({"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "x": 4},
+                                       "idx2word": {"0": "<pad>", "1": "<start>", "2": "<end>", "3": "<unk>", "4": "x"},
+                                       "idx": 5}))
+    args = ["eval", str(checkpoint), "--data", str(data), "--vocab", str(other_vocab), "--quiet"]
+    assert "vocabulary mismatch" in _fails(args, capsys)
+    assert "not a readable sgfused checkpoint" in _fails(["eval", str(other_vocab), "--data", str(data)], capsys)
+    save_similarity(tmp_path / "small", torch.zeros(2, 10), {"split": "test"})
+    save_similarity(tmp_path / "large", torch.zeros(4, 20), {"split": "test"})
+    assert "shape" in _fails(["eval-ensemble", str(tmp_path / "small.npy"), str(tmp_path / "large.npy")], capsys)
