@@ -109,11 +109,10 @@ def test_save_is_atomic_on_write_failure(tmp_path, monkeypatch):
     path = tmp_path / "caps_graphs.json"
     save_caption_graphs([_graph()], path)
 
-    def failing_dump(obj, f, **kwargs):
-        f.write("[{\"tokens\": ")
+    def failing_sync(fd):  # the new text is in the temporary file, not yet on disk
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", failing_dump)
+    monkeypatch.setattr(os, "fsync", failing_sync)
     with pytest.raises(OSError, match="disk full"):
         save_caption_graphs([_graph(), _graph()], path)
     monkeypatch.undo()

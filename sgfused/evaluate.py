@@ -35,15 +35,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ._files import atomic_write
 from .data.batch import CaptionBatch, ImageBatch
 from .data.precomp import PrecompSplit, caption_loader, image_loader
 
@@ -385,19 +385,6 @@ def evaluate_model(
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Writes ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _json_bytes(value: Any, name: str) -> bytes:
     try:
         return (json.dumps(value, indent=2) + "\n").encode()
@@ -428,8 +415,8 @@ def save_similarity(path: str | os.PathLike, sims: Matrix, meta: dict[str, Any])
             raise ValueError(f"meta[{key!r}] = {meta[key]!r} but sims has {key} = {value}")
     sidecar = _json_bytes(dict(meta) | shape, "meta")
     npy, info = _similarity_paths(path)
-    _atomic_write(npy, lambda f: np.save(f, array))
-    _atomic_write(info, lambda f: f.write(sidecar))
+    atomic_write(npy, lambda f: np.save(f, array))
+    atomic_write(info, lambda f: f.write(sidecar))
     return npy
 
 
@@ -514,4 +501,4 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 def write_json(path: str | os.PathLike, results: dict[str, Any]) -> None:
     """Writes ``results`` as indented JSON, atomically (temporary file + ``os.replace``)."""
-    _atomic_write(Path(path), lambda f: f.write(_json_bytes(results, "results")))
+    atomic_write(Path(path), lambda f: f.write(_json_bytes(results, "results")))

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
+from .._files import atomic_write, read_json
 from .vocab import tokenize
 
 CAPTION_GRAPH_KEYS = ("tokens", "heads", "objects", "attributes", "relations")
@@ -110,13 +110,7 @@ def validate_image_graph(graph: object, n_regions: int, name: str = "image graph
 
 def _load_json_list(path: str | os.PathLike[str], what: str) -> list[Any]:
     """The json list in ``path`` (``what`` names the file kind in errors)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            graphs = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file {os.fspath(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GraphError(f"{what} file {os.fspath(path)!r} is not readable json: {e}") from None
+    graphs = read_json(path, what, GraphError)
     if not isinstance(graphs, list):
         raise GraphError(f"{what} file {os.fspath(path)!r}: expected a json list of graphs, got {type(graphs).__name__}")
     return graphs
@@ -147,15 +141,8 @@ def load_caption_graphs(path: str | os.PathLike[str]) -> list[dict]:
 def save_caption_graphs(graphs: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """Check ``graphs`` and write them as a json list, atomically (temp file, then ``os.replace``)."""
     _validate_caption_graphs(graphs, "")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump([dict(g) for g in graphs], f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    text = json.dumps([dict(g) for g in graphs], ensure_ascii=False)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _load_pipeline(pipeline: str) -> Any:

@@ -16,6 +16,8 @@ import re
 from collections import Counter
 from typing import Iterable, Sequence
 
+from .._files import read_json
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3
 
@@ -165,14 +167,7 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Vocabulary":
         """Read a vocabulary json written by :meth:`save` or released with SCAN / SGRAF."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                layout = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"vocabulary file {os.fspath(path)!r} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VocabularyError(f"vocabulary file {os.fspath(path)!r} is not readable json: {e}") from None
-        return cls._from_layout(layout, os.fspath(path))
+        return cls._from_layout(read_json(path, "vocabulary", VocabularyError), os.fspath(path))
 
     @classmethod
     def _from_layout(cls, layout: object, source: str) -> "Vocabulary":
