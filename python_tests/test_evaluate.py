@@ -15,7 +15,6 @@ from sgfused.evaluate import (
     METRIC_KEYS,
     concat_encodings,
     ensemble,
-    ensemble_results,
     evaluate_model,
     evaluate_similarity,
     fold5_metrics,
@@ -404,10 +403,10 @@ def test_ensemble_averages(tmp_path):
     a, b = np.random.rand(2, 10).astype(np.float32), np.random.rand(2, 10).astype(np.float32)
     save_similarity(tmp_path / "sgr", a, {"split": "test"})
     save_similarity(tmp_path / "saf", b, {"split": "test"})
-    out = ensemble([tmp_path / "sgr.npy", tmp_path / "saf"])
+    out, meta = ensemble([tmp_path / "sgr.npy", tmp_path / "saf"])
     np.testing.assert_allclose(out.numpy(), (a + b) / 2, rtol=1e-6)
-    rows = ensemble_results([tmp_path / "sgr", tmp_path / "saf"])
-    assert rows == {"full": retrieval_metrics((a + b) / 2)}
+    assert meta == {"split": "test", "n_images": 2, "n_captions": 10}
+    assert evaluate_similarity(out) == {"full": retrieval_metrics((a + b) / 2)}
 
 
 def test_ensemble_mismatch_names_both_files(tmp_path):

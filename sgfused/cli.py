@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import check_same_vocabulary, load_checkpoint, model_from_checkpoint
     from .data.precomp import PrecompSplit
-    from .evaluate import evaluate_model, format_table, save_similarity, write_json
+    from .evaluate import evaluate_model, save_similarity
     from .models import model_class
     from .train import resolve_device
 
@@ -151,22 +151,38 @@ def cmd_eval(args: argparse.Namespace) -> None:
     results, sims = evaluate_model(
         model.to(device), split, fold5=args.fold5, batch_size=args.batch_size, device=device, progress=not args.quiet
     )
-    print(format_table(results))
     if args.save_sims:
         meta = {"model": state["model_name"], "checkpoint": str(args.checkpoint), "split": args.split,
-                "data": str(data), "captions_per_image": split.captions_per_image}
+                "data": str(data.resolve()), "captions_per_image": split.captions_per_image}
         save_similarity(args.save_sims, sims, meta)
-    if args.json:
-        write_json(args.json, results)
+    _report(results, sims, data, args.split, split.captions_per_image, args.json)
 
 
 def cmd_eval_ensemble(args: argparse.Namespace) -> None:
-    from .evaluate import ensemble_results, format_table, write_json
+    from .evaluate import ensemble, evaluate_similarity
 
-    results = ensemble_results(args.sims, fold5=args.fold5)
+    sims, meta = ensemble(args.sims)
+    cpi = meta.get("captions_per_image")
+    results = evaluate_similarity(sims, cpi, fold5=args.fold5)
+    data = meta.get("data")
+    _report(results, sims, Path(data) if data else None, meta.get("split"), cpi or sims.shape[1] // sims.shape[0], args.json)
+
+
+def _report(results: dict, sims, data: Path | None, split: str | None, captions_per_image: int, json_path: str | None) -> None:
+    """Print the recall table, with the twin rows and twin accuracy when the split has hard distractors."""
+    from .evaluate import format_table, write_json
+    from .twins import format_twin_accuracy, load_distractors, twin_results
+
+    records = load_distractors(data, split) if data is not None and split else None
+    accuracy = {}
+    if records:
+        rows, accuracy = twin_results(sims, records, captions_per_image)
+        results = {**results, **rows}
     print(format_table(results))
-    if args.json:
-        write_json(args.json, results)
+    if accuracy:
+        print(format_twin_accuracy(accuracy))
+    if json_path:
+        write_json(json_path, {**results, "twin_accuracy": accuracy} if accuracy else results)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

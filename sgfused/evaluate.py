@@ -196,7 +196,7 @@ def evaluate_similarity(
 ) -> dict[str, dict[str, float]]:
     """Table rows for one similarity matrix: ``{"full": metrics}``, or :func:`fold5_metrics` with ``fold5``.
 
-    Every entry point (:func:`evaluate_model`, :func:`ensemble_results`)
+    Every entry point (:func:`evaluate_model`, the ensemble command)
     reports in this shape, so ``results["full"]`` is always the metrics on the
     whole split and the rows go straight to :func:`format_table` and
     :func:`write_json`.
@@ -441,8 +441,8 @@ def load_similarity(path: str | os.PathLike) -> tuple[Tensor, dict[str, Any]]:
     return torch.from_numpy(array), meta
 
 
-def ensemble(paths: Sequence[str | os.PathLike]) -> Tensor:
-    """The average of saved similarity matrices (SGRAF's SGR + SAF ensemble), as a float32 tensor.
+def ensemble(paths: Sequence[str | os.PathLike]) -> tuple[Tensor, dict[str, Any]]:
+    """The average of saved similarity matrices (SGRAF's SGR + SAF ensemble) and the first one's metadata.
 
     All matrices must have the same shape and, where recorded, the same split.
     Memory: the result plus one memory-mapped input at a time.
@@ -465,12 +465,7 @@ def ensemble(paths: Sequence[str | os.PathLike]) -> Tensor:
             )
         np.add(total, array, out=total)
     total /= len(paths)
-    return torch.from_numpy(total)
-
-
-def ensemble_results(paths: Sequence[str | os.PathLike], *, fold5: bool = False) -> dict[str, dict[str, float]]:
-    """The table rows (:func:`evaluate_similarity`) of the average of saved similarity matrices."""
-    return evaluate_similarity(ensemble(paths), fold5=fold5)
+    return torch.from_numpy(total), first_meta
 
 
 # ----------------------------------------------------------------------------- reports

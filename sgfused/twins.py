@@ -1,0 +1,87 @@
+"""Hard-distractor evaluation: can a model tell an image from its twin?
+
+The synthetic scenes contain *twins* (``{split}_distractors.json``): image ``a``
+has the same objects as image ``b`` of its split, but one relation differs
+(another predicate, or subject and object swapped) or one attribute does. A
+bag-of-objects model scores twins alike; a model that reads relations and
+attributes does not. Two views of that, per kind of difference:
+
+- **retrieval on the twin subset**: the standard metrics on the sub-matrix of
+  the images that have a twin of that kind and their captions, so every query
+  has its hardest distractor among the candidates (rows ``"relation twins"``
+  and ``"attribute twins"`` of the results table);
+- **twin accuracy**: for every caption of a twin pair, the share for which the
+  caption's own image scores strictly higher than the twin (text->image), and
+  for every image, the share for which the best of its own captions scores
+  strictly higher than the best of the twin's (image->text). 50% is chance for
+  a model that cannot tell them apart; ties count as failures.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ._files import read_json
+from .evaluate import retrieval_metrics
+
+KINDS = {"relation twins": ("predicate", "direction"), "attribute twins": ("attribute",)}
+
+
+def load_distractors(data_path: str | os.PathLike[str], split: str) -> list[dict[str, Any]] | None:
+    """The twin records of a split, or None when the dataset has none (real datasets)."""
+    path = Path(data_path) / f"{split}_distractors.json"
+    if not path.exists():
+        return None
+    records = read_json(path, "distractor")
+    if not isinstance(records, list) or not all({"image", "twin_of", "differs"} <= set(r) for r in records):
+        raise ValueError(f"distractor file {str(path)!r}: expected a list of {{'image', 'twin_of', 'differs'}} records")
+    return records
+
+
+def _pairs(records: Sequence[dict[str, Any]], kinds: tuple[str, ...], n_images: int) -> Tensor:
+    pairs = [(r["image"], r["twin_of"]) for r in records if r["differs"] in kinds]
+    for a, b in pairs:
+        if not (0 <= a < n_images and 0 <= b < n_images):
+            raise ValueError(f"distractor pair ({a}, {b}) is outside the split's {n_images} images")
+    return torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+
+
+def twin_accuracy(sims: Tensor, pairs: Tensor, captions_per_image: int) -> dict[str, float]:
+    """Percent of twin comparisons won, both directions (see the module docstring)."""
+    both = torch.cat([pairs, pairs.flip(1)])  # every image of a pair against its twin
+    own, twin = both[:, 0], both[:, 1]
+    own_caps = own[:, None] * captions_per_image + torch.arange(captions_per_image)  # (P, c)
+    t2i = sims[own[:, None], own_caps] > sims[twin[:, None], own_caps]
+    twin_caps = twin[:, None] * captions_per_image + torch.arange(captions_per_image)
+    i2t = sims[own[:, None], own_caps].amax(1) > sims[own[:, None], twin_caps].amax(1)
+    return {"i2t": 100.0 * i2t.double().mean().item(), "t2i": 100.0 * t2i.double().mean().item(), "pairs": len(pairs)}
+
+
+def twin_results(
+    sims: Tensor, records: Sequence[dict[str, Any]], captions_per_image: int
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Table rows (metrics on each twin subset) and twin accuracies, per kind present in ``records``."""
+    sims = torch.as_tensor(sims)
+    rows, accuracy = {}, {}
+    for name, kinds in KINDS.items():
+        pairs = _pairs(records, kinds, sims.shape[0])
+        if len(pairs) == 0:
+            continue
+        images = pairs.flatten().unique()
+        captions = (images[:, None] * captions_per_image + torch.arange(captions_per_image)).flatten()
+        rows[name] = retrieval_metrics(sims[images][:, captions], captions_per_image)
+        accuracy[name] = twin_accuracy(sims, pairs, captions_per_image)
+    return rows, accuracy
+
+
+def format_twin_accuracy(accuracy: dict[str, dict[str, float]]) -> str:
+    """One line per kind: ``relation twins: image->text 81.2%, text->image 77.0% (40 pairs)``."""
+    return "\n".join(
+        f"{name}: image->text {a['i2t']:.1f}%, text->image {a['t2i']:.1f}% ({a['pairs']} pairs; chance 50%)"
+        for name, a in accuracy.items()
+    )
