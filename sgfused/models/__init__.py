@@ -2,6 +2,7 @@
 
 from .base import RetrievalModel
 from .registry import available_models, build_model, model_class, register_model
+from .sgraf import SGRAF
 from .vsepp import VSEPP
 
-__all__ = ["RetrievalModel", "VSEPP", "available_models", "build_model", "model_class", "register_model"]
+__all__ = ["RetrievalModel", "SGRAF", "VSEPP", "available_models", "build_model", "model_class", "register_model"]

@@ -25,7 +25,8 @@ Where the batched computation differs in form from the published code, and why
   are constant in ``j`` and cancel in the softmax. One ``m x m`` product per node
   instead of two, and the last step computes the global node only (the only
   one read). Consequence: ``graph_key_w.bias``, which provably has no effect on
-  any output, receives no gradient (``None``) instead of rounding noise.
+  any output, receives no gradient (``None``) instead of rounding noise
+  (distributed training must allow unused parameters).
 * SAF BatchNorm. The published loop calls ``BatchNorm1d(1)`` once per caption,
   so in training it normalises with the statistics of that caption's
   ``n_image x (L + 1)`` node weights and updates the running statistics once per
@@ -39,7 +40,10 @@ Where the batched computation differs in form from the published code, and why
 * Word-embedding dropout (0.4, before the GRU) and the self-attention dropout
   (0.4) follow the published code; the paper does not mention them.
 
-Published checkpoints load with :meth:`SGRAF.from_official` and are written by
+``similarity(..., dtype=torch.bfloat16)`` feeds bf16 to the similarity ops and the
+reasoning's matrix products (self-attention and scores stay fp32), for evaluation.
+Published checkpoints load with :meth:`SGRAF.from_official` (``weights_only``
+unpickling, ``argparse.Namespace`` the only extra type) and are written by
 :meth:`SGRAF.to_official`.
 """
 
@@ -60,6 +64,7 @@ from ..ops import cross_attention, hardest_negative_loss, pairwise_similarity
 from ..reference import l2norm
 from .base import RetrievalModel
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
+from .graph_layers import xavier_init
 from .registry import build_model, register_model
 
 MODULES = ("SGR", "SAF")
@@ -68,14 +73,6 @@ DROPOUT = 0.4  # the published code's dropout on word embeddings and in the self
 CHUNK_NODES = 1 << 18
 # Official state-dict parts, in checkpoint order: (our module prefix, published renames of its keys).
 _OFFICIAL_PARTS = (("image_encoder.", {}), ("text_encoder.", {"rnn.": "cap_rnn."}), ("sim_encoder.", {}))
-
-
-def _xavier(module: nn.Module) -> None:
-    """The published initialisation of every Linear: uniform in ±sqrt(6 / (in + out)), zero bias."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
 
 def _linear(x: Tensor, layer: nn.Linear) -> Tensor:
@@ -120,7 +117,7 @@ class SelfAttentionPool(nn.Module):
         self.embedding_local = branch(num_regions)
         self.embedding_global = branch(embed_size if num_regions is not None else None)
         self.embedding_common = nn.Sequential(nn.Linear(embed_size, 1))
-        _xavier(self)
+        xavier_init(self)
 
     def forward(self, local: Tensor, lengths: Tensor | None = None) -> Tensor:
         """``local (B, K, d)`` (zero past ``lengths`` when given) -> ``(B, d)``."""
@@ -147,7 +144,7 @@ class GraphReasoning(nn.Module):
         self.graph_query_w = nn.Linear(sim_dim, sim_dim)
         self.graph_key_w = nn.Linear(sim_dim, sim_dim)
         self.sim_graph_w = nn.Linear(sim_dim, sim_dim)
-        _xavier(self)
+        xavier_init(self)
 
     def _edge_queries(self, nodes: Tensor) -> Tensor:
         """``q_i W_k`` = ``s_i A + b_q W_k`` with ``A = W_q^T W_k``: the query side of the edge logits (module doc)."""
@@ -180,10 +177,10 @@ class AttentionFiltration(nn.Module):
         super().__init__()
         self.attn_sim_w = nn.Linear(sim_dim, 1)
         self.bn = nn.BatchNorm1d(1)
-        _xavier(self)
+        xavier_init(self)
 
     def forward(self, nodes: Tensor, valid: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """``nodes (C, I, N, m)``, ``valid (C, 1, N)`` -> ``(C, I, m)``, plus per-caption (mean, unbiased var) in training."""
+        """``nodes (C, I, N, m)``, ``valid (C, 1, N)`` -> ``(C, I, m)``; training: per-caption (mean, unbiased var)."""
         logits = _linear(nodes, self.attn_sim_w).squeeze(-1)  # (C, I, N)
         stats = None
         if self.training:
@@ -221,9 +218,9 @@ class SimilarityEncoder(nn.Module):
         self.sim_tranloc_w = nn.Linear(embed_size, sim_dim)
         self.sim_tranglo_w = nn.Linear(embed_size, sim_dim)
         self.sim_eval_w = nn.Linear(sim_dim, 1)
-        _xavier(self.sim_tranloc_w)
-        _xavier(self.sim_tranglo_w)
-        _xavier(self.sim_eval_w)
+        xavier_init(self.sim_tranloc_w)
+        xavier_init(self.sim_tranglo_w)
+        xavier_init(self.sim_eval_w)
         if module == "SGR":
             self.SGR_module = nn.ModuleList(GraphReasoning(sim_dim) for _ in range(sgr_step))
         else:
@@ -244,7 +241,7 @@ class SimilarityEncoder(nn.Module):
         return glob, local
 
     def reason(self, glob: Tensor, local: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Scores ``(C, I)`` (fp32) from the similarity vectors, plus SAF's per-caption BatchNorm statistics in training."""
+        """Scores ``(C, I)`` (fp32), and SAF's per-caption BatchNorm statistics in training."""
         nodes = torch.cat([glob.unsqueeze(2), local], dim=2)  # (C, I, L + 1, m)
         valid = (torch.arange(nodes.shape[2], device=lengths.device) <= lengths[:, None]).unsqueeze(1)  # (C, 1, L + 1)
         stats = None
@@ -296,7 +293,9 @@ class SGRAF(RetrievalModel):
         self.embed_size, self.num_regions, self.lambda_softmax = embed_size, num_regions, float(lambda_softmax)
         self.margin, self.max_violation, self.reference = float(margin), bool(max_violation), bool(reference)
         self.image_encoder = RegionEncoder(img_dim, embed_size, normalize=not no_imgnorm)
-        self.text_encoder = GRUTextEncoder(vocab_size, word_dim, embed_size, num_layers, bi_gru, normalize=not no_txtnorm)
+        self.text_encoder = GRUTextEncoder(
+            vocab_size, word_dim, embed_size, num_layers, bi_gru, normalize=not no_txtnorm
+        )
         self.text_encoder.embed = _EmbeddingWithDropout(self.text_encoder.embed, DROPOUT)
         self.sim_encoder = SimilarityEncoder(embed_size, sim_dim, module, sgr_step, num_regions)
 
@@ -322,7 +321,9 @@ class SGRAF(RetrievalModel):
         _check_lengths(lengths, ids.shape[1])
         vocab_size = self.text_encoder.embed.num_embeddings
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(f"ids must lie in [0, {vocab_size}) (vocab_size), got [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"ids must lie in [0, {vocab_size}) (vocab_size), got [{int(ids.min())}, {int(ids.max())}]"
+            )
         return self.text_encoder(ids, lengths)
 
     def encode_images(self, images: ImageBatch) -> Tensor:
@@ -374,7 +375,9 @@ class SGRAF(RetrievalModel):
                 self.lambda_softmax, self.backend,
             )
             if recompute:
-                scores, chunk_stats = checkpoint(self.sim_encoder.reason, glob, local, chunk_lengths, use_reentrant=False)
+                scores, chunk_stats = checkpoint(
+                    self.sim_encoder.reason, glob, local, chunk_lengths, use_reentrant=False
+                )
             else:
                 scores, chunk_stats = self.sim_encoder.reason(glob, local, chunk_lengths)
             columns.append(scores)
@@ -474,7 +477,9 @@ class SGRAF(RetrievalModel):
         self.load_state_dict(state, strict=True)
 
 
-def _unpack(images: Tensor, captions: Tensor | tuple[Tensor, Tensor], lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _unpack(
+    images: Tensor, captions: Tensor | tuple[Tensor, Tensor], lengths: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
     if isinstance(captions, tuple):
         if lengths is not None or len(captions) != 2:
             raise TypeError("captions: pass either (words, lengths) as one tuple or words and lengths separately")
@@ -493,10 +498,17 @@ def _check_lengths(lengths: Tensor, padded: int) -> None:
 
 
 def _chunks(order: list[int], lengths: list[int], n_image: int, chunk_nodes: int) -> list[list[int]]:
-    """Consecutive runs of ``order`` (captions by length) holding at most ``chunk_nodes`` nodes each (>= 1 caption)."""
+    """Consecutive runs of ``order`` (captions by length), each trimmed later to its longest caption.
+
+    A chunk holds at most ``chunk_nodes`` nodes (but at least one caption); once it
+    holds an eighth of that, it also ends where the caption length changes, so
+    little of the reasoning runs on padding.
+    """
     chunks: list[list[int]] = [[]]
     for caption in order:
-        if chunks[-1] and (len(chunks[-1]) + 1) * n_image * (lengths[caption] + 1) > chunk_nodes:
+        current = chunks[-1]
+        size = (len(current) + 1) * n_image * (lengths[caption] + 1)
+        if current and (size > chunk_nodes or (8 * size > chunk_nodes and lengths[caption] != lengths[current[-1]])):
             chunks.append([])
         chunks[-1].append(caption)
     return chunks
