@@ -110,3 +110,17 @@ def test_user_errors_are_one_line(data, checkpoint, tmp_path, capsys):
     save_similarity(tmp_path / "small", torch.zeros(2, 10), {"split": "test"})
     save_similarity(tmp_path / "large", torch.zeros(4, 20), {"split": "test"})
     assert "shape" in _fails(["eval-ensemble", str(tmp_path / "small.npy"), str(tmp_path / "large.npy")], capsys)
+
+
+def test_eval_of_a_checkpoint_in_the_papers_layout(data, tmp_path, capsys):
+    from sgfused.data.vocab import Vocabulary
+    from sgfused.models import build_model
+
+    vocab = Vocabulary.load(data / "vocab.json")
+    model = build_model("sgraf", len(vocab), dict(img_dim=16, embed_size=16, word_dim=8, sim_dim=8))
+    model.to_official(tmp_path / "model_best.pth.tar")
+    args = ["eval", str(tmp_path / "model_best.pth.tar"), "--data", str(data), "--official", "sgraf",
+            "--vocab", str(data / "vocab.json"), "--json", str(tmp_path / "r.json"), "--quiet"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["full"]["rsum"] >= 0
+    assert "--official needs --vocab" in _fails(args[:6], capsys)

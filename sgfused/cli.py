@@ -140,19 +140,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .models import model_class
     from .train import resolve_device
 
-    state = load_checkpoint(args.checkpoint)
-    model, vocab = model_from_checkpoint(state)
     data = Path(args.data)
-    if args.vocab:
-        check_same_vocabulary(vocab, _vocabulary(data, args.vocab), args.vocab)
-    needs = {part: True for part in model_class(state["model_name"]).data_requirements}
+    if args.official:
+        if not args.vocab:
+            raise ValueError("--official needs --vocab: the vocabulary json released with the checkpoint")
+        vocab = _vocabulary(data, args.vocab)
+        model_name = args.official
+        model = model_class(model_name).from_official(args.checkpoint, vocab=vocab)
+    else:
+        state = load_checkpoint(args.checkpoint)
+        model, vocab = model_from_checkpoint(state)
+        model_name = state["model_name"]
+        if args.vocab:
+            check_same_vocabulary(vocab, _vocabulary(data, args.vocab), args.vocab)
+    needs = {part: True for part in model_class(model_name).data_requirements}
     split = PrecompSplit(data, args.split, vocab, **needs)
     device = resolve_device(args.device)
     results, sims = evaluate_model(
         model.to(device), split, fold5=args.fold5, batch_size=args.batch_size, device=device, progress=not args.quiet
     )
     if args.save_sims:
-        meta = {"model": state["model_name"], "checkpoint": str(args.checkpoint), "split": args.split,
+        meta = {"model": model_name, "checkpoint": str(args.checkpoint), "split": args.split,
                 "data": str(data.resolve()), "captions_per_image": split.captions_per_image}
         save_similarity(args.save_sims, sims, meta)
     _report(results, sims, data, args.split, split.captions_per_image, args.json)
@@ -254,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="dataset folder")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--vocab", help="check the data's vocabulary against the checkpoint's")
+    evaluate.add_argument("--official", metavar="MODEL", choices=["sgraf"],
+                          help="CKPT is a checkpoint released with the paper's code (needs --vocab)")
     evaluate.add_argument("--fold5", action="store_true", help="also report the COCO 5-fold 1K average")
     evaluate.add_argument("--save-sims", help="write the similarity matrix (.npy + .json) for eval-ensemble")
     evaluate.add_argument("--json", help="write the results as JSON")
