@@ -54,6 +54,7 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[RetrievalModel, Vocabu
     vocab = Vocabulary.from_dict(state["vocab"])
     model = build_model(state["model_name"], len(vocab), state["model_config"])
     model.load_state_dict(state["model"])
+    model.set_vocabulary(vocab)
     return model.eval(), vocab
 
 

@@ -143,6 +143,7 @@ class Trainer:
         self.out_dir, self.progress = Path(out_dir), progress
         self.device = resolve_device(config.device)
         self.model.to(self.device)
+        self.model.set_vocabulary(vocab)
         self.model.margin, self.model.max_violation = config.margin, config.max_violation
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_decay_epochs, config.lr_decay_gamma)

@@ -40,6 +40,9 @@ class RetrievalModel(nn.Module):
         kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         return [n for n, p in params.items() if n not in ("self", "vocab_size") and p.kind in kinds]
 
+    def set_vocabulary(self, vocab: Any) -> None:
+        """Tell the model the words behind its token ids (SGFN embeds scene-graph labels with them); default: unused."""
+
     def encode_images(self, images: ImageBatch) -> Any:
         raise NotImplementedError
 
