@@ -230,3 +230,23 @@ def test_bad_input_is_named(change, error, words):
     with pytest.raises(error) as info:
         cross_attention(**args)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_cpu_forward_with_several_work_items(epilogue):
+    """Enough query sets for several work items (so several threads when there are cores), leaves requiring grad."""
+    torch.manual_seed(0)
+    tensors = make(41, 6, 5, 7, 16, 8, epilogue, "mixed", torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        upstream = torch.randn(ref("clipped_l2", epilogue)(*tensors).shape)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got, got_grads = run(ours("cpu", "clipped_l2", epilogue), tensors, upstream)
+    finally:
+        torch.set_num_threads(threads)
+    want, want_grads = run(ref("clipped_l2", epilogue), tensors, upstream)
+    value_tol, grad_tol = SCALED_TOL[torch.float32]
+    assert_scaled_close(got, want, value_tol)
+    for g, w in zip(got_grads, want_grads):
+        assert_scaled_close(g, w, grad_tol)

@@ -1,23 +1,45 @@
 // Batched region-word cross-attention on the CPU (DESIGN §1, docs/cross_attention_contract.md).
 //
-// Query sets are processed a block at a time against all context sets. For a
-// block the scores, attention and contexts exist only as block-sized buffers
-// (kBlockBytes); the epilogue turns them into its output straight away (for
-// distance / direction: one GEMM of the block's (pairs * Lq, d) rows with W,
-// then bias and l2 normalisation), so nothing of size (Nq, Nc, Lq, d) or
-// (Nq, Nc, Lq, Lc) is ever held unless the "context" epilogue asks for it.
+// Forward: one fused kernel, cache-blocked. A work item is a group of up to
+// kItemQuerySets query sets against a chunk of nb context sets, nb chosen so the
+// item's (na * nb, Lq, d) attention contexts take about kItemBytes (L2 / nearby
+// L3); the threads take items from a shared counter and each item writes its own
+// disjoint slices of `out` and `stats`. Per item, with R = the sum of its query
+// sets' lengths (the valid query rows are packed once, up front):
+//   S   = C[chunk] (nb*Lc, d) @ Q[group's valid rows]^T (d, R)   one GEMM
+//   one pass per pair over (k, j): leaky ReLU, clipped l2 norm over the valid j,
+//       * smooth, softmax over the valid regions k (lse -> stats), written
+//       transposed and compact as P (nb, R, Lc)
+//   ctx = P @ C[b] for every b of the chunk                    one batched GEMM (nb, R, d)
+//   one pass over the (b, r) rows: c = l2norm(ctx), then the epilogue: context /
+//       cosine write `out` directly; distance / direction write W's input rows in
+//       place (bf16 for bf16 inputs, else the accumulation dtype)
+//   z   = rows @ W^T                                           one GEMM (nb*R, m)
+//   one pass over (b, r): + bias, n = ||z||, out = z / (n + eps), n -> stats
+// Padded query rows j >= len are written as 0 (out and stats); nothing of size
+// (Nq, Nc, Lq, d) or (Nq, Nc, Lq, Lc) is ever held unless "context" asks for it.
+// Results do not depend on which thread runs an item: deterministic.
 //
-// Backward recomputes the block's attention from the inputs (flash-attention
-// style) and reuses the saved output and epilogue norms for the W part, so
-// it costs two GEMMs with W instead of three. Gradients for the queries of a
-// block are complete after the block; context gradients are summed over blocks
-// in block order. All reductions are ATen's, in a fixed order: deterministic.
+// Backward (ATen composition) processes query sets a block at a time
+// (kBlockBytes): it recomputes the block's attention from the inputs
+// (flash-attention style) and reuses the saved output and epilogue norms for the
+// W part, so it costs two GEMMs with W instead of three. Gradients for the
+// queries of a block are complete after the block; context gradients are summed
+// over blocks in block order. All reductions are ATen's, in a fixed order:
+// deterministic.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 namespace sgfused {
 namespace {
@@ -25,7 +47,9 @@ namespace {
 using at::Tensor;
 using at::indexing::Slice;
 
-constexpr int64_t kBlockBytes = int64_t(16) << 20;  // per block buffer (below glibc's mmap threshold)
+constexpr int64_t kBlockBytes = int64_t(16) << 20;  // backward: per block buffer (below glibc's mmap threshold)
+constexpr int64_t kItemQuerySets = 8;               // forward: query sets per work item
+constexpr int64_t kItemBytes = int64_t(2) << 20;    // forward: a work item's (pairs, Lq, d) attention contexts
 
 struct Options {
   double smooth, leaky, eps;
@@ -146,6 +170,187 @@ std::vector<int64_t> out_shape(const Inputs& in, const Options& o) {
   return {in.nq, in.nc, in.lq, o.context ? in.d : in.m};
 }
 
+// sum_i x[i] y[i] with independent partial sums, so that it vectorises without -ffast-math.
+template <typename T>
+T dot(const T* x, const T* y, int64_t n) {
+  constexpr int64_t kLanes = 128 / sizeof(T);
+  T part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += x[i + l] * y[i + l];
+  T sum = 0;
+  for (; i < n; ++i) sum += x[i] * y[i];
+  for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
+}
+
+// Scores s[k * ld + j] (k < clen, j < len) of one (query set, context set) pair -> attention
+// p[j * lc + k] (p = 0 for the padded regions k >= clen) and lse[j] = log sum_k exp(smooth * t[k, j]).
+// s is overwritten; sum: scratch of len.
+template <typename T>
+void attention(T* s, int64_t ld, int64_t lc, int64_t clen, int64_t len, const Options& o, T* p, T* lse, T* sum) {
+  const T leaky = o.leaky, smooth = o.smooth, eps = o.eps;
+  for (int64_t k = 0; k < clen; ++k) {
+    T* row = s + k * ld;
+    if (o.clipped) {
+      for (int64_t j = 0; j < len; ++j) row[j] = row[j] > 0 ? row[j] : row[j] * leaky;
+      const T r = std::sqrt(dot(row, row, len)) + eps;
+      for (int64_t j = 0; j < len; ++j) row[j] = row[j] / r * smooth;
+    } else {
+      for (int64_t j = 0; j < len; ++j) row[j] *= smooth;
+    }
+  }
+  T* top = lse;  // the max over k, until lse is known
+  std::copy(s, s + len, top);
+  for (int64_t k = 1; k < clen; ++k)
+    for (int64_t j = 0; j < len; ++j) top[j] = std::max(top[j], s[k * ld + j]);
+  std::fill(sum, sum + len, T(0));
+  for (int64_t k = 0; k < clen; ++k) {
+    T* row = s + k * ld;
+    for (int64_t j = 0; j < len; ++j) {
+      row[j] = std::exp(row[j] - top[j]);
+      sum[j] += row[j];
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    lse[j] = std::log(sum[j]) + top[j];
+    sum[j] = T(1) / sum[j];
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    T* pj = p + j * lc;
+    for (int64_t k = 0; k < clen; ++k) pj[k] = s[k * ld + j] * sum[j];
+    std::fill(pj + clen, pj + lc, T(0));
+  }
+}
+
+// The fused forward (see the top of the file). scalar_t: input / output dtype.
+template <typename scalar_t>
+void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, const int64_t* c_lens, Tensor& out,
+                    Tensor& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // The W GEMM's operands: bf16 inputs run it in bf16 on the bf16 matrix unit (fp32 accumulation inside).
+  using gemm_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, at::BFloat16, acc_t>;
+  constexpr bool kOwnRows = !std::is_same_v<gemm_t, acc_t>;
+  const int64_t nq = in.nq, lq = in.lq, nc = in.nc, lc = in.lc, d = in.d, m = in.m;
+  const bool project = o.distance || o.direction;
+  const int64_t width = o.cosine ? 1 : (o.context ? d : m);  // out values per (a, b, j)
+  const int64_t na = std::max<int64_t>(1, std::min(nq, kItemQuerySets));
+  const int64_t nb = std::max<int64_t>(
+      1, std::min<int64_t>(nc, kItemBytes / std::max<int64_t>(1, na * lq * d * int64_t(sizeof(acc_t)))));
+  const int64_t chunks = (nc + nb - 1) / nb;
+  const int64_t items = chunks * ((nq + na - 1) / na);
+  const Tensor weight_t = project ? in.weight.to(c10::CppTypeToScalarType<gemm_t>::value).t() : Tensor();
+  // The valid query rows, packed: query set a's are rows [first[a], first[a + 1]).
+  const Tensor packed = in.queries.view({nq * lq, d}).index({in.q_valid.view(-1)});
+  std::vector<int64_t> first(nq + 1, 0);
+  for (int64_t a = 0; a < nq; ++a) first[a + 1] = first[a] + q_lens[a];
+  const acc_t* q = packed.data_ptr<acc_t>();
+  const acc_t* bias = in.bias.defined() ? in.bias.data_ptr<acc_t>() : nullptr;
+  const acc_t eps = o.eps;
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  acc_t* stats_p = stats.data_ptr<acc_t>();
+
+  // Worker threads run the ATen calls below under the caller's dispatch state (below autograd: leaves
+  // that require grad must not reach mm_out's autograd check).
+  const at::ThreadLocalState caller;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state(caller);
+    // Per-thread scratch, reused by all the items the thread takes. An item's rows r < R are its
+    // packed query rows; (b, r) indexes the rows of its pairs.
+    const auto acc_options = in.queries.options();
+    Tensor scores = at::empty({nb * lc * na * lq}, acc_options);
+    Tensor probs = at::empty({nb * na * lq * lc}, acc_options);
+    Tensor ctx = at::empty({nb * na * lq * d}, acc_options);
+    Tensor rows = kOwnRows && project ? at::empty({nb * na * lq * d}, weight_t.options()) : ctx;
+    Tensor z = at::empty({project ? nb * na * lq * m : 0}, project ? weight_t.options() : acc_options);
+    std::vector<acc_t> lse(lq), sum(lq), q_norm(na * lq), q_unit(o.direction ? na * lq * d : 0), z_row(m);
+    for (int64_t item; (item = next.fetch_add(1)) < items;) {
+      const int64_t b0 = item % chunks * nb, nbi = std::min(nc, b0 + nb) - b0;
+      const int64_t a0 = item / chunks * na, nai = std::min(nq, a0 + na) - a0;
+      const int64_t row0 = first[a0], R = first[a0 + nai] - row0;
+      const acc_t* qg = q + row0 * d;                       // the item's query rows
+      const Tensor chunk = in.contexts.narrow(0, b0, nbi);  // (nbi, Lc, d)
+
+      // Scores of all the item's pairs, attention, contexts.
+      Tensor s = scores.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
+      at::mm_out(s, chunk.view({nbi * lc, d}), packed.narrow(0, row0, R).t());
+      acc_t* sp = s.data_ptr<acc_t>();
+      acc_t* pp = probs.data_ptr<acc_t>();
+      for (int64_t b = 0; b < nbi; ++b)
+        for (int64_t i = 0; i < nai; ++i) {
+          const int64_t r0 = first[a0 + i] - row0;
+          attention(sp + b * lc * R + r0, R, lc, c_lens[b0 + b], q_lens[a0 + i], o, pp + (b * R + r0) * lc,
+                    lse.data(), sum.data());
+          acc_t* st = stats_p + ((a0 + i) * nc + b0 + b) * lq * 2;
+          for (int64_t j = 0; j < q_lens[a0 + i]; ++j) st[2 * j + 1] = lse[j];
+        }
+      Tensor c = ctx.narrow(0, 0, nbi * R * d).view({nbi, R, d});
+      at::bmm_out(c, probs.narrow(0, 0, nbi * R * lc).view({nbi, R, lc}), chunk);
+
+      // c = l2norm(ctx), then the epilogue: out directly (context, cosine) or W's input rows.
+      for (int64_t r = 0; r < R; ++r) {
+        const acc_t* qr = qg + r * d;
+        q_norm[r] = std::sqrt(dot(qr, qr, d));
+        if (o.direction)
+          for (int64_t e = 0; e < d; ++e) q_unit[r * d + e] = qr[e] / (q_norm[r] + eps);
+      }
+      acc_t* cp = c.data_ptr<acc_t>();
+      gemm_t* rp = project ? rows.data_ptr<gemm_t>() : nullptr;  // the same memory as cp unless kOwnRows
+      for (int64_t b = 0; b < nbi; ++b)
+        for (int64_t i = 0; i < nai; ++i) {
+          const int64_t len = q_lens[a0 + i], pair = ((a0 + i) * nc + b0 + b) * lq;  // out / stats row of j = 0
+          const int64_t r0 = first[a0 + i] - row0;
+          for (int64_t j = 0; j < len; ++j) {
+            const int64_t r = b * R + r0 + j;
+            acc_t* cr = cp + r * d;
+            const acc_t* qj = qg + (r0 + j) * d;
+            scalar_t* dst = out_p + (pair + j) * width;
+            const acc_t n_raw = std::sqrt(dot(cr, cr, d)) + eps;
+            if (o.context) {
+              for (int64_t e = 0; e < d; ++e) dst[e] = scalar_t(cr[e] / n_raw);
+            } else if (o.distance) {
+              gemm_t* row = rp + r * d;
+              for (int64_t e = 0; e < d; ++e) {
+                const acc_t diff = cr[e] / n_raw - qj[e];
+                row[e] = gemm_t(diff * diff);
+              }
+            } else {  // cosine, direction: c, its norm, then c against q
+              for (int64_t e = 0; e < d; ++e) cr[e] /= n_raw;
+              const acc_t n = std::sqrt(dot(cr, cr, d));
+              if (o.cosine) {
+                dst[0] = scalar_t(dot(cr, qj, d) / std::max(n * q_norm[r0 + j], eps));
+              } else {
+                const acc_t* qu = q_unit.data() + (r0 + j) * d;
+                gemm_t* row = rp + r * d;
+                for (int64_t e = 0; e < d; ++e) row[e] = gemm_t(cr[e] / (n + eps) * qu[e]);
+              }
+            }
+          }
+          std::fill(out_p + (pair + len) * width, out_p + (pair + lq) * width, scalar_t(0));
+        }
+      if (!project) continue;
+
+      // z = rows W^T, + bias, l2 normalised into out; its norm into stats.
+      Tensor zv = z.narrow(0, 0, nbi * R * m).view({nbi * R, m});
+      at::mm_out(zv, rows.narrow(0, 0, nbi * R * d).view({nbi * R, d}), weight_t);
+      const gemm_t* zp = zv.data_ptr<gemm_t>();
+      for (int64_t b = 0; b < nbi; ++b)
+        for (int64_t i = 0; i < nai; ++i) {
+          const int64_t pair = ((a0 + i) * nc + b0 + b) * lq, r0 = first[a0 + i] - row0;
+          for (int64_t j = 0; j < q_lens[a0 + i]; ++j) {
+            const gemm_t* zr = zp + (b * R + r0 + j) * m;
+            for (int64_t e = 0; e < m; ++e) z_row[e] = acc_t(zr[e]) + (bias ? bias[e] : acc_t(0));
+            const acc_t n = std::sqrt(dot(z_row.data(), z_row.data(), m));
+            scalar_t* dst = out_p + (pair + j) * m;
+            for (int64_t e = 0; e < m; ++e) dst[e] = scalar_t(z_row[e] / (n + eps));
+            stats_p[(pair + j) * 2] = n;
+          }
+        }
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor> forward_cpu(const Tensor& queries, const Tensor& contexts, const Tensor& query_lens,
                                        const Tensor& context_lens, double smooth, double leaky,
                                        c10::string_view norm, c10::string_view epilogue,
@@ -153,35 +358,18 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& queries, const Tensor& cont
                                        double eps) {
   const Options o = make_options(smooth, leaky, norm, epilogue, eps);
   const Inputs in = make_inputs(queries, contexts, query_lens, context_lens, weight, bias, o);
+  const Tensor q_lens = query_lens.contiguous(), c_lens = context_lens.contiguous();
+  if (in.nq > 0)
+    TORCH_CHECK(q_lens.min().item<int64_t>() >= 1 && q_lens.max().item<int64_t>() <= in.lq,
+                "query_lens must lie in [1, ", in.lq, "] (the padded length)");
+  if (in.nc > 0)
+    TORCH_CHECK(c_lens.min().item<int64_t>() >= 1 && c_lens.max().item<int64_t>() <= in.lc,
+                "context_lens must lie in [1, ", in.lc, "] (the padded length)");
   Tensor out = at::empty(out_shape(in, o), queries.options());
   Tensor stats = at::zeros({in.nq, in.nc, in.lq, 2}, in.queries.options());
-  for (int64_t a0 = 0; a0 < in.nq; a0 += in.step) {
-    const int64_t a1 = std::min(in.nq, a0 + in.step);
-    const Tensor qv = block_q_valid(in, a0, a1);
-    const Attention a = attend(in.queries.index({Slice(a0, a1)}), in.contexts, in.c_valid, qv, o);
-    const Tensor keep = qv.view({a1 - a0, 1, in.lq}).expand({a1 - a0, in.nc, in.lq});  // (B, Nc, Lq)
-    Tensor result;
-    if (o.context) {
-      result = a.c;
-    } else if (o.cosine) {
-      result = cosine(a, eps);
-    } else {
-      // Only the valid query rows go through W (padding is ~half of a captions batch).
-      // bf16 inputs: the GEMM runs in bf16 on the bf16 matrix unit (fp32 accumulation inside).
-      const Tensor rows = epilogue_rows(a, o).index({keep});  // (R, d)
-      const bool bf16 = queries.scalar_type() == at::kBFloat16;
-      Tensor z = bf16 ? at::mm(rows.to(at::kBFloat16), in.weight.to(at::kBFloat16).t()).to(rows.scalar_type())
-                      : at::mm(rows, in.weight.t());
-      if (in.bias.defined()) z = z + in.bias;
-      const Tensor n = vector_norm(z, -1);
-      result = at::zeros({a1 - a0, in.nc, in.lq, in.m}, z.options());
-      result.index_put_({keep}, z / (n + eps));
-      stats.select(3, 0).narrow(0, a0, a1 - a0).index_put_({keep}, n.squeeze(-1));
-    }
-    stats.select(3, 1).narrow(0, a0, a1 - a0).copy_(a.lse * keep);
-    const Tensor mask = o.cosine ? keep : keep.unsqueeze(-1);
-    out.index({Slice(a0, a1)}).copy_(result * mask);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queries.scalar_type(), "cross_attention_forward_cpu", [&] {
+    forward_kernel<scalar_t>(o, in, q_lens.data_ptr<int64_t>(), c_lens.data_ptr<int64_t>(), out, stats);
+  });
   return {out, stats};
 }
 
