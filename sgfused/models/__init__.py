@@ -2,8 +2,9 @@
 
 from .base import RetrievalModel
 from .registry import available_models, build_model, model_class, register_model
+from .mpsm import MPSM
 from .sgfn import SGFN
 from .sgraf import SGRAF
 from .vsepp import VSEPP
 
-__all__ = ["RetrievalModel", "SGFN", "SGRAF", "VSEPP", "available_models", "build_model", "model_class", "register_model"]
+__all__ = ["MPSM", "RetrievalModel", "SGFN", "SGRAF", "VSEPP", "available_models", "build_model", "model_class", "register_model"]
