@@ -29,6 +29,7 @@ class RetrievalModel(nn.Module):
 
     margin: float = 0.2
     max_violation: bool = True
+    reference: bool = False  # True: every sgfused.ops call runs on the reference backend
     registry_name: str = ""
     # Optional dataset parts the model reads: any of "boxes", "image_graphs", "caption_graphs".
     data_requirements: tuple[str, ...] = ()
@@ -53,6 +54,11 @@ class RetrievalModel(nn.Module):
         """Scores ``(n_images, n_captions)`` for every pair of the given encodings."""
         raise NotImplementedError
 
+    @property
+    def backend(self) -> str:
+        """The backend of every op call: ``"reference"`` when the model was built with ``reference=True``."""
+        return "reference" if self.reference else "auto"
+
     def loss(self, batch: PairBatch) -> Tensor:
         scores = self.similarity(self.encode_images(batch.images), self.encode_captions(batch.captions))
-        return hardest_negative_loss(scores, margin=self.margin, max_violation=self.max_violation)
+        return hardest_negative_loss(scores, margin=self.margin, max_violation=self.max_violation, backend=self.backend)

@@ -94,8 +94,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..data.batch import CaptionBatch, ImageBatch, PairBatch
-from ..ops import cross_attention, hardest_negative_loss, pairwise_similarity
+from ..data.batch import CaptionBatch, ImageBatch
+from ..ops import cross_attention, pairwise_similarity
 from ..reference import l2norm
 from .base import RetrievalModel
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
@@ -336,10 +336,6 @@ class MPSM(RetrievalModel):
         xavier_init(self.sim_tranglo_w)
         self.srgr = SimilarityRelationReconstruction(sim_dim)
 
-    @property
-    def backend(self) -> str:
-        """The backend every op call uses: ``"reference"`` when ``reference=True``, else ``"auto"``."""
-        return "reference" if self.reference else "auto"
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, features: Tensor, boxes: Tensor) -> ImageEncoding:
@@ -438,9 +434,6 @@ class MPSM(RetrievalModel):
             update_running_stats(self.srgr.in_bn, in_mean, in_var)
         return torch.cat(columns).index_select(0, inverse).t()
 
-    def loss(self, batch: PairBatch) -> Tensor:
-        scores = self.similarity(self.encode_images(batch.images), self.encode_captions(batch.captions))
-        return hardest_negative_loss(scores, margin=self.margin, max_violation=self.max_violation, backend=self.backend)
 
     # ------------------------------------------------------------------ checks
     def _check_image_encoding(self, images: Any) -> ImageEncoding:

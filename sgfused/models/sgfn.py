@@ -91,10 +91,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..data.batch import CaptionBatch, ImageBatch, PairBatch
+from ..data.batch import CaptionBatch, ImageBatch
 from ..data.graphs import validate_caption_graph, validate_image_graph
 from ..data.vocab import UNK, Vocabulary, tokenize
-from ..ops import cross_attention, hardest_negative_loss
+from ..ops import cross_attention
 from ..reference import l2norm
 from .base import RetrievalModel
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
@@ -356,10 +356,6 @@ class SGFN(RetrievalModel):
         self.vocabulary: Vocabulary | None = None
         self._label_ids: dict[str, list[int]] = {}
 
-    @property
-    def backend(self) -> str:
-        """The backend of every op call: ``"reference"`` when ``reference=True``, else ``"auto"``."""
-        return "reference" if self.reference else "auto"
 
     def set_vocabulary(self, vocab: Vocabulary) -> None:
         """The vocabulary whose word embeddings embed the visual graphs' label words (module doc).
@@ -488,9 +484,6 @@ class SGFN(RetrievalModel):
         to_regions = cross_attention(w, r, query_lens=lengths, **options)  # (C, I, L), 0 past each length
         return to_words.mean(dim=-1) + (to_regions.sum(dim=-1) / lengths[:, None].to(to_regions.dtype)).t()
 
-    def loss(self, batch: PairBatch) -> Tensor:
-        scores = self.similarity(self.encode_images(batch.images), self.encode_captions(batch.captions))
-        return hardest_negative_loss(scores, margin=self.margin, max_violation=self.max_violation, backend=self.backend)
 
     # ------------------------------------------------------------------ helpers
     def _label_name(self, value: Any) -> str:

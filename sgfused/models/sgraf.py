@@ -59,13 +59,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..data.batch import CaptionBatch, ImageBatch, PairBatch
-from ..ops import cross_attention, hardest_negative_loss, pairwise_similarity
+from ..data.batch import CaptionBatch, ImageBatch
+from ..ops import cross_attention, pairwise_similarity
 from ..reference import l2norm
 from .base import RetrievalModel
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import build_model, register_model
+from .similarity_common import caption_batch_norm, update_running_stats
 
 MODULES = ("SGR", "SAF")
 DROPOUT = 0.4  # the published code's dropout on word embeddings and in the self-attention branches
@@ -182,29 +183,14 @@ class AttentionFiltration(nn.Module):
     def forward(self, nodes: Tensor, valid: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """``nodes (C, I, N, m)``, ``valid (C, 1, N)`` -> ``(C, I, m)``; training: per-caption (mean, unbiased var)."""
         logits = _linear(nodes, self.attn_sim_w).squeeze(-1)  # (C, I, N)
-        stats = None
-        if self.training:
-            count = (valid.sum(dim=(1, 2)) * nodes.shape[1]).to(logits.dtype)  # (C,)
-            mean = logits.masked_fill(~valid, 0).sum(dim=(1, 2)) / count
-            centred = (logits - mean[:, None, None]).masked_fill(~valid, 0)
-            var = centred.pow(2).sum(dim=(1, 2)) / count
-            stats = (mean.detach(), (var * count / (count - 1)).detach())
-            mean, var = mean[:, None, None], var[:, None, None]
-        else:
-            mean, var = self.bn.running_mean, self.bn.running_var
-        normed = (logits - mean) * torch.rsqrt(var + self.bn.eps) * self.bn.weight + self.bn.bias
+        normed, stats = caption_batch_norm(logits, valid, self.bn, self.training)
         gates = torch.sigmoid(normed.to(nodes.dtype)).masked_fill(~valid, 0)
         gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-8)  # the published l1norm (eps 1e-8)
         return l2norm((gates.unsqueeze(-2) @ nodes).squeeze(-2)), stats
 
-    @torch.no_grad()
     def update_running_stats(self, means: Tensor, variances: Tensor) -> None:
         """Apply one BatchNorm running-statistics update per caption, in order, in closed form."""
-        momentum, n = self.bn.momentum, means.shape[0]
-        weights = momentum * (1 - momentum) ** torch.arange(n - 1, -1, -1, dtype=means.dtype, device=means.device)
-        for running, batch in ((self.bn.running_mean, means), (self.bn.running_var, variances)):
-            running.mul_((1 - momentum) ** n).add_((weights * batch.to(running.dtype)).sum())
-        self.bn.num_batches_tracked.add_(n)
+        update_running_stats(self.bn, means, variances)
 
 
 class SimilarityEncoder(nn.Module):
@@ -299,10 +285,6 @@ class SGRAF(RetrievalModel):
         self.text_encoder.embed = _EmbeddingWithDropout(self.text_encoder.embed, DROPOUT)
         self.sim_encoder = SimilarityEncoder(embed_size, sim_dim, module, sgr_step, num_regions)
 
-    @property
-    def backend(self) -> str:
-        """The backend every op call uses: ``"reference"`` when ``reference=True``, else ``"auto"``."""
-        return "reference" if self.reference else "auto"
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, features: Tensor) -> Tensor:
@@ -388,9 +370,6 @@ class SGRAF(RetrievalModel):
             self.sim_encoder.SAF_module.update_running_stats(means, variances)
         return torch.cat(columns).index_select(0, inverse).t()
 
-    def loss(self, batch: PairBatch) -> Tensor:
-        scores = self.similarity(self.encode_images(batch.images), self.encode_captions(batch.captions))
-        return hardest_negative_loss(scores, margin=self.margin, max_violation=self.max_violation, backend=self.backend)
 
     def _check_encodings(self, regions: Tensor, words: Tensor, lengths: Tensor) -> None:
         d = self.embed_size
