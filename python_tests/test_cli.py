@@ -78,8 +78,11 @@ def test_data_vocab(data, tmp_path, capsys):
     assert json.loads(out.read_text())["word2idx"] == json.loads((data / "vocab.json").read_text())["word2idx"]
 
 
-def test_info_runs_as_a_module():
-    done = subprocess.run([sys.executable, "-m", "sgfused", "info"], capture_output=True, text=True, check=True)
+def test_info_runs_as_a_module(tmp_path):
+    # from another folder: `-m` puts the working directory first on sys.path, and the checkout's
+    # uncompiled sources would shadow the installed package
+    done = subprocess.run([sys.executable, "-m", "sgfused", "info"], capture_output=True, text=True, check=True,
+                          cwd=tmp_path)
     info = json.loads(done.stdout)
     assert "cpu" in info["backends"] and "vsepp" in info["models"]
 
