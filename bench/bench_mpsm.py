@@ -21,16 +21,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, measure, main  # noqa: E402
+from harness import Row, add_ratios, main, measure, train_step  # noqa: E402
+from bench_sgraf import PAPER, QUICK, TOKENS, VOCAB  # noqa: E402  (MPSM is benchmarked at SGRAF's sizes)
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch  # noqa: E402
 from sgfused.models.mpsm import MPSM  # noqa: E402
 
 OP = "mpsm"
-PAPER = dict(embed_size=1024, sim_dim=256, word_dim=300, img_dim=2048, num_regions=36)
-QUICK = dict(embed_size=64, sim_dim=32, word_dim=32, img_dim=48, num_regions=12)
-VOCAB = 8481
-TOKENS = (9, 15)  # caption lengths, <start> and <end> included
 
 
 def captions(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
@@ -50,20 +47,6 @@ def images(n: int, dims: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.
     corner = torch.rand(n, dims["num_regions"], 2, generator=g) * 0.7
     boxes = torch.cat([corner, corner + 0.05 + 0.25 * torch.rand(n, dims["num_regions"], 2, generator=g)], dim=-1)
     return features, boxes
-
-
-def train_step(model: MPSM, batch: PairBatch):
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-
-    def run():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model.loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        optimizer.step()
-        return loss
-
-    return run
 
 
 def eval_rows(device: torch.device, quick: bool) -> list[Row]:

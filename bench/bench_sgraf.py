@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, measure, main  # noqa: E402
+from harness import Row, main, measure, train_step  # noqa: E402
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch  # noqa: E402
 from sgfused.models.sgraf import SGRAF, sgraf_loop_similarity  # noqa: E402
@@ -64,20 +64,6 @@ def relative_to(base: Row, rows: list[Row]) -> None:
     for r in rows:
         r.speedup_vs_reference = base.ms / r.ms
         r.memory_vs_reference = r.peak_mib / base.peak_mib if base.peak_mib > 0 else float("nan")
-
-
-def train_step(model: SGRAF, batch: PairBatch):
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-
-    def run():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model.loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        optimizer.step()
-        return loss
-
-    return run
 
 
 def eval_rows(device: torch.device, quick: bool) -> list[Row]:

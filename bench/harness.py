@@ -102,6 +102,21 @@ def measure(
     return row
 
 
+def train_step(model: torch.nn.Module, batch) -> Callable[[], torch.Tensor]:
+    """One training step of a retrieval model as a timed call: ``model.loss(batch)``, backward, clip 2.0, Adam."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        optimizer.step()
+        return loss
+
+    return run
+
+
 def add_ratios(rows: list[Row], baseline: str = "reference") -> None:
     """Fill each row's speedup and memory ratio against the baseline row of the same case and shape."""
     base = {(r.case, r.shape, r.dtype): r for r in rows if r.backend == baseline}

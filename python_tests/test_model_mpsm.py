@@ -17,6 +17,7 @@ import torch
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch
 from sgfused.models import build_model
 from sgfused.models.mpsm import MPSM, PolarSpatialGraph, dependency_matrix, knowledge_edges
+from conftest import assert_close, assert_gradients_close
 
 DIMS = dict(embed_size=32, sim_dim=16, word_dim=16, img_dim=24, num_regions=7)
 VOCAB = 50
@@ -92,30 +93,6 @@ def pair_batch(n: int = 6, seed: int = 1) -> PairBatch:
     features, boxes, ids, lens, graphs = make_inputs(n, lengths, seed=seed)
     index = torch.arange(n)
     return PairBatch(ImageBatch(features, index, boxes), CaptionBatch(ids, lens, index, index, graphs))
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str = "") -> None:
-    """Max error relative to the largest magnitude of ``want``."""
-    assert got.shape == want.shape, what
-    assert torch.isfinite(got).all(), what
-    scale = max(want.abs().max().item(), 1e-6)
-    error = (got.double() - want.double()).abs().max().item()
-    assert error <= tol * scale, f"{what}: max error {error:.3g} > {tol:g} x {scale:.3g}"
-
-
-def assert_gradients_close(got: dict, want: dict, tol: float) -> None:
-    """The whole gradient within ``tol`` (relative l2); each tensor within ``10 tol`` of max(its norm, 5 % of the largest)."""
-    assert got.keys() == want.keys()
-    for name in want:
-        assert (got[name] is None) == (want[name] is None), name
-    names = [n for n in want if want[n] is not None]
-    whole = torch.cat([want[n].flatten().double() for n in names])
-    error = torch.cat([(got[n] - want[n]).flatten().double() for n in names])
-    assert error.norm() <= tol * whole.norm(), f"whole gradient: relative error {error.norm() / whole.norm():.3g}"
-    floor = 0.05 * max(want[n].norm().item() for n in names)
-    for n in names:
-        err = (got[n] - want[n]).double().norm().item()
-        assert err <= 10 * tol * max(want[n].norm().item(), floor), f"grad {n}: error {err:.3g}"
 
 
 # ---------------------------------------------------------------------------- fused = reference
