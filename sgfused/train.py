@@ -113,9 +113,10 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(state), *rest))
     name, keys, *rest = states["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
+    # generator states are CPU byte tensors, whatever map_location the checkpoint was loaded with
+    torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

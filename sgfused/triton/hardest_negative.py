@@ -41,6 +41,9 @@ BLOCK = 64  # rows / columns of a score tile
 BLOCK_K = 64  # length of a scan tile in the sum-of-hinges scans
 BLOCK_D = 32  # embedding chunk of one tl.dot
 BLOCK_DO = 128  # embedding columns of the gradient per program (embed backward)
+# Triton 3.6's layout pass (TritonGPURemoveLayoutConversions) breaks on the gathered-index loops of
+# the backward kernels at 4 warps ("mask type matches ptr type"); at 2 they compile on 3.6 and later.
+LAYOUT_SAFE_WARPS = 2
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -110,11 +113,12 @@ def _hinge_scans(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr, sx
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < R
         kid = tl.load(row_ids_ptr + ks, mask=kmask, other=0)
-        s = _tile(x_ptr, a_ptr, b_ptr, ks, pcol, kmask, valid, D, sxr, sxc, ACC, EMBED, CAST_DOT, BLOCK_D)
-        h = base[None, :] + s
-        act = kmask[:, None] & valid[None, :] & (kid[:, None] != pid_[None, :]) & (h > 0)
-        along_col += tl.sum(tl.where(act, h, 0.0), axis=0)
-        count += tl.sum(act.to(ACC), axis=0)
+        # transposed to (positive, k): every per-positive vector keeps one layout in both loops
+        s = tl.trans(_tile(x_ptr, a_ptr, b_ptr, ks, pcol, kmask, valid, D, sxr, sxc, ACC, EMBED, CAST_DOT, BLOCK_D))
+        h = base[:, None] + s
+        act = valid[:, None] & kmask[None, :] & (kid[None, :] != pid_[:, None]) & (h > 0)
+        along_col += tl.sum(tl.where(act, h, 0.0), axis=1)
+        count += tl.sum(act.to(ACC), axis=1)
     return along_row + along_col, count
 
 
@@ -507,7 +511,7 @@ def _terms(p: _Problem, margin: float, max_violation: bool) -> tuple[Tensor, Ten
         *p.head, p.row_perm, p.col_lo, p.col_hi, row_max, hard_cap, col_max, hard_img,
         _margin(p, margin), per_caption, per_caption, per_caption, 0, 0,
         ACC=p.tl_acc, EMBED=p.embed, CAST_DOT=p.cast_dot, MAX_VIOLATION=bool(max_violation), GRAD=False,
-        BLOCK_C=BLOCK, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(p.d, BLOCK_D),
+        BLOCK_C=BLOCK, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(p.d, BLOCK_D), num_warps=LAYOUT_SAFE_WARPS,
     )
     return per_caption, hard_cap, hard_img
 
@@ -519,6 +523,7 @@ def _mv_weights(p: _Problem, hard: Tensor, margin_t: Tensor, g: Tensor) -> tuple
     _mv_weight_kernel[(triton.cdiv(p.n_cols, BLOCK),)](
         *p.head, p.row_perm, p.col_lo, p.col_hi, hard.contiguous(), margin_t, g, weight, col_max,
         ACC=p.tl_acc, EMBED=p.embed, TRANSPOSED=p.transposed, BLOCK_C=BLOCK, BLOCK_D=_block_d(p.d, BLOCK_D),
+        num_warps=LAYOUT_SAFE_WARPS,
     )
     return weight, col_max
 
@@ -555,7 +560,7 @@ def backward(
         return grad
     g = grad_per_caption.to(p.acc).contiguous()
     margin_t = _margin(p, margin)
-    common = dict(ACC=p.tl_acc, BLOCK_R=BLOCK, BLOCK_C=BLOCK)
+    common = dict(ACC=p.tl_acc, BLOCK_R=BLOCK, BLOCK_C=BLOCK, num_warps=LAYOUT_SAFE_WARPS)
     grid = (triton.cdiv(p.n_rows, BLOCK), triton.cdiv(p.n_cols, BLOCK))
     lists = (p.col_perm, p.row_lo, p.row_hi, p.row_perm, p.col_lo, p.col_hi)
     if max_violation:
@@ -576,7 +581,7 @@ def backward(
         *p.head, p.row_perm, p.col_lo, p.col_hi, g, hard_cap, g, hard_img,
         margin_t, g, g, grad, grad.stride(0), grad.stride(1),
         ACC=p.tl_acc, EMBED=False, CAST_DOT=p.cast_dot, MAX_VIOLATION=False, GRAD=True,
-        BLOCK_C=BLOCK, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(p.d, BLOCK_D),
+        BLOCK_C=BLOCK, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(p.d, BLOCK_D), num_warps=LAYOUT_SAFE_WARPS,
     )
     return grad
 
@@ -622,5 +627,6 @@ def embed_backward(
             margin_t, g, out,
             ACC=q.tl_acc, CAST_DOT=q.cast_dot, MAX_VIOLATION=bool(max_violation), TRANSPOSED=q.transposed,
             BLOCK_R=BLOCK, BLOCK_C=BLOCK, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(q.d, BLOCK_D), BLOCK_DO=block_do,
+            num_warps=LAYOUT_SAFE_WARPS,
         )
     return grad_img, grad_cap

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Compiles every Triton kernel that the op tests launch for a Hopper GPU (sm_90) with Triton's
+# own GPU pipeline (ptxas included), with no GPU: each launch is compiled, then run in the
+# interpreter so the tests still check values (scripts/triton_compile_only.py). Catches kernels
+# the interpreter accepts but the GPU compiler rejects.
+#
+#   scripts/check_triton_compile.sh [PYTHON] [TRITON_VERSION]
+#
+# PYTHON (default .venv/bin/python) must have sgfused installed. TRITON_VERSION, if given, is
+# installed into a throwaway folder that shadows the environment's triton for this check only
+# (3.6.0 is the Triton of torch 2.11, the oldest we support).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="${1:-.venv/bin/python}"
+overlay=""
+if [[ -n "${2:-}" ]]; then
+  overlay="$(mktemp -d "${TMPDIR:-/tmp}/sgfused-triton.XXXXXX")"
+  trap 'rm -rf "$overlay"' EXIT
+  # numpy < 2.3: Triton 3.6's interpreter converts 1-element arrays to Python scalars
+  "$python" -m pip install -q --no-deps --target "$overlay" "triton==$2" "numpy<2.3"
+fi
+echo "check_triton_compile: triton $(PYTHONPATH="$overlay" "$python" -c 'import triton; print(triton.__version__)'), sm_${SGFUSED_COMPILE_ARCH:-90}"
+# -P keeps the checkout off sys.path: the tests import the installed package, as in scripts/test.sh
+PYTHONPATH="${overlay:+$overlay:}$PWD/scripts" "$python" -P -m pytest -q -p triton_compile_only -W ignore \
+  python_tests/test_hardest_negative.py python_tests/test_pairwise_similarity.py \
+  python_tests/test_cross_attention.py -k triton
+echo "check_triton_compile: OK"
