@@ -72,6 +72,18 @@ def test_train_resumes_and_config_files(data, tmp_path):
     assert (out / "log.csv").read_text().splitlines() == log_rows
 
 
+def test_train_with_one_seed_gives_one_model(data, tmp_path):
+    states = []
+    for run in ("a", "b"):
+        torch.manual_seed(len(states))  # whatever the global state before the command
+        args = ["train", "--model", "vsepp", "--data", str(data), "--out", str(tmp_path / run), "--epochs", "1",
+                "--batch-size", "16", "--seed", "3", "--sum-warmup-epochs", "1", *TINY_MODEL, "--quiet"]
+        assert main(args) == 0
+        states.append(torch.load(tmp_path / run / "last.pt", weights_only=False)["model"])
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+
+
 def test_data_vocab(data, tmp_path, capsys):
     out = tmp_path / "vocab.json"
     assert main(["data", "vocab", "--data", str(data), "--threshold", "1", "--out", str(out)]) == 0

@@ -142,6 +142,20 @@ def test_mixed_precision_trains(dataset, tmp_path, amp):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_sum_warmup_then_max_violation(dataset, tmp_path, monkeypatch):
+    trainer = _trainer(dataset, tmp_path, epochs=3, sum_warmup_epochs=2)
+    seen = []
+    loss = trainer.model.loss
+
+    def spy(batch):
+        seen.append((trainer.epoch, trainer.model.max_violation))
+        return loss(batch)
+
+    monkeypatch.setattr(trainer.model, "loss", spy)
+    trainer.fit()
+    assert sorted(set(seen)) == [(0, False), (1, False), (2, True)]
+
+
 def test_bad_training_options():
     with pytest.raises(ValueError, match="unknown training options"):
         TrainConfig.from_dict({"epoch": 3})
@@ -149,6 +163,8 @@ def test_bad_training_options():
         TrainConfig(amp="fp8")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="sum_warmup_epochs must be >= 0"):
+        TrainConfig(sum_warmup_epochs=-1)
 
 
 def test_unknown_model_and_config_keys(dataset):

@@ -108,7 +108,7 @@ def _train_options(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[
         raise ValueError(f"--model {args.model} contradicts the config file's model {recipe['model']!r}")
     model_config = {**recipe.get("model_config", {}), **_key_values(args.set)}
     train = dict(recipe.get("train", {}))
-    for name in ("epochs", "batch_size", "lr", "device", "amp", "val_every", "workers", "seed"):
+    for name in ("epochs", "batch_size", "lr", "sum_warmup_epochs", "device", "amp", "val_every", "workers", "seed"):
         if getattr(args, name) is not None:
             train[name] = getattr(args, name)
     return model, model_config, train
@@ -117,12 +117,13 @@ def _train_options(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[
 def cmd_train(args: argparse.Namespace) -> None:
     from .data.precomp import PrecompSplit
     from .models import build_model, model_class
-    from .train import Trainer, TrainConfig
+    from .train import Trainer, TrainConfig, seed_everything
 
     name, model_config, train_options = _train_options(args)
     config = TrainConfig.from_dict(train_options)
     data = Path(args.data)
     vocab = _vocabulary(data, args.vocab)
+    seed_everything(config.seed)  # the initial weights too are a function of the seed
     model = build_model(name, len(vocab), model_config)
     needs = {part: True for part in model_class(name).data_requirements}
     train = PrecompSplit(data, "train", vocab, **needs)
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
+    train.add_argument("--sum-warmup-epochs", type=int,
+                       help="epochs of summed hinges before the max-violation loss starts")
     train.add_argument("--val-every", type=int, help="also validate every N iterations")
     train.add_argument("--workers", type=int, help="data loader worker processes")
     train.add_argument("--seed", type=int)

@@ -58,6 +58,9 @@ class TrainConfig:
     grad_clip: float = 2.0  # max gradient norm; 0 disables clipping
     margin: float = 0.2
     max_violation: bool = True
+    # epochs of summed hinges before max violation starts (VSE-infinity's warm-up): SGRAF-style score
+    # heads collapse to a constant under max violation from a random start (README, Training)
+    sum_warmup_epochs: int = 0
     val_every: int = 0  # also validate every this many iterations (0: only at the end of each epoch)
     checkpoint_every: int = 0  # also write last.pt every this many iterations (0: at validations only)
     log_every: int = 10
@@ -73,6 +76,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_decay_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sum_warmup_epochs < 0:
+            raise ValueError(f"sum_warmup_epochs must be >= 0, got {self.sum_warmup_epochs}")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> "TrainConfig":
@@ -145,7 +150,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.model.to(self.device)
         self.model.set_vocabulary(vocab)
-        self.model.margin, self.model.max_violation = config.margin, config.max_violation
+        self.model.margin = config.margin
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_decay_epochs, config.lr_decay_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
@@ -244,8 +249,14 @@ class Trainer:
         )
         return iter(loader)
 
+    @property
+    def max_violation(self) -> bool:
+        """The loss of the epoch in progress: summed hinges during the warm-up, then ``config.max_violation``."""
+        return self.config.max_violation and self.epoch >= self.config.sum_warmup_epochs
+
     def train_step(self, batch) -> float:
         self.model.train()
+        self.model.max_violation = self.max_violation
         batch = batch.to(self.device)
         with self._autocast():
             loss = self.model.loss(batch)
