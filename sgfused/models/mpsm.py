@@ -98,10 +98,11 @@ from ..data.batch import CaptionBatch, ImageBatch
 from ..ops import cross_attention, pairwise_similarity
 from ..reference import l2norm
 from .base import RetrievalModel
+from .caption_chunks import caption_chunks, check_lengths
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import register_model
-from .sgraf import CHUNK_NODES, DROPOUT, SelfAttentionPool, _check_lengths, _chunks, _EmbeddingWithDropout
+from .sgraf import CHUNK_NODES, DROPOUT, SelfAttentionPool, _EmbeddingWithDropout
 from .similarity_common import caption_batch_norm, update_running_stats
 
 PERSPECTIVES = ("distance", "direction")
@@ -361,7 +362,7 @@ class MPSM(RetrievalModel):
         """
         if ids.dim() != 2 or lengths.shape != ids.shape[:1]:
             raise ValueError(f"ids must be (B, L) and lengths (B,), got {tuple(ids.shape)} and {tuple(lengths.shape)}")
-        _check_lengths(lengths, ids.shape[1])
+        check_lengths(lengths, ids.shape[1])
         vocab_size = self.text_encoder.embed.num_embeddings
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
             raise ValueError(f"ids must lie in [0, {vocab_size}) (vocab_size), got [{int(ids.min())}, {int(ids.max())}]")
@@ -416,7 +417,7 @@ class MPSM(RetrievalModel):
         host_lengths = lengths.tolist()
         order = sorted(range(len(host_lengths)), key=host_lengths.__getitem__)
         columns, stats = [], []
-        for chunk in _chunks(order, host_lengths, regions.shape[0], chunk_nodes):
+        for chunk in caption_chunks(order, host_lengths, regions.shape[0], chunk_nodes):
             index = torch.tensor(chunk, device=words.device)
             chunk_lengths = lengths[index]
             glob, local = self._nodes(regions, img_glo, words[index, : host_lengths[chunk[-1]]], cap_glo[index],
@@ -458,5 +459,5 @@ class MPSM(RetrievalModel):
                              f"(n_caption, {d}), got {tuple(words.shape)}, {tuple(lengths.shape)} and {tuple(glob.shape)}")
         if words.shape[0] == 0:
             raise ValueError("need at least one caption, got an empty caption encoding")
-        _check_lengths(lengths, words.shape[1])
+        check_lengths(lengths, words.shape[1])
         return words, lengths, glob

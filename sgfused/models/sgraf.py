@@ -63,6 +63,7 @@ from ..data.batch import CaptionBatch, ImageBatch
 from ..ops import cross_attention, pairwise_similarity
 from ..reference import l2norm
 from .base import RetrievalModel
+from .caption_chunks import caption_chunks, check_lengths
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import build_model, register_model
@@ -300,7 +301,7 @@ class SGRAF(RetrievalModel):
         """Token ids ``(B, L)`` with lengths ``(B,)`` -> word features ``(B, L, embed_size)``, zero past each length."""
         if ids.dim() != 2 or lengths.shape != ids.shape[:1]:
             raise ValueError(f"ids must be (B, L) and lengths (B,), got {tuple(ids.shape)} and {tuple(lengths.shape)}")
-        _check_lengths(lengths, ids.shape[1])
+        check_lengths(lengths, ids.shape[1])
         vocab_size = self.text_encoder.embed.num_embeddings
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
             raise ValueError(
@@ -348,7 +349,7 @@ class SGRAF(RetrievalModel):
         host_lengths = lengths.tolist()
         order = sorted(range(len(host_lengths)), key=host_lengths.__getitem__)
         columns, stats = [], []
-        for chunk in _chunks(order, host_lengths, regions.shape[0], chunk_nodes):
+        for chunk in caption_chunks(order, host_lengths, regions.shape[0], chunk_nodes):
             index = torch.tensor(chunk, device=words.device)
             longest = host_lengths[chunk[-1]]
             chunk_lengths = lengths[index]
@@ -381,7 +382,7 @@ class SGRAF(RetrievalModel):
             raise ValueError(f"lengths must be (n_caption,) = ({words.shape[0]},), got shape {tuple(lengths.shape)}")
         if regions.shape[0] == 0 or words.shape[0] == 0:
             raise ValueError(f"need at least one image and one caption, got {regions.shape[0]} and {words.shape[0]}")
-        _check_lengths(lengths, words.shape[1])
+        check_lengths(lengths, words.shape[1])
 
     # ------------------------------------------------------------------ published checkpoints
     def official_options(self) -> argparse.Namespace:
@@ -466,31 +467,6 @@ def _unpack(
     if lengths is None:
         raise TypeError("similarity needs caption lengths: similarity(regions, words, lengths)")
     return images, captions, lengths
-
-
-def _check_lengths(lengths: Tensor, padded: int) -> None:
-    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > padded):
-        raise ValueError(f"lengths must lie in [1, {padded}] (the padded length), got [{int(lengths.min())}, "
-                         f"{int(lengths.max())}]")
-
-
-def _chunks(order: list[int], lengths: list[int], n_image: int, chunk_nodes: int) -> list[list[int]]:
-    """Consecutive runs of ``order`` (captions by length), each trimmed later to its longest caption.
-
-    A chunk holds at most ``chunk_nodes`` nodes (but at least one caption); once it
-    holds an eighth of that, it also ends where the caption length changes, so
-    little of the reasoning runs on padding.
-    """
-    chunks: list[list[int]] = [[]]
-    for caption in order:
-        current = chunks[-1]
-        size = (len(current) + 1) * n_image * (lengths[caption] + 1)
-        if current and (size > chunk_nodes or (8 * size > chunk_nodes and lengths[caption] != lengths[current[-1]])):
-            chunks.append([])
-        chunks[-1].append(caption)
-    return chunks
 
 
 def _rename(key: str, renames: dict[str, str]) -> str:

@@ -1,0 +1,37 @@
+"""Caption lengths and length-sorted caption chunks, shared by the models that score pairs per caption.
+
+SGRAF and MPSM score every (image, caption) pair as nodes of one graph per pair;
+they process captions in chunks sorted by length, each trimmed to its own longest
+caption, so memory stays bounded and little work runs on padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_lengths(lengths: Tensor, padded: int) -> None:
+    """Caption lengths must be integers in ``[1, padded]``; the error names the range found."""
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > padded):
+        raise ValueError(f"lengths must lie in [1, {padded}] (the padded length), got [{int(lengths.min())}, "
+                         f"{int(lengths.max())}]")
+
+
+def caption_chunks(order: list[int], lengths: list[int], n_image: int, chunk_nodes: int) -> list[list[int]]:
+    """Consecutive runs of ``order`` (captions by length), each trimmed later to its longest caption.
+
+    A chunk holds at most ``chunk_nodes`` nodes (but at least one caption); once it
+    holds an eighth of that, it also ends where the caption length changes, so
+    little of the reasoning runs on padding.
+    """
+    chunks: list[list[int]] = [[]]
+    for caption in order:
+        current = chunks[-1]
+        size = (len(current) + 1) * n_image * (lengths[caption] + 1)
+        if current and (size > chunk_nodes or (8 * size > chunk_nodes and lengths[caption] != lengths[current[-1]])):
+            chunks.append([])
+        chunks[-1].append(caption)
+    return chunks
