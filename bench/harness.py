@@ -45,21 +45,18 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float 
         import triton.testing
 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        fn()  # warm up (compilation, autotuning, allocator)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        if start.elapsed_time(end) < 200.0:
-            return float(triton.testing.do_bench(fn, return_mode="median"))
-        times = []  # calls of seconds: the median of three, each between device events
-        for _ in range(3):
+
+        def event_ms() -> float:
             start.record()
             fn()
             end.record()
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        return float(sorted(times)[1])
+            return start.elapsed_time(end)
+
+        fn()  # warm up (compilation, autotuning, allocator)
+        if event_ms() < 200.0:
+            return float(triton.testing.do_bench(fn, return_mode="median"))
+        return float(sorted(event_ms() for _ in range(3))[1])  # long calls: the median of three
     from torch.utils.benchmark import Timer
 
     fn()  # warm up (first-call allocations, lazy imports)

@@ -1,4 +1,4 @@
-"""Caption lengths and length-sorted caption chunks, shared by the models that score pairs per caption.
+"""Caption token checks and length-sorted caption chunks, shared by the models that score pairs per caption.
 
 SGRAF and MPSM score every (image, caption) pair as nodes of one graph per pair;
 they process captions in chunks sorted by length, each trimmed to its own longest
@@ -18,6 +18,15 @@ def check_lengths(lengths: Tensor, padded: int) -> None:
     if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > padded):
         raise ValueError(f"lengths must lie in [1, {padded}] (the padded length), got [{int(lengths.min())}, "
                          f"{int(lengths.max())}]")
+
+
+def check_token_ids(ids: Tensor, lengths: Tensor, vocab_size: int) -> None:
+    """Token ids ``(B, L)`` in ``[0, vocab_size)`` with lengths ``(B,)`` in ``[1, L]``."""
+    if ids.dim() != 2 or lengths.shape != ids.shape[:1]:
+        raise ValueError(f"ids must be (B, L) and lengths (B,), got {tuple(ids.shape)} and {tuple(lengths.shape)}")
+    check_lengths(lengths, ids.shape[1])
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"ids must lie in [0, {vocab_size}) (vocab_size), got [{int(ids.min())}, {int(ids.max())}]")
 
 
 def caption_chunks(order: list[int], lengths: list[int], n_image: int, chunk_nodes: int) -> list[list[int]]:

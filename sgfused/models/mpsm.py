@@ -98,7 +98,7 @@ from ..data.batch import CaptionBatch, ImageBatch
 from ..ops import cross_attention, pairwise_similarity
 from ..reference import l2norm
 from .base import RetrievalModel
-from .caption_chunks import caption_chunks, check_lengths
+from .caption_chunks import caption_chunks, check_lengths, check_token_ids
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import register_model
@@ -360,12 +360,7 @@ class MPSM(RetrievalModel):
         ``"heads"`` is read), or a ready dependency matrix ``(B, L, L)`` as
         :func:`dependency_matrix` builds it.
         """
-        if ids.dim() != 2 or lengths.shape != ids.shape[:1]:
-            raise ValueError(f"ids must be (B, L) and lengths (B,), got {tuple(ids.shape)} and {tuple(lengths.shape)}")
-        check_lengths(lengths, ids.shape[1])
-        vocab_size = self.text_encoder.embed.num_embeddings
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(f"ids must lie in [0, {vocab_size}) (vocab_size), got [{int(ids.min())}, {int(ids.max())}]")
+        check_token_ids(ids, lengths, self.text_encoder.embed.num_embeddings)
         if isinstance(graphs, Tensor):
             if graphs.shape != (*ids.shape, ids.shape[1]):
                 raise ValueError(f"a dependency matrix must be (B, L, L) = {(*ids.shape, ids.shape[1])}, "

@@ -63,7 +63,7 @@ from ..data.batch import CaptionBatch, ImageBatch
 from ..ops import cross_attention, pairwise_similarity
 from ..reference import l2norm
 from .base import RetrievalModel
-from .caption_chunks import caption_chunks, check_lengths
+from .caption_chunks import caption_chunks, check_lengths, check_token_ids
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import build_model, register_model
@@ -299,14 +299,7 @@ class SGRAF(RetrievalModel):
 
     def encode_text(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """Token ids ``(B, L)`` with lengths ``(B,)`` -> word features ``(B, L, embed_size)``, zero past each length."""
-        if ids.dim() != 2 or lengths.shape != ids.shape[:1]:
-            raise ValueError(f"ids must be (B, L) and lengths (B,), got {tuple(ids.shape)} and {tuple(lengths.shape)}")
-        check_lengths(lengths, ids.shape[1])
-        vocab_size = self.text_encoder.embed.num_embeddings
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(
-                f"ids must lie in [0, {vocab_size}) (vocab_size), got [{int(ids.min())}, {int(ids.max())}]"
-            )
+        check_token_ids(ids, lengths, self.text_encoder.embed.num_embeddings)
         return self.text_encoder(ids, lengths)
 
     def encode_images(self, images: ImageBatch) -> Tensor:
