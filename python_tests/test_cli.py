@@ -122,6 +122,8 @@ def test_user_errors_are_one_line(data, checkpoint, tmp_path, capsys):
     args = ["eval", str(checkpoint), "--data", str(data), "--vocab", str(other_vocab), "--quiet"]
     assert "vocabulary mismatch" in _fails(args, capsys)
     assert "not a readable sgfused checkpoint" in _fails(["eval", str(other_vocab), "--data", str(data)], capsys)
+    args = ["eval", str(checkpoint), "--data", str(data), "--similarity-dtype", "bf16", "--quiet"]
+    assert "VSEPP.similarity takes no dtype" in _fails(args, capsys)
     save_similarity(tmp_path / "small", torch.zeros(2, 10), {"split": "test"})
     save_similarity(tmp_path / "large", torch.zeros(4, 20), {"split": "test"})
     assert "shape" in _fails(["eval-ensemble", str(tmp_path / "small.npy"), str(tmp_path / "large.npy")], capsys)
@@ -136,6 +138,10 @@ def test_eval_of_a_checkpoint_in_the_papers_layout(data, tmp_path, capsys):
     model.to_official(tmp_path / "model_best.pth.tar")
     args = ["eval", str(tmp_path / "model_best.pth.tar"), "--data", str(data), "--official", "sgraf",
             "--vocab", str(data / "vocab.json"), "--json", str(tmp_path / "r.json"), "--quiet"]
-    assert main(args) == 0
-    assert json.loads((tmp_path / "r.json").read_text())["full"]["rsum"] >= 0
+    for dtype in ("fp32", "bf16"):
+        assert main([*args, "--similarity-dtype", dtype, "--save-sims", str(tmp_path / dtype)]) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["full"]["rsum"] >= 0
+    fp32, bf16 = np.load(tmp_path / "fp32.npy"), np.load(tmp_path / "bf16.npy")
+    assert not np.array_equal(fp32, bf16)  # bf16 did reach the similarity ops
+    np.testing.assert_allclose(bf16, fp32, atol=2e-2)
     assert "--official needs --vocab" in _fails(args[:6], capsys)

@@ -33,6 +33,7 @@ caption once and fills a preallocated float32 matrix block by block.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -298,6 +299,7 @@ def similarity_matrix(
     caption_shard: int = 1024,
     progress: bool = True,
     dtype_autocast: torch.dtype | None = None,
+    similarity_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The ``(n_images, n_captions)`` float32 CPU score matrix of ``model`` on a whole split.
 
@@ -310,11 +312,21 @@ def similarity_matrix(
     encodings stay per batch (batches may be padded to different lengths) and
     are cut into pieces of at most ``caption_shard`` captions; each
     shard x piece block is scored with ``model.similarity`` and written into the
-    preallocated result.
+    preallocated result. ``similarity_dtype`` (e.g. ``torch.bfloat16``) is passed
+    to ``model.similarity(..., dtype=)`` for models that take it (SGRAF): the
+    dtype of the similarity ops' matrix inputs.
     """
     for name, value in (("image_shard", image_shard), ("caption_shard", caption_shard)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    similarity_options = {}
+    if similarity_dtype is not None:
+        if "dtype" not in inspect.signature(model.similarity).parameters:
+            raise ValueError(
+                f"similarity_dtype: {type(model).__name__}.similarity takes no dtype; "
+                f"leave it unset (got {similarity_dtype})"
+            )
+        similarity_options["dtype"] = similarity_dtype
     device = torch.device(device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=dtype_autocast)
@@ -339,7 +351,9 @@ def similarity_matrix(
                 for column, captions, width in pieces:
                     for row in shards:
                         height = min(image_shard, n_images - row)
-                        scores = model.similarity(slice_encoding(images, row, row + height), captions)
+                        scores = model.similarity(
+                            slice_encoding(images, row, row + height), captions, **similarity_options
+                        )
                         if tuple(scores.shape) != (height, width):
                             raise ValueError(
                                 f"model.similarity returned shape {tuple(scores.shape)} for {height} images "
@@ -360,12 +374,14 @@ def evaluate_model(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    similarity_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, dict[str, float]], Tensor]:
     """Score ``model`` on a dataset split; returns ``(results, sims)``.
 
     ``results`` are the table rows of :func:`evaluate_similarity` (the whole
     split under ``"full"``, plus the 5-fold rows with ``fold5``); ``sims`` is
     the float32 CPU similarity matrix, ready for :func:`save_similarity`.
+    ``similarity_dtype`` as in :func:`similarity_matrix`.
     """
     sims = similarity_matrix(
         model,
@@ -373,6 +389,7 @@ def evaluate_model(
         caption_loader(split_dataset, batch_size),
         device=device,
         progress=progress,
+        similarity_dtype=similarity_dtype,
     )
     expected = (split_dataset.n_images, split_dataset.n_captions)
     if tuple(sims.shape) != expected:

@@ -13,20 +13,24 @@
 //   ctx = P @ C[b] for every b of the chunk                    one batched GEMM (nb, R, d)
 //   one pass over the (b, r) rows: c = l2norm(ctx), then the epilogue: context /
 //       cosine write `out` directly; distance / direction write W's input rows in
-//       place (bf16 for bf16 inputs, else the accumulation dtype)
+//       place
 //   z   = rows @ W^T                                           one GEMM (nb*R, m)
 //   one pass over (b, r): + bias, n = ||z||, out = z / (n + eps), n -> stats
-// Padded query rows j >= len are written as 0 (out and stats); nothing of size
-// (Nq, Nc, Lq, d) or (Nq, Nc, Lq, Lc) is ever held unless "context" asks for it.
-// Results do not depend on which thread runs an item: deterministic.
+// bf16 inputs run the three GEMMs in bf16 (fp32 accumulation inside); everything
+// else runs in the accumulation dtype. Padded query rows j >= len are written as
+// 0 (out and stats); nothing of size (Nq, Nc, Lq, d) or (Nq, Nc, Lq, Lc) is ever
+// held unless "context" asks for it. Results do not depend on which thread runs
+// an item: deterministic.
 //
-// Backward (ATen composition) processes query sets a block at a time
-// (kBlockBytes): it recomputes the block's attention from the inputs
-// (flash-attention style) and reuses the saved output and epilogue norms for the
-// W part, so it costs two GEMMs with W instead of three. Gradients for the
-// queries of a block are complete after the block; context gradients are summed
-// over blocks in block order. All reductions are ATen's, in a fixed order:
-// deterministic.
+// Backward: the same work items, in the accumulation dtype. Per item it recomputes
+// S, P and ctx (flash-attention style), then per row the epilogue's backward: for
+// distance / direction dz from the saved output and norm, e again, dW += dz^T e and
+// d(e) = dz W (two GEMMs with W instead of the forward's one plus two), then
+// d(ctx) through the l2norm; then d(P) = d(ctx) C^T, dC += P^T d(ctx), the softmax
+// and clipped-norm backward per pair into dS, dQ += dS^T C and dC += dS Q. Each
+// thread takes a fixed range of query groups with all their context chunks, so
+// query gradients are private; context / weight / bias gradients are per-range
+// partial sums added in range order: deterministic for a given thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -47,9 +51,8 @@ namespace {
 using at::Tensor;
 using at::indexing::Slice;
 
-constexpr int64_t kBlockBytes = int64_t(16) << 20;  // backward: per block buffer (below glibc's mmap threshold)
-constexpr int64_t kItemQuerySets = 8;               // forward: query sets per work item
-constexpr int64_t kItemBytes = int64_t(2) << 20;    // forward: a work item's (pairs, Lq, d) attention contexts
+constexpr int64_t kItemQuerySets = 8;             // query sets per work item
+constexpr int64_t kItemBytes = int64_t(2) << 20;  // a work item's (pairs, Lq, d) attention contexts
 
 struct Options {
   double smooth, leaky, eps;
@@ -64,67 +67,15 @@ Options make_options(double smooth, double leaky, c10::string_view norm, c10::st
           epilogue == "distance", epilogue == "direction"};
 }
 
-Tensor vector_norm(const Tensor& v, int64_t dim) { return at::linalg_vector_norm(v, 2, {dim}, true); }
-
-Tensor l2norm(const Tensor& v, double eps) { return v / (vector_norm(v, -1) + eps); }
-
-// For u = v / (||v|| + eps) along the last dim: dv = du / r - v (v . du) / (r^2 ||v||), r = ||v|| + eps.
-Tensor l2norm_backward(const Tensor& v, const Tensor& du, double eps) {
-  const Tensor n = vector_norm(v, -1), r = n + eps;
-  const Tensor along = at::where(n > 0, (v * du).sum(-1, true) / (r * r * n), at::zeros_like(n));
-  return du / r - v * along;
-}
-
-// Everything the forward computes for one block of query sets, kept for its backward.
-struct Attention {
-  Tensor q;        // (B, Lq, d) acc
-  Tensor s;        // (B, Nc, Lc, Lq) raw scores
-  Tensor p;        // (B, Nc, Lc, Lq) softmax over k
-  Tensor c_raw;    // (B, Nc, Lq, d)
-  Tensor c;        // l2norm(c_raw)
-  Tensor lse;      // (B, Nc, Lq) log-sum-exp of the logits
-  Tensor q_valid;  // (B, 1, 1, Lq)
-};
-
-Attention attend(const Tensor& q, const Tensor& contexts, const Tensor& c_valid, const Tensor& q_valid,
-                 const Options& o) {
-  Attention a;
-  a.q = q;
-  a.q_valid = q_valid;
-  a.s = at::matmul(contexts.unsqueeze(0), q.transpose(1, 2).unsqueeze(1));  // (B, Nc, Lc, Lq)
-  Tensor t = a.s;
-  if (o.clipped) {
-    t = at::leaky_relu(t, o.leaky).masked_fill(q_valid.logical_not(), 0.0);
-    t = t / (vector_norm(t, 3) + o.eps);
-  }
-  const Tensor logits = (t * o.smooth).masked_fill(c_valid.logical_not(), -std::numeric_limits<double>::infinity());
-  a.lse = at::logsumexp(logits, {2});                                     // (B, Nc, Lq)
-  a.p = at::exp(logits - a.lse.unsqueeze(2));
-  a.c_raw = at::matmul(a.p.transpose(2, 3), contexts.unsqueeze(0));       // (B, Nc, Lq, d)
-  a.c = l2norm(a.c_raw, o.eps);
-  return a;
-}
-
-// The epilogue's input rows e (for distance / direction), (B, Nc, Lq, d).
-Tensor epilogue_rows(const Attention& a, const Options& o) {
-  const Tensor q = a.q.unsqueeze(1);
-  return o.distance ? (a.c - q).pow(2) : l2norm(a.c, o.eps) * l2norm(q, o.eps);
-}
-
-Tensor cosine(const Attention& a, double eps) {
-  const Tensor q = a.q.unsqueeze(1);
-  const Tensor den = (vector_norm(a.c, -1) * vector_norm(q, -1)).clamp_min(eps).squeeze(-1);
-  return (a.c * q).sum(-1) / den;
-}
-
 struct Inputs {
-  Tensor queries, contexts, q_valid, c_valid, weight, bias;  // acc dtype, masks bool
-  int64_t nq, lq, nc, lc, d, m, step;
+  Tensor queries, contexts, q_valid, weight, bias;  // acc dtype (contexts: as asked), q_valid bool (Nq, Lq)
+  int64_t nq, lq, nc, lc, d, m;
 };
 
 Inputs make_inputs(const Tensor& queries, const Tensor& contexts, const Tensor& query_lens,
                    const Tensor& context_lens, const std::optional<Tensor>& weight,
-                   const std::optional<Tensor>& bias, const Options& o) {
+                   const std::optional<Tensor>& bias, const Options& o,
+                   std::optional<at::ScalarType> context_dtype = std::nullopt) {
   TORCH_CHECK(queries.dim() == 3 && contexts.dim() == 3 && queries.size(2) == contexts.size(2),
               "queries (Nq, Lq, d) and contexts (Nc, Lc, d) must be 3-D with equal d, got ", queries.sizes(), " and ",
               contexts.sizes());
@@ -141,10 +92,8 @@ Inputs make_inputs(const Tensor& queries, const Tensor& contexts, const Tensor& 
   in.nq = queries.size(0), in.lq = queries.size(1), in.nc = contexts.size(0), in.lc = contexts.size(1);
   in.d = queries.size(2);
   in.queries = queries.to(acc).contiguous();
-  in.contexts = contexts.to(acc).contiguous();
+  in.contexts = contexts.to(context_dtype.value_or(acc)).contiguous();
   in.q_valid = at::arange(in.lq, query_lens.options()).unsqueeze(0) < query_lens.unsqueeze(1);      // (Nq, Lq)
-  in.c_valid = (at::arange(in.lc, context_lens.options()).unsqueeze(0) < context_lens.unsqueeze(1))  // (Nc, Lc)
-                   .view({1, in.nc, in.lc, 1});
   in.m = 0;
   if (o.distance || o.direction) {
     TORCH_CHECK(weight.has_value() && weight->defined(), "the distance / direction epilogues need weight (m, d)");
@@ -156,13 +105,7 @@ Inputs make_inputs(const Tensor& queries, const Tensor& contexts, const Tensor& 
       in.bias = bias->to(acc).contiguous();
     }
   }
-  const int64_t per_query_set = in.nc * in.lq * std::max({in.d, in.lc, in.m}) * int64_t(sizeof(double));
-  in.step = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, per_query_set));
   return in;
-}
-
-Tensor block_q_valid(const Inputs& in, int64_t a0, int64_t a1) {
-  return in.q_valid.index({Slice(a0, a1)}).view({a1 - a0, 1, 1, in.lq});
 }
 
 std::vector<int64_t> out_shape(const Inputs& in, const Options& o) {
@@ -187,8 +130,8 @@ T dot(const T* x, const T* y, int64_t n) {
 // Scores s[k * ld + j] (k < clen, j < len) of one (query set, context set) pair -> attention
 // p[j * lc + k] (p = 0 for the padded regions k >= clen) and lse[j] = log sum_k exp(smooth * t[k, j]).
 // s is overwritten; sum: scratch of len.
-template <typename T>
-void attention(T* s, int64_t ld, int64_t lc, int64_t clen, int64_t len, const Options& o, T* p, T* lse, T* sum) {
+template <typename T, typename P>
+void attention(T* s, int64_t ld, int64_t lc, int64_t clen, int64_t len, const Options& o, P* p, T* lse, T* sum) {
   const T leaky = o.leaky, smooth = o.smooth, eps = o.eps;
   for (int64_t k = 0; k < clen; ++k) {
     T* row = s + k * ld;
@@ -217,9 +160,9 @@ void attention(T* s, int64_t ld, int64_t lc, int64_t clen, int64_t len, const Op
     sum[j] = T(1) / sum[j];
   }
   for (int64_t j = 0; j < len; ++j) {
-    T* pj = p + j * lc;
-    for (int64_t k = 0; k < clen; ++k) pj[k] = s[k * ld + j] * sum[j];
-    std::fill(pj + clen, pj + lc, T(0));
+    P* pj = p + j * lc;
+    for (int64_t k = 0; k < clen; ++k) pj[k] = P(s[k * ld + j] * sum[j]);
+    std::fill(pj + clen, pj + lc, P(0));
   }
 }
 
@@ -228,9 +171,11 @@ template <typename scalar_t>
 void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, const int64_t* c_lens, Tensor& out,
                     Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  // The W GEMM's operands: bf16 inputs run it in bf16 on the bf16 matrix unit (fp32 accumulation inside).
+  // bf16 inputs run the three GEMMs in bf16 on the bf16 matrix unit (fp32 accumulation inside; the
+  // scores, attention weights, contexts and z are rounded to bf16 once); other dtypes run them in acc_t.
   using gemm_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, at::BFloat16, acc_t>;
-  constexpr bool kOwnRows = !std::is_same_v<gemm_t, acc_t>;
+  constexpr bool kRoundGemm = !std::is_same_v<gemm_t, acc_t>;
+  const auto gemm_dtype = c10::CppTypeToScalarType<gemm_t>::value;
   const int64_t nq = in.nq, lq = in.lq, nc = in.nc, lc = in.lc, d = in.d, m = in.m;
   const bool project = o.distance || o.direction;
   const int64_t width = o.cosine ? 1 : (o.context ? d : m);  // out values per (a, b, j)
@@ -239,9 +184,10 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
       1, std::min<int64_t>(nc, kItemBytes / std::max<int64_t>(1, na * lq * d * int64_t(sizeof(acc_t)))));
   const int64_t chunks = (nc + nb - 1) / nb;
   const int64_t items = chunks * ((nq + na - 1) / na);
-  const Tensor weight_t = project ? in.weight.to(c10::CppTypeToScalarType<gemm_t>::value).t() : Tensor();
+  const Tensor weight_t = project ? in.weight.to(gemm_dtype).t() : Tensor();
   // The valid query rows, packed: query set a's are rows [first[a], first[a + 1]).
   const Tensor packed = in.queries.view({nq * lq, d}).index({in.q_valid.view(-1)});
+  const Tensor packed_g = packed.to(gemm_dtype);
   std::vector<int64_t> first(nq + 1, 0);
   for (int64_t a = 0; a < nq; ++a) first[a + 1] = first[a] + q_lens[a];
   const acc_t* q = packed.data_ptr<acc_t>();
@@ -258,25 +204,28 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
     const at::ThreadLocalStateGuard state(caller);
     // Per-thread scratch, reused by all the items the thread takes. An item's rows r < R are its
     // packed query rows; (b, r) indexes the rows of its pairs.
-    const auto acc_options = in.queries.options();
-    Tensor scores = at::empty({nb * lc * na * lq}, acc_options);
-    Tensor probs = at::empty({nb * na * lq * lc}, acc_options);
-    Tensor ctx = at::empty({nb * na * lq * d}, acc_options);
-    Tensor rows = kOwnRows && project ? at::empty({nb * na * lq * d}, weight_t.options()) : ctx;
-    Tensor z = at::empty({project ? nb * na * lq * m : 0}, project ? weight_t.options() : acc_options);
+    const auto acc_options = in.queries.options(), gemm_options = packed_g.options();
+    Tensor scores_g = at::empty({nb * lc * na * lq}, gemm_options);
+    Tensor scores = kRoundGemm ? at::empty({nb * lc * na * lq}, acc_options) : scores_g;
+    Tensor probs = at::empty({nb * na * lq * lc}, gemm_options);
+    Tensor ctx = at::empty({nb * na * lq * d}, gemm_options);  // then W's input rows, in place
+    Tensor z = at::empty({project ? nb * na * lq * m : 0}, gemm_options);
     std::vector<acc_t> lse(lq), sum(lq), q_norm(na * lq), q_unit(o.direction ? na * lq * d : 0), z_row(m);
+    std::vector<acc_t> c_row(kRoundGemm ? d : 0);
     for (int64_t item; (item = next.fetch_add(1)) < items;) {
       const int64_t b0 = item % chunks * nb, nbi = std::min(nc, b0 + nb) - b0;
       const int64_t a0 = item / chunks * na, nai = std::min(nq, a0 + na) - a0;
       const int64_t row0 = first[a0], R = first[a0 + nai] - row0;
       const acc_t* qg = q + row0 * d;                       // the item's query rows
-      const Tensor chunk = in.contexts.narrow(0, b0, nbi);  // (nbi, Lc, d)
+      const Tensor chunk = in.contexts.narrow(0, b0, nbi);  // (nbi, Lc, d), gemm_t
 
       // Scores of all the item's pairs, attention, contexts.
-      Tensor s = scores.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
-      at::mm_out(s, chunk.view({nbi * lc, d}), packed.narrow(0, row0, R).t());
+      Tensor s_g = scores_g.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
+      at::mm_out(s_g, chunk.view({nbi * lc, d}), packed_g.narrow(0, row0, R).t());
+      Tensor s = scores.narrow(0, 0, nbi * lc * R);
+      if (kRoundGemm) s.copy_(s_g.view(-1));
       acc_t* sp = s.data_ptr<acc_t>();
-      acc_t* pp = probs.data_ptr<acc_t>();
+      gemm_t* pp = probs.data_ptr<gemm_t>();
       for (int64_t b = 0; b < nbi; ++b)
         for (int64_t i = 0; i < nai; ++i) {
           const int64_t r0 = first[a0 + i] - row0;
@@ -295,22 +244,27 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
         if (o.direction)
           for (int64_t e = 0; e < d; ++e) q_unit[r * d + e] = qr[e] / (q_norm[r] + eps);
       }
-      acc_t* cp = c.data_ptr<acc_t>();
-      gemm_t* rp = project ? rows.data_ptr<gemm_t>() : nullptr;  // the same memory as cp unless kOwnRows
+      gemm_t* cp = c.data_ptr<gemm_t>();
       for (int64_t b = 0; b < nbi; ++b)
         for (int64_t i = 0; i < nai; ++i) {
           const int64_t len = q_lens[a0 + i], pair = ((a0 + i) * nc + b0 + b) * lq;  // out / stats row of j = 0
           const int64_t r0 = first[a0 + i] - row0;
           for (int64_t j = 0; j < len; ++j) {
             const int64_t r = b * R + r0 + j;
-            acc_t* cr = cp + r * d;
+            gemm_t* row = cp + r * d;  // the context row, then (distance, direction) W's input row
+            acc_t* cr;
+            if constexpr (kRoundGemm) {
+              std::copy(row, row + d, c_row.begin());
+              cr = c_row.data();
+            } else {
+              cr = row;
+            }
             const acc_t* qj = qg + (r0 + j) * d;
             scalar_t* dst = out_p + (pair + j) * width;
             const acc_t n_raw = std::sqrt(dot(cr, cr, d)) + eps;
             if (o.context) {
               for (int64_t e = 0; e < d; ++e) dst[e] = scalar_t(cr[e] / n_raw);
             } else if (o.distance) {
-              gemm_t* row = rp + r * d;
               for (int64_t e = 0; e < d; ++e) {
                 const acc_t diff = cr[e] / n_raw - qj[e];
                 row[e] = gemm_t(diff * diff);
@@ -322,7 +276,6 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
                 dst[0] = scalar_t(dot(cr, qj, d) / std::max(n * q_norm[r0 + j], eps));
               } else {
                 const acc_t* qu = q_unit.data() + (r0 + j) * d;
-                gemm_t* row = rp + r * d;
                 for (int64_t e = 0; e < d; ++e) row[e] = gemm_t(cr[e] / (n + eps) * qu[e]);
               }
             }
@@ -333,7 +286,7 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
 
       // z = rows W^T, + bias, l2 normalised into out; its norm into stats.
       Tensor zv = z.narrow(0, 0, nbi * R * m).view({nbi * R, m});
-      at::mm_out(zv, rows.narrow(0, 0, nbi * R * d).view({nbi * R, d}), weight_t);
+      at::mm_out(zv, ctx.narrow(0, 0, nbi * R * d).view({nbi * R, d}), weight_t);
       const gemm_t* zp = zv.data_ptr<gemm_t>();
       for (int64_t b = 0; b < nbi; ++b)
         for (int64_t i = 0; i < nai; ++i) {
@@ -351,13 +304,226 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
   });
 }
 
+// l2norm backward of one row: for u = v / (||v|| + eps), dv = du / r - v (v . du) / (r^2 ||v||), r = ||v|| + eps.
+template <typename T>
+void l2norm_backward_row(const T* v, const T* du, int64_t n, T eps, T* dv) {
+  const T norm = std::sqrt(dot(v, v, n)), r = norm + eps;
+  const T along = norm > 0 ? dot(v, du, n) / (r * r * norm) : T(0);
+  for (int64_t e = 0; e < n; ++e) dv[e] = du[e] / r - v[e] * along;
+}
+
+// Attention backward of one (query set, context set) pair, in place on the pair's block of the item
+// buffers: raw scores s[k * ld + j] (k < clen, j < len), attention p[j * lc + k] and its gradient
+// dp[j * lc + k] -> ds[k * ld + j] (the scores' gradient; 0 at padded regions k >= clen).
+// scratch: 2 * len values.
+template <typename T>
+void attention_backward(const T* s, int64_t ld, int64_t lc, int64_t clen, int64_t len, const Options& o, const T* p,
+                        const T* dp, T* ds, T* scratch) {
+  const T leaky = o.leaky, smooth = o.smooth, eps = o.eps;
+  T* inner = scratch;  // per j: sum_k p dp (softmax backward)
+  T* lr = scratch + len;
+  for (int64_t j = 0; j < len; ++j) inner[j] = dot(p + j * lc, dp + j * lc, clen);
+  for (int64_t k = 0; k < lc; ++k) {
+    T* dsk = ds + k * ld;
+    if (k >= clen) {
+      std::fill(dsk, dsk + len, T(0));
+      continue;
+    }
+    for (int64_t j = 0; j < len; ++j)  // d(logits) * smooth = d(t)
+      dsk[j] = p[j * lc + k] * (dp[j * lc + k] - inner[j]) * smooth;
+    if (!o.clipped) continue;
+    const T* sk = s + k * ld;
+    for (int64_t j = 0; j < len; ++j) lr[j] = sk[j] > 0 ? sk[j] : sk[j] * leaky;
+    const T norm = std::sqrt(dot(lr, lr, len)), r = norm + eps;
+    const T along = norm > 0 ? dot(lr, dsk, len) / (r * r * norm) : T(0);
+    for (int64_t j = 0; j < len; ++j) dsk[j] = (dsk[j] / r - lr[j] * along) * (sk[j] > 0 ? T(1) : leaky);
+  }
+}
+
+// The fused backward, in acc_t (T). Work items are those of the forward; each thread takes a fixed,
+// contiguous range of query groups with all their context chunks, so the gradients of its query rows
+// are complete and private; context, weight and bias gradients go to per-range partial sums that
+// are added in range order at the end (deterministic for a given thread count).
+template <typename T>
+void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, const int64_t* c_lens,
+                     const Tensor& grad_out, const Tensor& out, const Tensor& stats, Tensor& grad_packed,
+                     Tensor& grad_c, Tensor& grad_w, Tensor& grad_b) {
+  const int64_t nq = in.nq, lq = in.lq, nc = in.nc, lc = in.lc, d = in.d, m = in.m;
+  const bool project = o.distance || o.direction;
+  const int64_t width = o.cosine ? 1 : (o.context ? d : m);
+  const int64_t na = std::max<int64_t>(1, std::min(nq, kItemQuerySets));
+  const int64_t nb = std::max<int64_t>(
+      1, std::min<int64_t>(nc, kItemBytes / std::max<int64_t>(1, na * lq * d * int64_t(sizeof(T)))));
+  const int64_t groups = (nq + na - 1) / na;
+  const int64_t ranges = std::min<int64_t>(at::get_num_threads(), groups);
+  const Tensor packed = in.queries.view({nq * lq, d}).index({in.q_valid.view(-1)});
+  std::vector<int64_t> first(nq + 1, 0);
+  for (int64_t a = 0; a < nq; ++a) first[a + 1] = first[a] + q_lens[a];
+  const T* q = packed.data_ptr<T>();
+  const T* g_p = grad_out.data_ptr<T>();
+  const T* out_p = out.data_ptr<T>();
+  const T* stats_p = stats.data_ptr<T>();
+  const T eps = o.eps;
+  std::vector<Tensor> part_c(ranges), part_w(ranges), part_b(ranges);
+  for (int64_t t = 0; t < ranges; ++t) {
+    part_c[t] = t == 0 ? grad_c : at::zeros_like(grad_c);
+    part_w[t] = t == 0 || !project ? grad_w : at::zeros_like(grad_w);
+    part_b[t] = t == 0 || !in.bias.defined() ? grad_b : at::zeros_like(grad_b);
+  }
+
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state(caller);
+    const auto options = in.queries.options();
+    const int64_t rows_max = nb * na * lq;
+    Tensor raw = at::empty({nb * lc * na * lq}, options), scores = at::empty_like(raw), d_s = at::empty_like(raw);
+    Tensor probs = at::empty({rows_max * lc}, options), d_p = at::empty_like(probs);
+    Tensor ctx = at::empty({rows_max * d}, options), e_rows = at::empty_like(ctx), d_ctx = at::empty_like(ctx);
+    Tensor dz = at::empty({project ? rows_max * m : 0}, options);
+    std::vector<T> lse(lq), sum(lq), scratch(2 * lq), c_row(d), dc_row(d), tmp(d);
+    for (int64_t t = begin; t < end; ++t) {
+      T* gw = project ? part_w[t].data_ptr<T>() : nullptr;
+      for (int64_t grp = t * groups / ranges; grp < (t + 1) * groups / ranges; ++grp)
+        for (int64_t b0 = 0; b0 < nc; b0 += nb) {
+          const int64_t nbi = std::min(nc, b0 + nb) - b0;
+          const int64_t a0 = grp * na, nai = std::min(nq, a0 + na) - a0;
+          const int64_t row0 = first[a0], R = first[a0 + nai] - row0;
+          const Tensor qg_t = packed.narrow(0, row0, R);
+          const T* qg = q + row0 * d;
+          T* gq = grad_packed.data_ptr<T>() + row0 * d;
+          const Tensor chunk = in.contexts.narrow(0, b0, nbi);  // (nbi, Lc, d)
+
+          // Recompute the attention (the forward's first half).
+          Tensor s = raw.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
+          at::mm_out(s, chunk.view({nbi * lc, d}), qg_t.t());
+          scores.narrow(0, 0, nbi * lc * R).copy_(s.view(-1));
+          T* sp = scores.data_ptr<T>();
+          T* pp = probs.data_ptr<T>();
+          for (int64_t b = 0; b < nbi; ++b)
+            for (int64_t i = 0; i < nai; ++i) {
+              const int64_t r0 = first[a0 + i] - row0;
+              attention(sp + b * lc * R + r0, R, lc, c_lens[b0 + b], q_lens[a0 + i], o, pp + (b * R + r0) * lc,
+                        lse.data(), sum.data());
+            }
+          const Tensor p3 = probs.narrow(0, 0, nbi * R * lc).view({nbi, R, lc});
+          Tensor c3 = ctx.narrow(0, 0, nbi * R * d).view({nbi, R, d});
+          at::bmm_out(c3, p3, chunk);
+
+          // Per row: the epilogue's backward -> d(context) (in d_ctx) and the direct query gradient;
+          // distance / direction first need dz and, through W, d(e).
+          T* cp = ctx.data_ptr<T>();
+          T* ep = e_rows.data_ptr<T>();
+          T* dcp = d_ctx.data_ptr<T>();
+          auto for_rows = [&](auto&& body) {
+            for (int64_t b = 0; b < nbi; ++b)
+              for (int64_t i = 0; i < nai; ++i) {
+                const int64_t r0 = first[a0 + i] - row0, pair = ((a0 + i) * nc + b0 + b) * lq;
+                for (int64_t j = 0; j < q_lens[a0 + i]; ++j) body(b * R + r0 + j, r0 + j, pair + j);
+              }
+          };
+          auto unit_context = [&](int64_t r) {  // c = l2norm(ctx row r), into c_row
+            const T* cr = cp + r * d;
+            const T n_raw = std::sqrt(dot(cr, cr, d)) + eps;
+            for (int64_t e = 0; e < d; ++e) c_row[e] = cr[e] / n_raw;
+          };
+          if (project) {
+            T* dzp = dz.data_ptr<T>();
+            for_rows([&](int64_t r, int64_t qr, int64_t o_row) {
+              unit_context(r);
+              const T* qj = qg + qr * d;
+              T* er = ep + r * d;
+              if (o.distance) {
+                for (int64_t e = 0; e < d; ++e) er[e] = (c_row[e] - qj[e]) * (c_row[e] - qj[e]);
+              } else {
+                const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
+                for (int64_t e = 0; e < d; ++e) er[e] = c_row[e] / (nc_ + eps) * (qj[e] / (nq_ + eps));
+              }
+              // dz = g / r - u (u . g) / n with u = out, n = ||z||, r = n + eps
+              const T* u = out_p + o_row * m;
+              const T* g = g_p + o_row * m;
+              const T n = stats_p[o_row * 2];
+              const T along = n > 0 ? dot(u, g, m) / n : T(0);
+              T* dzr = dzp + r * m;
+              for (int64_t e = 0; e < m; ++e) dzr[e] = g[e] / (n + eps) - u[e] * along;
+            });
+            const Tensor dz2 = dz.narrow(0, 0, nbi * R * m).view({nbi * R, m});
+            part_w[t].addmm_(dz2.t(), e_rows.narrow(0, 0, nbi * R * d).view({nbi * R, d}));
+            if (in.bias.defined()) part_b[t].add_(dz2.sum(0));
+            Tensor de = e_rows.narrow(0, 0, nbi * R * d).view({nbi * R, d});  // e is spent: d(e) takes its place
+            at::mm_out(de, dz2, in.weight);
+          }
+          for_rows([&](int64_t r, int64_t qr, int64_t o_row) {
+            unit_context(r);
+            const T* qj = qg + qr * d;
+            T* gqr = gq + qr * d;
+            const T* g = g_p + o_row * width;
+            if (o.context) {
+              std::copy(g, g + d, dc_row.begin());
+            } else if (o.cosine) {
+              const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
+              const T den = nc_ * nq_, value = dot(c_row.data(), qj, d) / std::max(den, eps);
+              const bool big = den > eps;
+              const T safe = big ? den : eps;
+              const T along_c = big ? value / std::max(nc_ * nc_, T(1e-30)) : T(0);
+              const T along_q = big ? value / std::max(nq_ * nq_, T(1e-30)) : T(0);
+              for (int64_t e = 0; e < d; ++e) {
+                dc_row[e] = g[0] * (qj[e] / safe - along_c * c_row[e]);
+                gqr[e] += g[0] * (c_row[e] / safe - along_q * qj[e]);
+              }
+            } else if (o.distance) {
+              const T* de = ep + r * d;
+              for (int64_t e = 0; e < d; ++e) {
+                dc_row[e] = 2 * (c_row[e] - qj[e]) * de[e];
+                gqr[e] -= dc_row[e];
+              }
+            } else {  // direction: e = l2norm(c) * l2norm(q)
+              const T* de = ep + r * d;
+              const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
+              for (int64_t e = 0; e < d; ++e) tmp[e] = de[e] * qj[e] / (nq_ + eps);
+              l2norm_backward_row(c_row.data(), tmp.data(), d, eps, dc_row.data());
+              for (int64_t e = 0; e < d; ++e) tmp[e] = de[e] * c_row[e] / (nc_ + eps);
+              l2norm_backward_row(qj, tmp.data(), d, eps, tmp.data());
+              for (int64_t e = 0; e < d; ++e) gqr[e] += tmp[e];
+            }
+            l2norm_backward_row(cp + r * d, dc_row.data(), d, eps, dcp + r * d);  // d(raw context)
+          });
+
+          // Back through ctx = p C and the attention: C gets p^T d(ctx) and dS^T Q, Q gets dS C.
+          const Tensor dctx3 = d_ctx.narrow(0, 0, nbi * R * d).view({nbi, R, d});
+          Tensor dp3 = d_p.narrow(0, 0, nbi * R * lc).view({nbi, R, lc});
+          at::bmm_out(dp3, dctx3, chunk.transpose(1, 2));
+          Tensor gc = part_c[t].narrow(0, b0, nbi);  // (nbi, Lc, d)
+          gc.baddbmm_(p3.transpose(1, 2), dctx3);
+          T* dsp = d_s.data_ptr<T>();
+          const T* rp = raw.data_ptr<T>();
+          for (int64_t b = 0; b < nbi; ++b)
+            for (int64_t i = 0; i < nai; ++i) {
+              const int64_t r0 = first[a0 + i] - row0, len = q_lens[a0 + i];
+              attention_backward(rp + b * lc * R + r0, R, lc, c_lens[b0 + b], len, o, pp + (b * R + r0) * lc,
+                                 dp3.data_ptr<T>() + (b * R + r0) * lc, dsp + b * lc * R + r0, scratch.data());
+            }
+          const Tensor ds2 = d_s.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
+          grad_packed.narrow(0, row0, R).addmm_(ds2.t(), chunk.view({nbi * lc, d}));
+          gc.view({nbi * lc, d}).addmm_(ds2, qg_t);
+        }
+    }
+  });
+  for (int64_t t = 1; t < ranges; ++t) {
+    grad_c.add_(part_c[t]);
+    if (project) grad_w.add_(part_w[t]);
+    if (in.bias.defined()) grad_b.add_(part_b[t]);
+  }
+}
+
 std::tuple<Tensor, Tensor> forward_cpu(const Tensor& queries, const Tensor& contexts, const Tensor& query_lens,
                                        const Tensor& context_lens, double smooth, double leaky,
                                        c10::string_view norm, c10::string_view epilogue,
                                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                                        double eps) {
   const Options o = make_options(smooth, leaky, norm, epilogue, eps);
-  const Inputs in = make_inputs(queries, contexts, query_lens, context_lens, weight, bias, o);
+  const Inputs in = make_inputs(queries, contexts, query_lens, context_lens, weight, bias, o,
+                                queries.scalar_type() == at::kBFloat16 ? at::kBFloat16  // gemm_t of forward_kernel
+                                                                       : at::toOpMathType(queries.scalar_type()));
   const Tensor q_lens = query_lens.contiguous(), c_lens = context_lens.contiguous();
   if (in.nq > 0)
     TORCH_CHECK(q_lens.min().item<int64_t>() >= 1 && q_lens.max().item<int64_t>() <= in.lq,
@@ -381,64 +547,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   const Options o = make_options(smooth, leaky, norm, epilogue, eps);
   const Inputs in = make_inputs(queries, contexts, query_lens, context_lens, weight, bias, o);
   const auto acc = in.queries.scalar_type();
-  Tensor grad_q = at::zeros_like(in.queries), grad_c = at::zeros_like(in.contexts);
+  const Tensor q_lens = query_lens.contiguous(), c_lens = context_lens.contiguous();
+  const int64_t rows = in.nq > 0 ? q_lens.sum().item<int64_t>() : 0;
+  Tensor grad_packed = at::zeros({rows, in.d}, in.queries.options()), grad_c = at::zeros_like(in.contexts);
   Tensor grad_w = in.weight.defined() ? at::zeros_like(in.weight) : at::empty({0}, in.queries.options());
   Tensor grad_b = in.bias.defined() ? at::zeros_like(in.bias) : at::empty({0}, in.queries.options());
-  for (int64_t a0 = 0; a0 < in.nq; a0 += in.step) {
-    const int64_t a1 = std::min(in.nq, a0 + in.step), nb = a1 - a0;
-    const Tensor qv = block_q_valid(in, a0, a1);
-    const Attention a = attend(in.queries.index({Slice(a0, a1)}), in.contexts, in.c_valid, qv, o);
-    const Tensor keep = qv.view({nb, 1, in.lq}).expand({nb, in.nc, in.lq}).to(acc);  // (B, Nc, Lq)
-    const Tensor g = grad_out.index({Slice(a0, a1)}).to(acc);
-    const Tensor q = a.q.unsqueeze(1);  // (B, 1, Lq, d)
-    Tensor d_c, d_q_direct;             // (B, Nc, Lq, d)
-    if (o.context) {
-      d_c = g * keep.unsqueeze(-1);
-    } else if (o.cosine) {
-      const Tensor gk = (g * keep).unsqueeze(-1);
-      const Tensor nc = vector_norm(a.c, -1), nqn = vector_norm(q, -1), den = nc * nqn;
-      const Tensor value = cosine(a, eps).unsqueeze(-1);
-      const Tensor big = den > eps;
-      const Tensor safe_den = at::where(big, den, at::full_like(den, eps));
-      d_c = gk * (q / safe_den - at::where(big, value * a.c / (nc * nc).clamp_min(1e-300), at::zeros_like(a.c)));
-      d_q_direct = gk * (a.c / safe_den - at::where(big, value * q / (nqn * nqn).clamp_min(1e-300), at::zeros_like(q)));
-    } else {
-      // On the valid rows only: dz = g / r - u (u . g) / n with u = out, n = ||z||, r = n + eps
-      const Tensor valid = keep.to(at::kBool);
-      const Tensor u = out.index({Slice(a0, a1)}).index({valid}).to(acc);                 // (R, m)
-      const Tensor n = stats.select(3, 0).narrow(0, a0, nb).index({valid}).unsqueeze(-1);
-      const Tensor gv = g.index({valid});
-      const Tensor along = at::where(n > 0, (u * gv).sum(-1, true) / n.clamp_min(1e-300), at::zeros_like(n));
-      const Tensor dz = gv / (n + eps) - u * along;
-      const Tensor rows = epilogue_rows(a, o).index({valid});                           // (R, d)
-      grad_w.addmm_(dz.t(), rows);
-      if (in.bias.defined()) grad_b.add_(dz.sum(0));
-      Tensor de = at::zeros({nb, in.nc, in.lq, in.d}, rows.options());
-      de.index_put_({valid}, at::mm(dz, in.weight));
-      if (o.distance) {
-        d_c = 2 * (a.c - q) * de;
-        d_q_direct = -d_c;
-      } else {
-        d_c = l2norm_backward(a.c, de * l2norm(q, eps), eps);
-        d_q_direct = l2norm_backward(q.expand_as(a.c), de * l2norm(a.c, eps), eps);
-      }
-    }
-    const Tensor d_c_raw = l2norm_backward(a.c_raw, d_c, eps);                          // (B, Nc, Lq, d)
-    const Tensor d_p = at::matmul(in.contexts.unsqueeze(0), d_c_raw.transpose(2, 3));  // (B, Nc, Lc, Lq)
-    grad_c.add_(at::matmul(a.p, d_c_raw).sum(0));                                      // p C backward
-    Tensor d_t = a.p * (d_p - (a.p * d_p).sum(2, true)) * o.smooth;                    // softmax backward
-    Tensor d_s = d_t;
-    if (o.clipped) {
-      const Tensor lr = at::leaky_relu(a.s, o.leaky).masked_fill(qv.logical_not(), 0.0);
-      const Tensor d_lr = l2norm_backward(lr, d_t, eps).masked_fill(qv.logical_not(), 0.0);
-      d_s = d_lr * at::where(a.s > 0, at::ones_like(a.s), at::full_like(a.s, o.leaky));
-    }
-    // s = C Q^T: dQ[a, j] = sum_{b,k} ds[k, j] C[b, k];  dC[b, k] = sum_{a,j} ds[k, j] Q[a, j]
-    Tensor d_q = at::matmul(d_s.transpose(2, 3), in.contexts.unsqueeze(0)).sum(1);  // (B, Lq, d)
-    if (d_q_direct.defined()) d_q = d_q + d_q_direct.sum(1);
-    grad_q.index({Slice(a0, a1)}).copy_(d_q);
-    grad_c.add_(at::matmul(d_s, a.q.unsqueeze(1)).sum(0));
-  }
+  const bool project = o.distance || o.direction;
+  AT_DISPATCH_FLOATING_TYPES(acc, "cross_attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(o, in, q_lens.data_ptr<int64_t>(), c_lens.data_ptr<int64_t>(),
+                              grad_out.to(acc).contiguous(),
+                              project ? out.to(acc).contiguous() : at::empty({0}, in.queries.options()),
+                              stats.contiguous(), grad_packed, grad_c, grad_w, grad_b);
+  });
+  Tensor grad_q = at::zeros_like(in.queries);
+  grad_q.view({in.nq * in.lq, in.d}).index_put_({in.q_valid.view(-1)}, grad_packed);
   return {grad_q.to(queries.scalar_type()), grad_c.to(contexts.scalar_type()),
           in.weight.defined() ? grad_w.to(queries.scalar_type()) : grad_w,
           in.bias.defined() ? grad_b.to(queries.scalar_type()) : grad_b};
