@@ -340,10 +340,9 @@ void attention_backward(const T* s, int64_t ld, int64_t lc, int64_t clen, int64_
   }
 }
 
-// The fused backward, in acc_t (T). Work items are those of the forward; each thread takes a fixed,
-// contiguous range of query groups with all their context chunks, so the gradients of its query rows
-// are complete and private; context, weight and bias gradients go to per-range partial sums that
-// are added in range order at the end (deterministic for a given thread count).
+// The fused backward, in acc_t (T). Work items are those of the forward; the item list is cut into
+// one contiguous range per thread, of about equal work (pairs x rows), and each range accumulates
+// its own partial gradients, added in range order at the end (deterministic for a given thread count).
 template <typename T>
 void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, const int64_t* c_lens,
                      const Tensor& grad_out, const Tensor& out, const Tensor& stats, Tensor& grad_packed,
@@ -354,18 +353,27 @@ void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, 
   const int64_t na = std::max<int64_t>(1, std::min(nq, kItemQuerySets));
   const int64_t nb = std::max<int64_t>(
       1, std::min<int64_t>(nc, kItemBytes / std::max<int64_t>(1, na * lq * d * int64_t(sizeof(T)))));
-  const int64_t groups = (nq + na - 1) / na;
-  const int64_t ranges = std::min<int64_t>(at::get_num_threads(), groups);
+  const int64_t chunks = (nc + nb - 1) / nb;
+  const int64_t items = chunks * ((nq + na - 1) / na);
+  const int64_t ranges = std::min<int64_t>(at::get_num_threads(), items);
   const Tensor packed = in.queries.view({nq * lq, d}).index({in.q_valid.view(-1)});
   std::vector<int64_t> first(nq + 1, 0);
   for (int64_t a = 0; a < nq; ++a) first[a + 1] = first[a] + q_lens[a];
+  std::vector<int64_t> work(items + 1, 0), bounds(ranges + 1, items);  // work: prefix sums of the items' work
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t b0 = item % chunks * nb, a0 = item / chunks * na;
+    work[item + 1] = work[item] + (std::min(nc, b0 + nb) - b0) * (first[std::min(nq, a0 + na)] - first[a0]);
+  }
+  for (int64_t t = 0; t < ranges; ++t)
+    bounds[t] = std::lower_bound(work.begin(), work.end(), work[items] * t / ranges) - work.begin();
   const T* q = packed.data_ptr<T>();
   const T* g_p = grad_out.data_ptr<T>();
   const T* out_p = out.data_ptr<T>();
   const T* stats_p = stats.data_ptr<T>();
   const T eps = o.eps;
-  std::vector<Tensor> part_c(ranges), part_w(ranges), part_b(ranges);
+  std::vector<Tensor> part_q(ranges), part_c(ranges), part_w(ranges), part_b(ranges);
   for (int64_t t = 0; t < ranges; ++t) {
+    part_q[t] = t == 0 ? grad_packed : at::zeros_like(grad_packed);
     part_c[t] = t == 0 ? grad_c : at::zeros_like(grad_c);
     part_w[t] = t == 0 || !project ? grad_w : at::zeros_like(grad_w);
     part_b[t] = t == 0 || !in.bias.defined() ? grad_b : at::zeros_like(grad_b);
@@ -381,134 +389,132 @@ void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, 
     Tensor ctx = at::empty({rows_max * d}, options), e_rows = at::empty_like(ctx), d_ctx = at::empty_like(ctx);
     Tensor dz = at::empty({project ? rows_max * m : 0}, options);
     std::vector<T> lse(lq), sum(lq), scratch(2 * lq), c_row(d), dc_row(d), tmp(d);
-    for (int64_t t = begin; t < end; ++t) {
-      T* gw = project ? part_w[t].data_ptr<T>() : nullptr;
-      for (int64_t grp = t * groups / ranges; grp < (t + 1) * groups / ranges; ++grp)
-        for (int64_t b0 = 0; b0 < nc; b0 += nb) {
-          const int64_t nbi = std::min(nc, b0 + nb) - b0;
-          const int64_t a0 = grp * na, nai = std::min(nq, a0 + na) - a0;
-          const int64_t row0 = first[a0], R = first[a0 + nai] - row0;
-          const Tensor qg_t = packed.narrow(0, row0, R);
-          const T* qg = q + row0 * d;
-          T* gq = grad_packed.data_ptr<T>() + row0 * d;
-          const Tensor chunk = in.contexts.narrow(0, b0, nbi);  // (nbi, Lc, d)
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t item = bounds[t]; item < bounds[t + 1]; ++item) {
+        const int64_t b0 = item % chunks * nb, nbi = std::min(nc, b0 + nb) - b0;
+        const int64_t a0 = item / chunks * na, nai = std::min(nq, a0 + na) - a0;
+        const int64_t row0 = first[a0], R = first[a0 + nai] - row0;
+        const Tensor qg_t = packed.narrow(0, row0, R);
+        const T* qg = q + row0 * d;
+        T* gq = part_q[t].data_ptr<T>() + row0 * d;
+        const Tensor chunk = in.contexts.narrow(0, b0, nbi);  // (nbi, Lc, d)
 
-          // Recompute the attention (the forward's first half).
-          Tensor s = raw.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
-          at::mm_out(s, chunk.view({nbi * lc, d}), qg_t.t());
-          scores.narrow(0, 0, nbi * lc * R).copy_(s.view(-1));
-          T* sp = scores.data_ptr<T>();
-          T* pp = probs.data_ptr<T>();
+        // Recompute the attention (the forward's first half).
+        Tensor s = raw.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
+        at::mm_out(s, chunk.view({nbi * lc, d}), qg_t.t());
+        scores.narrow(0, 0, nbi * lc * R).copy_(s.view(-1));
+        T* sp = scores.data_ptr<T>();
+        T* pp = probs.data_ptr<T>();
+        for (int64_t b = 0; b < nbi; ++b)
+          for (int64_t i = 0; i < nai; ++i) {
+            const int64_t r0 = first[a0 + i] - row0;
+            attention(sp + b * lc * R + r0, R, lc, c_lens[b0 + b], q_lens[a0 + i], o, pp + (b * R + r0) * lc,
+                      lse.data(), sum.data());
+          }
+        const Tensor p3 = probs.narrow(0, 0, nbi * R * lc).view({nbi, R, lc});
+        Tensor c3 = ctx.narrow(0, 0, nbi * R * d).view({nbi, R, d});
+        at::bmm_out(c3, p3, chunk);
+
+        // Per row: the epilogue's backward -> d(context) (in d_ctx) and the direct query gradient;
+        // distance / direction first need dz and, through W, d(e).
+        T* cp = ctx.data_ptr<T>();
+        T* ep = e_rows.data_ptr<T>();
+        T* dcp = d_ctx.data_ptr<T>();
+        auto for_rows = [&](auto&& body) {
           for (int64_t b = 0; b < nbi; ++b)
             for (int64_t i = 0; i < nai; ++i) {
-              const int64_t r0 = first[a0 + i] - row0;
-              attention(sp + b * lc * R + r0, R, lc, c_lens[b0 + b], q_lens[a0 + i], o, pp + (b * R + r0) * lc,
-                        lse.data(), sum.data());
+              const int64_t r0 = first[a0 + i] - row0, pair = ((a0 + i) * nc + b0 + b) * lq;
+              for (int64_t j = 0; j < q_lens[a0 + i]; ++j) body(b * R + r0 + j, r0 + j, pair + j);
             }
-          const Tensor p3 = probs.narrow(0, 0, nbi * R * lc).view({nbi, R, lc});
-          Tensor c3 = ctx.narrow(0, 0, nbi * R * d).view({nbi, R, d});
-          at::bmm_out(c3, p3, chunk);
-
-          // Per row: the epilogue's backward -> d(context) (in d_ctx) and the direct query gradient;
-          // distance / direction first need dz and, through W, d(e).
-          T* cp = ctx.data_ptr<T>();
-          T* ep = e_rows.data_ptr<T>();
-          T* dcp = d_ctx.data_ptr<T>();
-          auto for_rows = [&](auto&& body) {
-            for (int64_t b = 0; b < nbi; ++b)
-              for (int64_t i = 0; i < nai; ++i) {
-                const int64_t r0 = first[a0 + i] - row0, pair = ((a0 + i) * nc + b0 + b) * lq;
-                for (int64_t j = 0; j < q_lens[a0 + i]; ++j) body(b * R + r0 + j, r0 + j, pair + j);
-              }
-          };
-          auto unit_context = [&](int64_t r) {  // c = l2norm(ctx row r), into c_row
-            const T* cr = cp + r * d;
-            const T n_raw = std::sqrt(dot(cr, cr, d)) + eps;
-            for (int64_t e = 0; e < d; ++e) c_row[e] = cr[e] / n_raw;
-          };
-          if (project) {
-            T* dzp = dz.data_ptr<T>();
-            for_rows([&](int64_t r, int64_t qr, int64_t o_row) {
-              unit_context(r);
-              const T* qj = qg + qr * d;
-              T* er = ep + r * d;
-              if (o.distance) {
-                for (int64_t e = 0; e < d; ++e) er[e] = (c_row[e] - qj[e]) * (c_row[e] - qj[e]);
-              } else {
-                const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
-                for (int64_t e = 0; e < d; ++e) er[e] = c_row[e] / (nc_ + eps) * (qj[e] / (nq_ + eps));
-              }
-              // dz = g / r - u (u . g) / n with u = out, n = ||z||, r = n + eps
-              const T* u = out_p + o_row * m;
-              const T* g = g_p + o_row * m;
-              const T n = stats_p[o_row * 2];
-              const T along = n > 0 ? dot(u, g, m) / n : T(0);
-              T* dzr = dzp + r * m;
-              for (int64_t e = 0; e < m; ++e) dzr[e] = g[e] / (n + eps) - u[e] * along;
-            });
-            const Tensor dz2 = dz.narrow(0, 0, nbi * R * m).view({nbi * R, m});
-            part_w[t].addmm_(dz2.t(), e_rows.narrow(0, 0, nbi * R * d).view({nbi * R, d}));
-            if (in.bias.defined()) part_b[t].add_(dz2.sum(0));
-            Tensor de = e_rows.narrow(0, 0, nbi * R * d).view({nbi * R, d});  // e is spent: d(e) takes its place
-            at::mm_out(de, dz2, in.weight);
-          }
+        };
+        auto unit_context = [&](int64_t r) {  // c = l2norm(ctx row r), into c_row
+          const T* cr = cp + r * d;
+          const T n_raw = std::sqrt(dot(cr, cr, d)) + eps;
+          for (int64_t e = 0; e < d; ++e) c_row[e] = cr[e] / n_raw;
+        };
+        if (project) {
+          T* dzp = dz.data_ptr<T>();
           for_rows([&](int64_t r, int64_t qr, int64_t o_row) {
             unit_context(r);
             const T* qj = qg + qr * d;
-            T* gqr = gq + qr * d;
-            const T* g = g_p + o_row * width;
-            if (o.context) {
-              std::copy(g, g + d, dc_row.begin());
-            } else if (o.cosine) {
+            T* er = ep + r * d;
+            if (o.distance) {
+              for (int64_t e = 0; e < d; ++e) er[e] = (c_row[e] - qj[e]) * (c_row[e] - qj[e]);
+            } else {
               const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
-              const T den = nc_ * nq_, value = dot(c_row.data(), qj, d) / std::max(den, eps);
-              const bool big = den > eps;
-              const T safe = big ? den : eps;
-              const T along_c = big ? value / std::max(nc_ * nc_, T(1e-30)) : T(0);
-              const T along_q = big ? value / std::max(nq_ * nq_, T(1e-30)) : T(0);
-              for (int64_t e = 0; e < d; ++e) {
-                dc_row[e] = g[0] * (qj[e] / safe - along_c * c_row[e]);
-                gqr[e] += g[0] * (c_row[e] / safe - along_q * qj[e]);
-              }
-            } else if (o.distance) {
-              const T* de = ep + r * d;
-              for (int64_t e = 0; e < d; ++e) {
-                dc_row[e] = 2 * (c_row[e] - qj[e]) * de[e];
-                gqr[e] -= dc_row[e];
-              }
-            } else {  // direction: e = l2norm(c) * l2norm(q)
-              const T* de = ep + r * d;
-              const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
-              for (int64_t e = 0; e < d; ++e) tmp[e] = de[e] * qj[e] / (nq_ + eps);
-              l2norm_backward_row(c_row.data(), tmp.data(), d, eps, dc_row.data());
-              for (int64_t e = 0; e < d; ++e) tmp[e] = de[e] * c_row[e] / (nc_ + eps);
-              l2norm_backward_row(qj, tmp.data(), d, eps, tmp.data());
-              for (int64_t e = 0; e < d; ++e) gqr[e] += tmp[e];
+              for (int64_t e = 0; e < d; ++e) er[e] = c_row[e] / (nc_ + eps) * (qj[e] / (nq_ + eps));
             }
-            l2norm_backward_row(cp + r * d, dc_row.data(), d, eps, dcp + r * d);  // d(raw context)
+            // dz = g / r - u (u . g) / n with u = out, n = ||z||, r = n + eps
+            const T* u = out_p + o_row * m;
+            const T* g = g_p + o_row * m;
+            const T n = stats_p[o_row * 2];
+            const T along = n > 0 ? dot(u, g, m) / n : T(0);
+            T* dzr = dzp + r * m;
+            for (int64_t e = 0; e < m; ++e) dzr[e] = g[e] / (n + eps) - u[e] * along;
           });
-
-          // Back through ctx = p C and the attention: C gets p^T d(ctx) and dS^T Q, Q gets dS C.
-          const Tensor dctx3 = d_ctx.narrow(0, 0, nbi * R * d).view({nbi, R, d});
-          Tensor dp3 = d_p.narrow(0, 0, nbi * R * lc).view({nbi, R, lc});
-          at::bmm_out(dp3, dctx3, chunk.transpose(1, 2));
-          Tensor gc = part_c[t].narrow(0, b0, nbi);  // (nbi, Lc, d)
-          gc.baddbmm_(p3.transpose(1, 2), dctx3);
-          T* dsp = d_s.data_ptr<T>();
-          const T* rp = raw.data_ptr<T>();
-          for (int64_t b = 0; b < nbi; ++b)
-            for (int64_t i = 0; i < nai; ++i) {
-              const int64_t r0 = first[a0 + i] - row0, len = q_lens[a0 + i];
-              attention_backward(rp + b * lc * R + r0, R, lc, c_lens[b0 + b], len, o, pp + (b * R + r0) * lc,
-                                 dp3.data_ptr<T>() + (b * R + r0) * lc, dsp + b * lc * R + r0, scratch.data());
-            }
-          const Tensor ds2 = d_s.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
-          grad_packed.narrow(0, row0, R).addmm_(ds2.t(), chunk.view({nbi * lc, d}));
-          gc.view({nbi * lc, d}).addmm_(ds2, qg_t);
+          const Tensor dz2 = dz.narrow(0, 0, nbi * R * m).view({nbi * R, m});
+          part_w[t].addmm_(dz2.t(), e_rows.narrow(0, 0, nbi * R * d).view({nbi * R, d}));
+          if (in.bias.defined()) part_b[t].add_(dz2.sum(0));
+          Tensor de = e_rows.narrow(0, 0, nbi * R * d).view({nbi * R, d});  // e is spent: d(e) takes its place
+          at::mm_out(de, dz2, in.weight);
         }
-    }
+        for_rows([&](int64_t r, int64_t qr, int64_t o_row) {
+          unit_context(r);
+          const T* qj = qg + qr * d;
+          T* gqr = gq + qr * d;
+          const T* g = g_p + o_row * width;
+          if (o.context) {
+            std::copy(g, g + d, dc_row.begin());
+          } else if (o.cosine) {
+            const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
+            const T den = nc_ * nq_, value = dot(c_row.data(), qj, d) / std::max(den, eps);
+            const bool big = den > eps;
+            const T safe = big ? den : eps;
+            const T along_c = big ? value / std::max(nc_ * nc_, T(1e-30)) : T(0);
+            const T along_q = big ? value / std::max(nq_ * nq_, T(1e-30)) : T(0);
+            for (int64_t e = 0; e < d; ++e) {
+              dc_row[e] = g[0] * (qj[e] / safe - along_c * c_row[e]);
+              gqr[e] += g[0] * (c_row[e] / safe - along_q * qj[e]);
+            }
+          } else if (o.distance) {
+            const T* de = ep + r * d;
+            for (int64_t e = 0; e < d; ++e) {
+              dc_row[e] = 2 * (c_row[e] - qj[e]) * de[e];
+              gqr[e] -= dc_row[e];
+            }
+          } else {  // direction: e = l2norm(c) * l2norm(q)
+            const T* de = ep + r * d;
+            const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
+            for (int64_t e = 0; e < d; ++e) tmp[e] = de[e] * qj[e] / (nq_ + eps);
+            l2norm_backward_row(c_row.data(), tmp.data(), d, eps, dc_row.data());
+            for (int64_t e = 0; e < d; ++e) tmp[e] = de[e] * c_row[e] / (nc_ + eps);
+            l2norm_backward_row(qj, tmp.data(), d, eps, tmp.data());
+            for (int64_t e = 0; e < d; ++e) gqr[e] += tmp[e];
+          }
+          l2norm_backward_row(cp + r * d, dc_row.data(), d, eps, dcp + r * d);  // d(raw context)
+        });
+
+        // Back through ctx = p C and the attention: C gets p^T d(ctx) and dS^T Q, Q gets dS C.
+        const Tensor dctx3 = d_ctx.narrow(0, 0, nbi * R * d).view({nbi, R, d});
+        Tensor dp3 = d_p.narrow(0, 0, nbi * R * lc).view({nbi, R, lc});
+        at::bmm_out(dp3, dctx3, chunk.transpose(1, 2));
+        Tensor gc = part_c[t].narrow(0, b0, nbi);  // (nbi, Lc, d)
+        gc.baddbmm_(p3.transpose(1, 2), dctx3);
+        T* dsp = d_s.data_ptr<T>();
+        const T* rp = raw.data_ptr<T>();
+        for (int64_t b = 0; b < nbi; ++b)
+          for (int64_t i = 0; i < nai; ++i) {
+            const int64_t r0 = first[a0 + i] - row0, len = q_lens[a0 + i];
+            attention_backward(rp + b * lc * R + r0, R, lc, c_lens[b0 + b], len, o, pp + (b * R + r0) * lc,
+                               dp3.data_ptr<T>() + (b * R + r0) * lc, dsp + b * lc * R + r0, scratch.data());
+          }
+        const Tensor ds2 = d_s.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
+        part_q[t].narrow(0, row0, R).addmm_(ds2.t(), chunk.view({nbi * lc, d}));
+        gc.view({nbi * lc, d}).addmm_(ds2, qg_t);
+      }
   });
   for (int64_t t = 1; t < ranges; ++t) {
+    grad_packed.add_(part_q[t]);
     grad_c.add_(part_c[t]);
     if (project) grad_w.add_(part_w[t]);
     if (in.bias.defined()) grad_b.add_(part_b[t]);
