@@ -166,6 +166,67 @@ void attention(T* s, int64_t ld, int64_t lc, int64_t clen, int64_t len, const Op
   }
 }
 
+// How the (query set, context set) pairs are cut into work items: groups of na query sets x chunks
+// of nb context sets, nb chosen so that an item's (pairs, Lq, d) attention contexts take about
+// kItemBytes. The valid query rows are packed once: query set a's are rows [first[a], first[a + 1]).
+struct Plan {
+  int64_t na, nb, chunks, items;
+  std::vector<int64_t> first;
+  Tensor packed;  // (sum of query_lens, d), acc dtype
+};
+
+Plan make_plan(const Inputs& in, const int64_t* q_lens) {
+  Plan p;
+  p.na = std::max<int64_t>(1, std::min(in.nq, kItemQuerySets));
+  const int64_t bytes = p.na * in.lq * in.d * in.queries.element_size();
+  p.nb = std::max<int64_t>(1, std::min<int64_t>(in.nc, kItemBytes / std::max<int64_t>(1, bytes)));
+  p.chunks = (in.nc + p.nb - 1) / p.nb;
+  p.items = p.chunks * ((in.nq + p.na - 1) / p.na);
+  p.first.assign(in.nq + 1, 0);
+  for (int64_t a = 0; a < in.nq; ++a) p.first[a + 1] = p.first[a] + q_lens[a];
+  p.packed = in.queries.view({in.nq * in.lq, in.d}).index({in.q_valid.view(-1)});
+  return p;
+}
+
+// One work item: context sets [b0, b0 + nbi) x query sets [a0, a0 + nai), whose packed rows are
+// [row0, row0 + R); its rows r < R are its packed query rows, and (b, r) indexes the rows of its pairs.
+struct Item {
+  int64_t b0, nbi, a0, nai, row0, R;
+};
+
+Item item_at(const Plan& p, const Inputs& in, int64_t item) {
+  Item it;
+  it.b0 = item % p.chunks * p.nb, it.nbi = std::min(in.nc, it.b0 + p.nb) - it.b0;
+  it.a0 = item / p.chunks * p.na, it.nai = std::min(in.nq, it.a0 + p.na) - it.a0;
+  it.row0 = p.first[it.a0], it.R = p.first[it.a0 + it.nai] - it.row0;
+  return it;
+}
+
+// The first half of an item, for the forward and for the backward's recomputation: S = C[chunk]
+// Q[rows]^T into `raw` (the GEMM dtype G), then in acc_t into `scores` (the same tensor unless G
+// rounds), which the softmax overwrites; attention P into `probs` (nbi, R, Lc), contexts P C[b] into
+// `ctx` (nbi, R, d). on_lse(i, b, lse) receives each pair's log-sum-exp over its valid query rows.
+template <typename A, typename G, typename OnLse>
+void attend_item(const Options& o, const Inputs& in, const Plan& p, const Item& it, const Tensor& rows,
+                 const Tensor& chunk, const int64_t* q_lens, const int64_t* c_lens, Tensor& raw, Tensor& scores,
+                 Tensor& probs, Tensor& ctx, std::vector<A>& lse, std::vector<A>& sum, OnLse on_lse) {
+  const int64_t lc = in.lc, R = it.R, n = it.nbi * lc * R;
+  Tensor s = raw.narrow(0, 0, n).view({it.nbi * lc, R});
+  at::mm_out(s, chunk.view({it.nbi * lc, in.d}), rows.narrow(0, it.row0, R).t());
+  if (!scores.is_same(raw)) scores.narrow(0, 0, n).copy_(s.view(-1));
+  A* sp = scores.data_ptr<A>();
+  G* pp = probs.data_ptr<G>();
+  for (int64_t b = 0; b < it.nbi; ++b)
+    for (int64_t i = 0; i < it.nai; ++i) {
+      const int64_t r0 = p.first[it.a0 + i] - it.row0;
+      attention(sp + b * lc * R + r0, R, lc, c_lens[it.b0 + b], q_lens[it.a0 + i], o, pp + (b * R + r0) * lc,
+                lse.data(), sum.data());
+      on_lse(i, b, lse);
+    }
+  Tensor c = ctx.narrow(0, 0, it.nbi * R * in.d).view({it.nbi, R, in.d});
+  at::bmm_out(c, probs.narrow(0, 0, it.nbi * R * lc).view({it.nbi, R, lc}), chunk);
+}
+
 // The fused forward (see the top of the file). scalar_t: input / output dtype.
 template <typename scalar_t>
 void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, const int64_t* c_lens, Tensor& out,
@@ -176,21 +237,15 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
   using gemm_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, at::BFloat16, acc_t>;
   constexpr bool kRoundGemm = !std::is_same_v<gemm_t, acc_t>;
   const auto gemm_dtype = c10::CppTypeToScalarType<gemm_t>::value;
-  const int64_t nq = in.nq, lq = in.lq, nc = in.nc, lc = in.lc, d = in.d, m = in.m;
+  const int64_t lq = in.lq, nc = in.nc, lc = in.lc, d = in.d, m = in.m;
   const bool project = o.distance || o.direction;
   const int64_t width = o.cosine ? 1 : (o.context ? d : m);  // out values per (a, b, j)
-  const int64_t na = std::max<int64_t>(1, std::min(nq, kItemQuerySets));
-  const int64_t nb = std::max<int64_t>(
-      1, std::min<int64_t>(nc, kItemBytes / std::max<int64_t>(1, na * lq * d * int64_t(sizeof(acc_t)))));
-  const int64_t chunks = (nc + nb - 1) / nb;
-  const int64_t items = chunks * ((nq + na - 1) / na);
+  const Plan plan = make_plan(in, q_lens);
+  const int64_t na = plan.na, nb = plan.nb, items = plan.items;
+  const std::vector<int64_t>& first = plan.first;
   const Tensor weight_t = project ? in.weight.to(gemm_dtype).t() : Tensor();
-  // The valid query rows, packed: query set a's are rows [first[a], first[a + 1]).
-  const Tensor packed = in.queries.view({nq * lq, d}).index({in.q_valid.view(-1)});
-  const Tensor packed_g = packed.to(gemm_dtype);
-  std::vector<int64_t> first(nq + 1, 0);
-  for (int64_t a = 0; a < nq; ++a) first[a + 1] = first[a] + q_lens[a];
-  const acc_t* q = packed.data_ptr<acc_t>();
+  const Tensor packed_g = plan.packed.to(gemm_dtype);
+  const acc_t* q = plan.packed.data_ptr<acc_t>();
   const acc_t* bias = in.bias.defined() ? in.bias.data_ptr<acc_t>() : nullptr;
   const acc_t eps = o.eps;
   scalar_t* out_p = out.data_ptr<scalar_t>();
@@ -202,8 +257,7 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
     const at::ThreadLocalStateGuard state(caller);
-    // Per-thread scratch, reused by all the items the thread takes. An item's rows r < R are its
-    // packed query rows; (b, r) indexes the rows of its pairs.
+    // Per-thread scratch, reused by all the items the thread takes.
     const auto acc_options = in.queries.options(), gemm_options = packed_g.options();
     Tensor scores_g = at::empty({nb * lc * na * lq}, gemm_options);
     Tensor scores = kRoundGemm ? at::empty({nb * lc * na * lq}, acc_options) : scores_g;
@@ -213,29 +267,17 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
     std::vector<acc_t> lse(lq), sum(lq), q_norm(na * lq), q_unit(o.direction ? na * lq * d : 0), z_row(m);
     std::vector<acc_t> c_row(kRoundGemm ? d : 0);
     for (int64_t item; (item = next.fetch_add(1)) < items;) {
-      const int64_t b0 = item % chunks * nb, nbi = std::min(nc, b0 + nb) - b0;
-      const int64_t a0 = item / chunks * na, nai = std::min(nq, a0 + na) - a0;
-      const int64_t row0 = first[a0], R = first[a0 + nai] - row0;
+      const Item it = item_at(plan, in, item);
+      const int64_t b0 = it.b0, nbi = it.nbi, a0 = it.a0, nai = it.nai, row0 = it.row0, R = it.R;
       const acc_t* qg = q + row0 * d;                       // the item's query rows
       const Tensor chunk = in.contexts.narrow(0, b0, nbi);  // (nbi, Lc, d), gemm_t
 
       // Scores of all the item's pairs, attention, contexts.
-      Tensor s_g = scores_g.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
-      at::mm_out(s_g, chunk.view({nbi * lc, d}), packed_g.narrow(0, row0, R).t());
-      Tensor s = scores.narrow(0, 0, nbi * lc * R);
-      if (kRoundGemm) s.copy_(s_g.view(-1));
-      acc_t* sp = s.data_ptr<acc_t>();
-      gemm_t* pp = probs.data_ptr<gemm_t>();
-      for (int64_t b = 0; b < nbi; ++b)
-        for (int64_t i = 0; i < nai; ++i) {
-          const int64_t r0 = first[a0 + i] - row0;
-          attention(sp + b * lc * R + r0, R, lc, c_lens[b0 + b], q_lens[a0 + i], o, pp + (b * R + r0) * lc,
-                    lse.data(), sum.data());
-          acc_t* st = stats_p + ((a0 + i) * nc + b0 + b) * lq * 2;
-          for (int64_t j = 0; j < q_lens[a0 + i]; ++j) st[2 * j + 1] = lse[j];
-        }
-      Tensor c = ctx.narrow(0, 0, nbi * R * d).view({nbi, R, d});
-      at::bmm_out(c, probs.narrow(0, 0, nbi * R * lc).view({nbi, R, lc}), chunk);
+      attend_item<acc_t, gemm_t>(o, in, plan, it, packed_g, chunk, q_lens, c_lens, scores_g, scores, probs, ctx, lse,
+                                 sum, [&](int64_t i, int64_t b, const std::vector<acc_t>& pair_lse) {
+                                   acc_t* st = stats_p + ((a0 + i) * nc + b0 + b) * lq * 2;
+                                   for (int64_t j = 0; j < q_lens[a0 + i]; ++j) st[2 * j + 1] = pair_lse[j];
+                                 });
 
       // c = l2norm(ctx), then the epilogue: out directly (context, cosine) or W's input rows.
       for (int64_t r = 0; r < R; ++r) {
@@ -244,7 +286,7 @@ void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, c
         if (o.direction)
           for (int64_t e = 0; e < d; ++e) q_unit[r * d + e] = qr[e] / (q_norm[r] + eps);
       }
-      gemm_t* cp = c.data_ptr<gemm_t>();
+      gemm_t* cp = ctx.data_ptr<gemm_t>();
       for (int64_t b = 0; b < nbi; ++b)
         for (int64_t i = 0; i < nai; ++i) {
           const int64_t len = q_lens[a0 + i], pair = ((a0 + i) * nc + b0 + b) * lq;  // out / stats row of j = 0
@@ -347,26 +389,21 @@ template <typename T>
 void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, const int64_t* c_lens,
                      const Tensor& grad_out, const Tensor& out, const Tensor& stats, Tensor& grad_packed,
                      Tensor& grad_c, Tensor& grad_w, Tensor& grad_b) {
-  const int64_t nq = in.nq, lq = in.lq, nc = in.nc, lc = in.lc, d = in.d, m = in.m;
+  const int64_t lq = in.lq, nc = in.nc, lc = in.lc, d = in.d, m = in.m;
   const bool project = o.distance || o.direction;
   const int64_t width = o.cosine ? 1 : (o.context ? d : m);
-  const int64_t na = std::max<int64_t>(1, std::min(nq, kItemQuerySets));
-  const int64_t nb = std::max<int64_t>(
-      1, std::min<int64_t>(nc, kItemBytes / std::max<int64_t>(1, na * lq * d * int64_t(sizeof(T)))));
-  const int64_t chunks = (nc + nb - 1) / nb;
-  const int64_t items = chunks * ((nq + na - 1) / na);
+  const Plan plan = make_plan(in, q_lens);
+  const int64_t na = plan.na, nb = plan.nb, items = plan.items;
+  const std::vector<int64_t>& first = plan.first;
   const int64_t ranges = std::min<int64_t>(at::get_num_threads(), items);
-  const Tensor packed = in.queries.view({nq * lq, d}).index({in.q_valid.view(-1)});
-  std::vector<int64_t> first(nq + 1, 0);
-  for (int64_t a = 0; a < nq; ++a) first[a + 1] = first[a] + q_lens[a];
   std::vector<int64_t> work(items + 1, 0), bounds(ranges + 1, items);  // work: prefix sums of the items' work
   for (int64_t item = 0; item < items; ++item) {
-    const int64_t b0 = item % chunks * nb, a0 = item / chunks * na;
-    work[item + 1] = work[item] + (std::min(nc, b0 + nb) - b0) * (first[std::min(nq, a0 + na)] - first[a0]);
+    const Item it = item_at(plan, in, item);
+    work[item + 1] = work[item] + it.nbi * it.R;
   }
   for (int64_t t = 0; t < ranges; ++t)
     bounds[t] = std::lower_bound(work.begin(), work.end(), work[items] * t / ranges) - work.begin();
-  const T* q = packed.data_ptr<T>();
+  const T* q = plan.packed.data_ptr<T>();
   const T* g_p = grad_out.data_ptr<T>();
   const T* out_p = out.data_ptr<T>();
   const T* stats_p = stats.data_ptr<T>();
@@ -391,29 +428,16 @@ void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, 
     std::vector<T> lse(lq), sum(lq), scratch(2 * lq), c_row(d), dc_row(d), tmp(d);
     for (int64_t t = begin; t < end; ++t)
       for (int64_t item = bounds[t]; item < bounds[t + 1]; ++item) {
-        const int64_t b0 = item % chunks * nb, nbi = std::min(nc, b0 + nb) - b0;
-        const int64_t a0 = item / chunks * na, nai = std::min(nq, a0 + na) - a0;
-        const int64_t row0 = first[a0], R = first[a0 + nai] - row0;
-        const Tensor qg_t = packed.narrow(0, row0, R);
+        const Item it = item_at(plan, in, item);
+        const int64_t b0 = it.b0, nbi = it.nbi, a0 = it.a0, nai = it.nai, row0 = it.row0, R = it.R;
         const T* qg = q + row0 * d;
         T* gq = part_q[t].data_ptr<T>() + row0 * d;
         const Tensor chunk = in.contexts.narrow(0, b0, nbi);  // (nbi, Lc, d)
 
-        // Recompute the attention (the forward's first half).
-        Tensor s = raw.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
-        at::mm_out(s, chunk.view({nbi * lc, d}), qg_t.t());
-        scores.narrow(0, 0, nbi * lc * R).copy_(s.view(-1));
-        T* sp = scores.data_ptr<T>();
-        T* pp = probs.data_ptr<T>();
-        for (int64_t b = 0; b < nbi; ++b)
-          for (int64_t i = 0; i < nai; ++i) {
-            const int64_t r0 = first[a0 + i] - row0;
-            attention(sp + b * lc * R + r0, R, lc, c_lens[b0 + b], q_lens[a0 + i], o, pp + (b * R + r0) * lc,
-                      lse.data(), sum.data());
-          }
+        // Recompute the attention (the forward's first half); raw keeps the scores.
+        attend_item<T, T>(o, in, plan, it, plan.packed, chunk, q_lens, c_lens, raw, scores, probs, ctx, lse, sum,
+                          [](int64_t, int64_t, const std::vector<T>&) {});
         const Tensor p3 = probs.narrow(0, 0, nbi * R * lc).view({nbi, R, lc});
-        Tensor c3 = ctx.narrow(0, 0, nbi * R * d).view({nbi, R, d});
-        at::bmm_out(c3, p3, chunk);
 
         // Per row: the epilogue's backward -> d(context) (in d_ctx) and the direct query gradient;
         // distance / direction first need dz and, through W, d(e).
@@ -502,6 +526,7 @@ void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, 
         gc.baddbmm_(p3.transpose(1, 2), dctx3);
         T* dsp = d_s.data_ptr<T>();
         const T* rp = raw.data_ptr<T>();
+        const T* pp = probs.data_ptr<T>();
         for (int64_t b = 0; b < nbi; ++b)
           for (int64_t i = 0; i < nai; ++i) {
             const int64_t r0 = first[a0 + i] - row0, len = q_lens[a0 + i];
@@ -510,7 +535,7 @@ void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, 
           }
         const Tensor ds2 = d_s.narrow(0, 0, nbi * lc * R).view({nbi * lc, R});
         part_q[t].narrow(0, row0, R).addmm_(ds2.t(), chunk.view({nbi * lc, d}));
-        gc.view({nbi * lc, d}).addmm_(ds2, qg_t);
+        gc.view({nbi * lc, d}).addmm_(ds2, plan.packed.narrow(0, row0, R));
       }
   });
   for (int64_t t = 1; t < ranges; ++t) {
