@@ -98,11 +98,11 @@ from ..data.batch import CaptionBatch, ImageBatch
 from ..ops import cross_attention, pairwise_similarity
 from ..reference import l2norm
 from .base import RetrievalModel
-from .caption_chunks import caption_chunks, check_lengths, check_token_ids
+from .caption_chunks import caption_chunks, check_lengths, check_token_ids, default_chunk_nodes
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import register_model
-from .sgraf import CHUNK_NODES, DROPOUT, SelfAttentionPool, _EmbeddingWithDropout
+from .sgraf import DROPOUT, SelfAttentionPool, _EmbeddingWithDropout
 from .similarity_common import caption_batch_norm, update_running_stats
 
 PERSPECTIVES = ("distance", "direction")
@@ -398,11 +398,14 @@ class MPSM(RetrievalModel):
                                    self.perspective, backend=self.backend)
         return glob, local
 
-    def similarity(self, images: ImageEncoding, captions: CaptionEncoding, *, chunk_nodes: int = CHUNK_NODES) -> Tensor:
+    def similarity(
+        self, images: ImageEncoding, captions: CaptionEncoding, *, chunk_nodes: int | None = None
+    ) -> Tensor:
         """Scores ``(n_image, n_caption)`` of every pair of the encodings, in (0, 1).
 
         Captions are scored in length-sorted chunks of at most ``chunk_nodes``
-        similarity nodes (captions x images x (words + 1)), at least one caption each.
+        similarity nodes (captions x images x (words + 1)), at least one caption each
+        (default: :func:`~sgfused.models.caption_chunks.default_chunk_nodes` of the device).
         """
         regions, img_glo = self._check_image_encoding(images)
         words, lengths, cap_glo = self._check_caption_encoding(captions)
@@ -412,6 +415,7 @@ class MPSM(RetrievalModel):
         host_lengths = lengths.tolist()
         order = sorted(range(len(host_lengths)), key=host_lengths.__getitem__)
         columns, stats = [], []
+        chunk_nodes = default_chunk_nodes(regions.device) if chunk_nodes is None else chunk_nodes
         for chunk in caption_chunks(order, host_lengths, regions.shape[0], chunk_nodes):
             index = torch.tensor(chunk, device=words.device)
             chunk_lengths = lengths[index]

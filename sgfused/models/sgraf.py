@@ -63,7 +63,7 @@ from ..data.batch import CaptionBatch, ImageBatch
 from ..ops import cross_attention, pairwise_similarity
 from ..reference import l2norm
 from .base import RetrievalModel
-from .caption_chunks import caption_chunks, check_lengths, check_token_ids
+from .caption_chunks import caption_chunks, check_lengths, check_token_ids, default_chunk_nodes
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import build_model, register_model
@@ -71,10 +71,6 @@ from .similarity_common import caption_batch_norm, update_running_stats
 
 MODULES = ("SGR", "SAF")
 DROPOUT = 0.4  # the published code's dropout on word embeddings and in the self-attention branches
-# Similarity nodes (caption x image x (words + 1)) held per chunk. On the CPU a chunk's node vectors
-# (16 Ki x sim_dim 256) stay in the caches between the reasoning's passes: 1.35x faster than 256 Ki nodes
-# in evaluation and in training, and less memory. GPUs want big chunks (fewer, larger kernels).
-CHUNK_NODES = {"cpu": 1 << 14, "cuda": 1 << 18}
 # Official state-dict parts, in checkpoint order: (our module prefix, published renames of its keys).
 _OFFICIAL_PARTS = (("image_encoder.", {}), ("text_encoder.", {"rnn.": "cap_rnn."}), ("sim_encoder.", {}))
 
@@ -340,13 +336,13 @@ class SGRAF(RetrievalModel):
         matrix products (default: that of ``regions``); self-attention, SAF and the
         scores stay fp32. Captions are scored in length-sorted chunks of at most
         ``chunk_nodes`` similarity nodes (captions x images x (words + 1)), at least one caption each
-        (default: ``CHUNK_NODES`` of the device type, 256 Ki where it has no entry).
+        (default: :func:`~sgfused.models.caption_chunks.default_chunk_nodes` of the device).
         """
         regions, words, lengths = _unpack(images, captions, lengths)
         self._check_encodings(regions, words, lengths)
         lengths = lengths.to(words.device)
         dtype = dtype or regions.dtype
-        chunk_nodes = chunk_nodes or CHUNK_NODES.get(regions.device.type, 1 << 18)
+        chunk_nodes = default_chunk_nodes(regions.device) if chunk_nodes is None else chunk_nodes
         valid = valid_mask(lengths, words.shape[1])
         words = words.masked_fill(~valid.unsqueeze(-1), 0)
         with torch.autocast(regions.device.type, dtype=dtype, enabled=dtype != regions.dtype):
