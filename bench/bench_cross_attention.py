@@ -28,8 +28,9 @@ def backends_for(device: torch.device) -> list[str]:
     return ["reference", "cuda", "triton"] if device.type == "cuda" else ["reference", "cpu"]
 
 
-def flop_per_pair(lq: int, lc: int, d: int, m: int) -> float:
-    """Scores, weighted contexts and the W projection of one pair (forward)."""
+def flop_per_pair(lens: torch.Tensor, lc: int, d: int, m: int) -> float:
+    """Scores, weighted contexts and the W projection of one pair (forward), for the mean valid query length."""
+    lq = float(lens.float().mean())
     return 2.0 * lq * lc * d * 2 + 2.0 * lq * d * m
 
 
@@ -77,16 +78,16 @@ def run(device: torch.device, quick: bool) -> list[Row]:
     lq, lc, d, m = (32, 36, 1024, 256) if not quick else (16, 12, 64, 32)
     n = 16 if quick else 128
     tensors = make(n, n, lq, lc, d, m, device, torch.float32)
-    flop = 3 * n * n * flop_per_pair(lq, lc, d, m)
+    flop = 3 * n * n * flop_per_pair(tensors[2], lc, d, m)
     for backend in backends_for(device):
         rows.append(measure(OP, "train fwd+bwd fp32", backend, device, torch.float32,
                             f"{n}x{n},Lq={lq},Lc={lc},d={d},m={m}", train_step(tensors, backend), flop=flop))
     n_img, n_cap = (20, 100) if quick else ((1000, 5000) if device.type == "cuda" else (100, 500))
     shape = f"{n_img}img x {n_cap}cap"
-    flop = n_img * n_cap * flop_per_pair(lq, lc, d, m)
     scores = {}
     for dtype in (torch.float32, torch.bfloat16):
         tensors = make(n_cap, n_img, lq, lc, d, m, device, dtype)
+        flop = n_img * n_cap * flop_per_pair(tensors[2], lc, d, m)
         for backend in backends_for(device):
             if dtype == torch.bfloat16 and backend == "reference":
                 continue  # the target compares bf16 kernels with the fp32 reference
