@@ -44,7 +44,8 @@ def compare(checkpoint: str, data: str, split: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="synthetic (or precomp) dataset folder")
-    parser.add_argument("--runs", nargs="*", help="checkpoints (default DATA/runs/sgr/best.pt and DATA/runs/saf/best.pt)")
+    parser.add_argument("--runs", nargs="*",
+                        help="checkpoints (default DATA/runs/sgr/best.pt and DATA/runs/saf/best.pt)")
     parser.add_argument("--split", default="test")
     args = parser.parse_args()
     runs = args.runs or [os.path.join(args.data, "runs", key, "best.pt") for key in ("sgr", "saf")]

@@ -237,7 +237,8 @@ class SimilarityEncoder(nn.Module):
 
     def reason(self, glob: Tensor, local: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Scores ``(C, I)`` (fp32), and SAF's per-caption BatchNorm statistics in training."""
-        valid = (torch.arange(local.shape[2] + 1, device=lengths.device) <= lengths[:, None]).unsqueeze(1)  # (C, 1, L + 1)
+        positions = torch.arange(local.shape[2] + 1, device=lengths.device)  # node 0 is the global one
+        valid = (positions <= lengths[:, None]).unsqueeze(1)  # (C, 1, L + 1)
         stats = None
         if self.module_name == "SGR":
             nodes = torch.cat([glob.unsqueeze(2), local], dim=2)  # (C, I, L + 1, m)
