@@ -425,7 +425,7 @@ void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, 
     Tensor probs = at::empty({rows_max * lc}, options), d_p = at::empty_like(probs);
     Tensor ctx = at::empty({rows_max * d}, options), e_rows = at::empty_like(ctx), d_ctx = at::empty_like(ctx);
     Tensor dz = at::empty({project ? rows_max * m : 0}, options);
-    std::vector<T> lse(lq), sum(lq), scratch(2 * lq), c_row(d), dc_row(d), tmp(d);
+    std::vector<T> lse(lq), sum(lq), scratch(2 * lq), n_ctx(rows_max), dc_row(d), tmp(d);
     for (int64_t t = begin; t < end; ++t)
       for (int64_t item = bounds[t]; item < bounds[t + 1]; ++item) {
         const Item it = item_at(plan, in, item);
@@ -451,22 +451,22 @@ void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, 
               for (int64_t j = 0; j < q_lens[a0 + i]; ++j) body(b * R + r0 + j, r0 + j, pair + j);
             }
         };
-        auto unit_context = [&](int64_t r) {  // c = l2norm(ctx row r), into c_row
-          const T* cr = cp + r * d;
-          const T n_raw = std::sqrt(dot(cr, cr, d)) + eps;
-          for (int64_t e = 0; e < d; ++e) c_row[e] = cr[e] / n_raw;
-        };
+        for_rows([&](int64_t r, int64_t, int64_t) {  // c = l2norm(ctx), in place; n_ctx keeps ||ctx||
+          T* cr = cp + r * d;
+          n_ctx[r] = std::sqrt(dot(cr, cr, d));
+          for (int64_t e = 0; e < d; ++e) cr[e] /= n_ctx[r] + eps;
+        });
         if (project) {
           T* dzp = dz.data_ptr<T>();
           for_rows([&](int64_t r, int64_t qr, int64_t o_row) {
-            unit_context(r);
+            const T* c = cp + r * d;
             const T* qj = qg + qr * d;
             T* er = ep + r * d;
             if (o.distance) {
-              for (int64_t e = 0; e < d; ++e) er[e] = (c_row[e] - qj[e]) * (c_row[e] - qj[e]);
+              for (int64_t e = 0; e < d; ++e) er[e] = (c[e] - qj[e]) * (c[e] - qj[e]);
             } else {
-              const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
-              for (int64_t e = 0; e < d; ++e) er[e] = c_row[e] / (nc_ + eps) * (qj[e] / (nq_ + eps));
+              const T nc_ = std::sqrt(dot(c, c, d)), nq_ = std::sqrt(dot(qj, qj, d));
+              for (int64_t e = 0; e < d; ++e) er[e] = c[e] / (nc_ + eps) * (qj[e] / (nq_ + eps));
             }
             // dz = g / r - u (u . g) / n with u = out, n = ||z||, r = n + eps
             const T* u = out_p + o_row * m;
@@ -483,39 +483,42 @@ void backward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, 
           at::mm_out(de, dz2, in.weight);
         }
         for_rows([&](int64_t r, int64_t qr, int64_t o_row) {
-          unit_context(r);
+          const T* c = cp + r * d;
           const T* qj = qg + qr * d;
           T* gqr = gq + qr * d;
           const T* g = g_p + o_row * width;
           if (o.context) {
             std::copy(g, g + d, dc_row.begin());
           } else if (o.cosine) {
-            const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
-            const T den = nc_ * nq_, value = dot(c_row.data(), qj, d) / std::max(den, eps);
+            const T nc_ = std::sqrt(dot(c, c, d)), nq_ = std::sqrt(dot(qj, qj, d));
+            const T den = nc_ * nq_, value = dot(c, qj, d) / std::max(den, eps);
             const bool big = den > eps;
             const T safe = big ? den : eps;
             const T along_c = big ? value / std::max(nc_ * nc_, T(1e-30)) : T(0);
             const T along_q = big ? value / std::max(nq_ * nq_, T(1e-30)) : T(0);
             for (int64_t e = 0; e < d; ++e) {
-              dc_row[e] = g[0] * (qj[e] / safe - along_c * c_row[e]);
-              gqr[e] += g[0] * (c_row[e] / safe - along_q * qj[e]);
+              dc_row[e] = g[0] * (qj[e] / safe - along_c * c[e]);
+              gqr[e] += g[0] * (c[e] / safe - along_q * qj[e]);
             }
           } else if (o.distance) {
             const T* de = ep + r * d;
             for (int64_t e = 0; e < d; ++e) {
-              dc_row[e] = 2 * (c_row[e] - qj[e]) * de[e];
+              dc_row[e] = 2 * (c[e] - qj[e]) * de[e];
               gqr[e] -= dc_row[e];
             }
           } else {  // direction: e = l2norm(c) * l2norm(q)
             const T* de = ep + r * d;
-            const T nc_ = std::sqrt(dot(c_row.data(), c_row.data(), d)), nq_ = std::sqrt(dot(qj, qj, d));
+            const T nc_ = std::sqrt(dot(c, c, d)), nq_ = std::sqrt(dot(qj, qj, d));
             for (int64_t e = 0; e < d; ++e) tmp[e] = de[e] * qj[e] / (nq_ + eps);
-            l2norm_backward_row(c_row.data(), tmp.data(), d, eps, dc_row.data());
-            for (int64_t e = 0; e < d; ++e) tmp[e] = de[e] * c_row[e] / (nc_ + eps);
+            l2norm_backward_row(c, tmp.data(), d, eps, dc_row.data());
+            for (int64_t e = 0; e < d; ++e) tmp[e] = de[e] * c[e] / (nc_ + eps);
             l2norm_backward_row(qj, tmp.data(), d, eps, tmp.data());
             for (int64_t e = 0; e < d; ++e) gqr[e] += tmp[e];
           }
-          l2norm_backward_row(cp + r * d, dc_row.data(), d, eps, dcp + r * d);  // d(raw context)
+          // d(raw context) from c = ctx / (n + eps): dctx = dc / (n + eps) - c (c . dc) / n
+          const T n = n_ctx[r], along = n > 0 ? dot(c, dc_row.data(), d) / n : T(0);
+          T* dv = dcp + r * d;
+          for (int64_t e = 0; e < d; ++e) dv[e] = dc_row[e] / (n + eps) - c[e] * along;
         });
 
         // Back through ctx = p C and the attention: C gets p^T d(ctx) and dS^T Q, Q gets dS C.
