@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 USER_ERRORS = (FileNotFoundError, ValueError, ImportError)
-SIMILARITY_DTYPES = {"fp32": None, "bf16": "bfloat16"}  # `eval --similarity-dtype`: names of torch dtypes
 
 
 def _parse_value(text: str) -> Any:
@@ -136,6 +135,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from .checkpoint import check_same_vocabulary, load_checkpoint, model_from_checkpoint
     from .data.precomp import PrecompSplit
     from .evaluate import evaluate_model, save_similarity
@@ -160,19 +161,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     results, sims = evaluate_model(
         model.to(device), split, fold5=args.fold5, batch_size=args.batch_size, device=device, progress=not args.quiet,
-        similarity_dtype=_torch_dtype(SIMILARITY_DTYPES[args.similarity_dtype]),
+        similarity_dtype=torch.bfloat16 if args.similarity_dtype == "bf16" else None,
     )
     if args.save_sims:
         meta = {"model": model_name, "checkpoint": str(args.checkpoint), "split": args.split,
                 "data": str(data.resolve()), "captions_per_image": split.captions_per_image}
         save_similarity(args.save_sims, sims, meta)
     _report(results, sims, data, args.split, split.captions_per_image, args.json)
-
-
-def _torch_dtype(name: str | None) -> Any:
-    import torch
-
-    return getattr(torch, name) if name else None
 
 
 def cmd_eval_ensemble(args: argparse.Namespace) -> None:
@@ -280,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the results as JSON")
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--similarity-dtype", choices=sorted(SIMILARITY_DTYPES), default="fp32",
+    evaluate.add_argument("--similarity-dtype", choices=["fp32", "bf16"], default="fp32",
                           help="matrix-input dtype of the similarity ops (SGRAF): bf16 uses the bf16 matrix units")
 
     ens = _add(sub, "eval-ensemble", cmd_eval_ensemble, "average saved similarity matrices and evaluate the mean")
