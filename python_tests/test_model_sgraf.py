@@ -17,7 +17,8 @@ import torch
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch
 from sgfused.models import build_model
-from sgfused.models.sgraf import SGRAF, sgraf_loop_similarity
+from sgfused.models.sgr_reasoning import SGRReasoning, sgr_global_node
+from sgfused.models.sgraf import SGRAF, GraphReasoning, sgraf_loop_similarity
 from conftest import assert_close, assert_gradients_close
 
 DIMS = dict(embed_size=32, sim_dim=16, word_dim=16, img_dim=24, num_regions=7)
@@ -145,6 +146,55 @@ def test_chunking_does_not_change_scores():
     whole = model.similarity(regions, words, lens, chunk_nodes=1 << 30)
     one_by_one = model.similarity(regions, words, lens, chunk_nodes=1)
     assert_close(one_by_one, whole, 1e-5)
+
+
+# ---------------------------------------------------------------------------- SGR reasoning with its own backward
+def reasoning_case(steps: int, dtype: torch.dtype = torch.float64):
+    """SGR steps with sharp edges, nodes of 3 captions x 2 images with 1, 4 and 2 words (padded to 4)."""
+    torch.manual_seed(3)
+    layers = [GraphReasoning(6).to(dtype) for _ in range(steps)]
+    for layer in layers:
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.6)
+    nodes = torch.randn(3, 2, 5, 6, dtype=dtype)
+    valid = (torch.arange(5) <= torch.tensor([1, 4, 2])[:, None]).unsqueeze(1)  # (C, 1, L + 1)
+    return layers, nodes, valid
+
+
+def step_by_step(layers, nodes, valid):
+    for layer in layers[:-1]:
+        nodes = layer(nodes, valid)
+    return layers[-1].global_node(nodes, valid)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_sgr_reasoning_equals_autograd_steps(steps):
+    layers, nodes, valid = reasoning_case(steps)
+    nodes.requires_grad_()
+    params = [p for layer in layers for p in layer.parameters()]
+    want = step_by_step(layers, nodes, valid)
+    params_t = [layer.edge_parameters(nodes.dtype) for layer in layers]
+    got = sgr_global_node(nodes[:, :, 0], nodes[:, :, 1:], valid, params_t)
+    assert_close(got, want, 1e-12)
+    seed = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [nodes, *params], seed, allow_unused=True)
+    got_grads = torch.autograd.grad(got, [nodes, *params], seed, allow_unused=True)
+    for name, g, w in zip(["nodes"] + [n for layer in layers for n, _ in layer.named_parameters()], got_grads,
+                          want_grads):
+        if name.startswith("graph_key_w.bias"):  # no effect on any output (module doc): no gradient
+            assert g is None
+            continue
+        assert_close(g, w, 1e-10, name)
+    assert got_grads[0][..., 1:, :][~valid.squeeze(1)[:, None, 1:].expand(-1, 2, -1)].abs().max() == 0  # padding
+
+
+def test_sgr_reasoning_gradcheck():
+    layers, nodes, valid = reasoning_case(2)
+    key_mask = (~valid).unsqueeze(-2).expand(3, 2, 1, 5).reshape(6, 1, 5)
+    params = [p.detach().requires_grad_() for layer in layers for p in layer.edge_parameters(nodes.dtype)]
+    nodes = nodes.reshape(6, 5, 6)
+    inputs = (nodes[:, 0].clone().requires_grad_(), nodes[:, 1:].clone().requires_grad_(), *params)
+    assert torch.autograd.gradcheck(lambda glob, local, *p: SGRReasoning.apply(glob, local, key_mask, *p), inputs)
 
 
 # ---------------------------------------------------------------------------- padding, determinism, bf16

@@ -32,9 +32,12 @@ Where the batched computation differs in form from the published code, and why
   ``n_image x (L + 1)`` node weights and updates the running statistics once per
   caption, in caption order. The batched code does exactly that: per-caption
   masked statistics, and the same running-statistics update in closed form.
-* Memory. With gradients on, the fused path recomputes the SGR / SAF reasoning
-  of each chunk in the backward pass (activation checkpointing) instead of
-  keeping its ``(captions, images, L + 1, sim_dim)`` intermediates.
+* Memory. With gradients on, the fused path keeps none of the reasoning's
+  ``(captions, images, L + 1, sim_dim)`` intermediates: SGR runs as one
+  autograd function (:mod:`sgfused.models.sgr_reasoning`) that keeps the input
+  nodes and each step's ``(L + 1)^2`` attention and rebuilds the rest in its
+  backward; SAF recomputes its (cheap) forward in the backward pass
+  (activation checkpointing).
 * Regions. The published ``VisualSA`` hard-codes 36 regions (its
   ``BatchNorm1d(36)``); ``num_regions`` makes that a setting (default 36).
 * Word-embedding dropout (0.4, before the GRU) and the self-attention dropout
@@ -67,6 +70,7 @@ from .caption_chunks import caption_chunks, check_lengths, check_token_ids, defa
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import build_model, register_model
+from .sgr_reasoning import sgr_global_node
 from .similarity_common import caption_batch_norm, update_running_stats
 
 MODULES = ("SGR", "SAF")
@@ -146,11 +150,19 @@ class GraphReasoning(nn.Module):
         self.sim_graph_w = nn.Linear(sim_dim, sim_dim)
         xavier_init(self)
 
-    def _edge_queries(self, nodes: Tensor) -> Tensor:
-        """``q_i W_k`` = ``s_i A + b_q W_k`` with ``A = W_q^T W_k``: the query side of the edge logits (module doc)."""
+    def edge_parameters(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(A, c, W_g, b_g)`` in ``dtype``, with ``A = W_q^T W_k`` and ``c = b_q W_k`` (module doc).
+
+        The edge queries are ``s A + c``; the step's output is ``relu((E s) W_g^T + b_g)``.
+        """
         wq, wk = self.graph_query_w.weight, self.graph_key_w.weight
-        a = (wq.t() @ wk).to(nodes.dtype)
-        return torch.addmm((self.graph_query_w.bias @ wk).to(nodes.dtype), nodes.flatten(0, -2), a).view_as(nodes)
+        params = (wq.t() @ wk, self.graph_query_w.bias @ wk, self.sim_graph_w.weight, self.sim_graph_w.bias)
+        return tuple(p.to(dtype) for p in params)  # type: ignore[return-value]
+
+    def _edge_queries(self, nodes: Tensor) -> Tensor:
+        """``q_i W_k`` = ``s_i A + c``: the query side of the edge logits."""
+        a, c, _, _ = self.edge_parameters(nodes.dtype)
+        return torch.addmm(c, nodes.flatten(0, -2), a).view_as(nodes)
 
     def forward(self, nodes: Tensor, valid: Tensor) -> Tensor:
         """All nodes after one step, ``(..., N, m)``."""
@@ -235,16 +247,26 @@ class SimilarityEncoder(nn.Module):
         )
         return glob, local
 
-    def reason(self, glob: Tensor, local: Tensor, lengths: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Scores ``(C, I)`` (fp32), and SAF's per-caption BatchNorm statistics in training."""
+    def reason(
+        self, glob: Tensor, local: Tensor, lengths: Tensor, fused: bool
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Scores ``(C, I)`` (fp32), and SAF's per-caption BatchNorm statistics in training.
+
+        ``fused`` runs SGR as one :class:`~sgfused.models.sgr_reasoning.SGRReasoning`
+        (memory-light backward); otherwise step by step under autograd.
+        """
         positions = torch.arange(local.shape[2] + 1, device=lengths.device)  # node 0 is the global one
         valid = (positions <= lengths[:, None]).unsqueeze(1)  # (C, 1, L + 1)
         stats = None
         if self.module_name == "SGR":
-            nodes = torch.cat([glob.unsqueeze(2), local], dim=2)  # (C, I, L + 1, m)
-            for step in self.SGR_module[:-1]:
-                nodes = step(nodes, valid)
-            vector = self.SGR_module[-1].global_node(nodes, valid)
+            if fused:
+                params = [step.edge_parameters(local.dtype) for step in self.SGR_module]
+                vector = sgr_global_node(glob, local, valid, params)
+            else:
+                nodes = torch.cat([glob.unsqueeze(2), local], dim=2)  # (C, I, L + 1, m)
+                for step in self.SGR_module[:-1]:
+                    nodes = step(nodes, valid)
+                vector = self.SGR_module[-1].global_node(nodes, valid)
         else:
             vector, stats = self.SAF_module(glob, local, valid)
         return torch.sigmoid(_linear(vector, self.sim_eval_w)).squeeze(-1).float(), stats
@@ -350,7 +372,8 @@ class SGRAF(RetrievalModel):
             img_glo = self.sim_encoder.v_global_w(regions)
             cap_glo = self.sim_encoder.t_global_w(words, lengths)
         regions_c, img_glo_c = regions.to(dtype), img_glo.to(dtype)
-        recompute = not self.reference and torch.is_grad_enabled()
+        fused = not self.reference
+        recompute = fused and torch.is_grad_enabled() and self.sim_encoder.module_name == "SAF"
         host_lengths = lengths.tolist()
         order = sorted(range(len(host_lengths)), key=host_lengths.__getitem__)
         columns, stats = [], []
@@ -364,10 +387,10 @@ class SGRAF(RetrievalModel):
             )
             if recompute:
                 scores, chunk_stats = checkpoint(
-                    self.sim_encoder.reason, glob, local, chunk_lengths, use_reentrant=False
+                    self.sim_encoder.reason, glob, local, chunk_lengths, fused, use_reentrant=False
                 )
             else:
-                scores, chunk_stats = self.sim_encoder.reason(glob, local, chunk_lengths)
+                scores, chunk_stats = self.sim_encoder.reason(glob, local, chunk_lengths, fused)
             columns.append(scores)
             stats.append(chunk_stats)
         inverse = torch.argsort(torch.tensor(order, device=words.device))
