@@ -40,7 +40,7 @@ def _attention(query: Tensor, nodes: Tensor, key_mask: Tensor) -> Tensor:
 def _step_output(edges: Tensor, nodes: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """``(h, relu(h W^T + b))`` with ``h = edges @ nodes``."""
     mixed = torch.bmm(edges, nodes)
-    return mixed, F.relu(F.linear(mixed, weight, bias))
+    return mixed, F.linear(mixed, weight, bias).relu_()
 
 
 def _queries(nodes: Tensor, a: Tensor, c: Tensor) -> Tensor:
@@ -61,8 +61,7 @@ class SGRReasoning(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, glob: Tensor, local: Tensor, key_mask: Tensor, *params: Tensor) -> Tensor:
         steps = [params[i : i + 4] for i in range(0, len(params), 4)]
-        nodes = torch.cat([glob.unsqueeze(1), local], dim=1)
-        s, edges = nodes, []
+        s, edges = torch.cat([glob.unsqueeze(1), local], dim=1), []
         for a, c, w, b in steps[:-1]:
             edges.append(_attention(_queries(s, a, c), s, key_mask))
             s = _step_output(edges[-1], s, w, b)[1]
