@@ -31,7 +31,7 @@ std::string build_info_json() {
 }  // namespace sgfused
 
 TORCH_LIBRARY(sgfused, m) {
-  // In-batch hardest-negative mining (DESIGN §3). Positives are the pairs with
+  // In-batch hardest-negative mining (docs/hardest_negative_contract.md). Positives are the pairs with
   // img_ids[i] == cap_img_ids[c]. Returns, per caption c, the sum over its
   // positive images i of cost_cap(i, c) + cost_img(i, c) (float32, (Nc,)), the
   // hardest negative caption of every image row (int64, (Ni,), -1 if none) and
@@ -54,9 +54,8 @@ TORCH_LIBRARY(sgfused, m) {
       "Tensor img_ids, Tensor cap_img_ids, Tensor hard_cap, Tensor hard_img, float margin, "
       "bool max_violation) -> (Tensor, Tensor)");
 
-  // All-pairs (or aligned-pairs) learned vector similarity (DESIGN §2,
-  // docs/pairwise_similarity_contract.md): out = l2norm(W e(x_i, y_j) + b) with
-  // e = (x - y)^2 ("distance") or l2norm(x) * l2norm(y) ("direction"); also
+  // All-pairs (or aligned-pairs) learned vector similarity
+  // (docs/pairwise_similarity_contract.md): out = l2norm(W e(x_i, y_j) + b) with e = (x - y)^2 ("distance") or l2norm(x) * l2norm(y) ("direction"); also
   // returns ||W e + b|| for the backward.
   m.def(
       "pairwise_similarity_forward(Tensor x, Tensor y, Tensor weight, Tensor? bias, str mode, "
@@ -66,7 +65,7 @@ TORCH_LIBRARY(sgfused, m) {
       "Tensor out, Tensor norm, str mode, float eps, bool aligned) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // Batched region-word cross-attention for all (query set, context set) pairs
-  // with a similarity epilogue (DESIGN §1, docs/cross_attention_contract.md).
+  // with a similarity epilogue (docs/cross_attention_contract.md).
   // Returns the epilogue's output and small per-(pair, query) statistics
   // (Nq, Nc, Lq, 2) that the backward may reuse.
   m.def(

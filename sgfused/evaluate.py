@@ -1,6 +1,6 @@
 """The standard image-text retrieval evaluation: similarity matrix, recalls, 5-fold 1K, ensembles.
 
-Every paper in ``papers/`` reports the same protocol (SCAN / VSE++):
+Every paper this package implements reports the same protocol (SCAN / VSE++):
 
 - image -> text: for each image, the rank of the best-ranked of its own
   captions among all captions; text -> image: for each caption, the rank of its

@@ -1,4 +1,4 @@
-// Batched region-word cross-attention on the CPU (DESIGN §1, docs/cross_attention_contract.md).
+// Batched region-word cross-attention on the CPU (docs/cross_attention_contract.md).
 //
 // Forward: one fused kernel, cache-blocked. A work item is a group of up to
 // kItemQuerySets query sets against a chunk of nb context sets, nb chosen so the

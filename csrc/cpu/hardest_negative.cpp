@@ -1,4 +1,4 @@
-// In-batch hardest-negative mining on the CPU (DESIGN §3, docs/hardest_negative_contract.md).
+// In-batch hardest-negative mining on the CPU (docs/hardest_negative_contract.md).
 //
 // One pass over the score matrix, rows split into a fixed number of chunks run
 // by at::parallel_for: each row yields its hardest negative directly; each chunk

@@ -1,4 +1,4 @@
-// All-pairs learned vector similarity on the CPU (DESIGN §2, docs/pairwise_similarity_contract.md).
+// All-pairs learned vector similarity on the CPU (docs/pairwise_similarity_contract.md).
 //
 // The naive computation builds the (Nx, Ny, d) tensor of e(x_i, y_j) and then
 // applies the Linear layer. Here pairs are processed a block at a time: the

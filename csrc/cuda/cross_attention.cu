@@ -1,6 +1,6 @@
-// CUDA kernels of cross_attention_forward / cross_attention_backward (DESIGN §1;
-// docs/cross_attention_contract.md has the exact math, sgfused/reference/
-// cross_attention.py the ground truth).
+// CUDA kernels of cross_attention_forward / cross_attention_backward
+// (docs/cross_attention_contract.md has the exact math, sgfused/reference/cross_attention.py
+// the ground truth).
 //
 // Algorithm
 // - Inputs are converted once to the accumulation dtype acc (fp32; fp64 for fp64

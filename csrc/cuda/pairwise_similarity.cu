@@ -1,5 +1,5 @@
 // CUDA kernels of pairwise_similarity_forward / pairwise_similarity_backward
-// (DESIGN §2; docs/pairwise_similarity_contract.md has the exact math).
+// (docs/pairwise_similarity_contract.md has the exact math).
 //
 // Algorithm
 // - Everything runs in the accumulation dtype acc (fp32; fp64 for fp64 input):

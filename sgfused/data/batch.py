@@ -28,7 +28,7 @@ class ImageBatch:
     ``features``: (B, R, D) float32. ``index``: (B,) image index in the split.
     ``boxes``: optional (B, R, 4) x1 y1 x2 y2 normalised by the image size to
     [0, 1] (a copy; the stored array is never modified). ``graphs``: optional
-    visual scene graphs, one dict per image in the DESIGN layout.
+    visual scene graphs, one dict per image in the layout of docs/architecture.md.
     """
 
     features: Tensor

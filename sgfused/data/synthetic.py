@@ -3,7 +3,7 @@
 What: :func:`generate` draws a random world of object classes, attributes and predicates,
 then scenes in it (objects with attributes, related by predicates, laid out in an image),
 and writes for each split ``train`` / ``dev`` / ``test`` everything the real pipeline reads
-(DESIGN.md, "Data"): region features ``{split}_ims.npy`` (float32, N x regions x dim),
+(docs/architecture.md, "Data"): region features ``{split}_ims.npy`` (float32, N x regions x dim),
 five captions per image ``{split}_caps.txt``, region boxes ``{split}_ims_bbx.npy`` (float32
 pixel x1 y1 x2 y2), image sizes ``{split}_ims_size.npy`` (float32 width, height), visual scene graphs
 ``{split}_ims_graphs.json``, gold caption graphs ``{split}_caps_graphs.json``, plus

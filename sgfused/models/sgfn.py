@@ -1,4 +1,4 @@
-"""SGFN (Wang, Shang and Chen, 2022): scene-graph fusion network, papers/SGFN.md Eq. 1-17.
+"""SGFN (Wang, Shang and Chen, 2022): scene-graph fusion network, the paper's Eq. 1-17.
 
 What. Regions (a linear layer over the region features) and words (a bi-GRU) are the
 object-layer nodes of their modality's scene graph, plus one global agent node per

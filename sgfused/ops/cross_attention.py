@@ -1,4 +1,4 @@
-"""Batched region-word cross-attention for all (query set, context set) pairs, DESIGN §1.
+"""Batched region-word cross-attention for all (query set, context set) pairs, docs/cross_attention_contract.md.
 
 SCAN's attention as SGRAF and MPSM use it: every caption's words attend over
 every image's regions (or the reverse), then a similarity epilogue. The published

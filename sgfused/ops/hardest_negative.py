@@ -1,4 +1,4 @@
-"""In-batch hardest-negative mining (VSE++ max violation), DESIGN §3.
+"""In-batch hardest-negative mining (VSE++ max violation), docs/hardest_negative_contract.md.
 
 Two entry points share one loss:
 

@@ -1,4 +1,4 @@
-"""All-pairs learned vector similarity (SGRAF / MPSM global alignment), DESIGN §2.
+"""All-pairs learned vector similarity (SGRAF / MPSM global alignment), docs/pairwise_similarity_contract.md.
 
 ``out[i, j] = l2norm(W e(x_i, y_j) + b)`` with ``e = (x - y)^2`` ("distance") or
 ``l2norm(x) * l2norm(y)`` ("direction"). The naive computation builds an

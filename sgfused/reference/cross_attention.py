@@ -1,4 +1,4 @@
-"""Ground truth for batched region-word cross-attention over all pairs (DESIGN §1), in plain PyTorch.
+"""Ground truth for batched region-word cross-attention over all pairs (docs/cross_attention_contract.md), in plain PyTorch.
 
 SCAN's attention (leaky-ReLU, clipped l2 normalisation over the query words,
 softmax with temperature ``smooth`` over the contexts) for every (query set,

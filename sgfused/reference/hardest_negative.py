@@ -1,4 +1,4 @@
-"""Ground truth for in-batch hardest-negative mining (DESIGN §3), in plain PyTorch.
+"""Ground truth for in-batch hardest-negative mining (docs/hardest_negative_contract.md), in plain PyTorch.
 
 Readable and exact, not fast: it builds (Ni, Nc) masks and, for the sum of
 hinges, an (n_positive, N) table. Every kernel backend is tested against it, and

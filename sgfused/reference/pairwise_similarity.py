@@ -1,4 +1,4 @@
-"""Ground truth for all-pairs vector similarity (DESIGN §2), in plain PyTorch.
+"""Ground truth for all-pairs vector similarity (docs/pairwise_similarity_contract.md), in plain PyTorch.
 
 The naive computation the papers' code does: build the (Nx, Ny, d) tensor of
 squared differences (or products of normalised vectors), apply the Linear layer,

@@ -1,4 +1,4 @@
-"""Triton kernels for batched region-word cross-attention over all pairs (DESIGN §1).
+"""Triton kernels for batched region-word cross-attention over all pairs (docs/cross_attention_contract.md).
 
 Semantics: docs/cross_attention_contract.md; ground truth: sgfused/reference/cross_attention.py.
 The two launchers at the bottom are wrapped as ``torch.library.custom_op`` by sgfused.ops.

@@ -1,4 +1,4 @@
-"""Triton kernels for in-batch hardest-negative mining (DESIGN §3).
+"""Triton kernels for in-batch hardest-negative mining (docs/hardest_negative_contract.md).
 
 Semantics: docs/hardest_negative_contract.md; ground truth: sgfused/reference/hardest_negative.py.
 The four launchers at the bottom are wrapped as ``torch.library.custom_op`` by sgfused.ops.

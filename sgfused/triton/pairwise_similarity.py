@@ -1,4 +1,4 @@
-"""Triton kernels for all-pairs vector similarity (DESIGN §2).
+"""Triton kernels for all-pairs vector similarity (docs/pairwise_similarity_contract.md).
 
 Semantics: docs/pairwise_similarity_contract.md; ground truth: sgfused/reference/pairwise_similarity.py.
 The two launchers at the bottom are wrapped as ``torch.library.custom_op`` by sgfused.ops.
