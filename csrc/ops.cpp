@@ -55,8 +55,8 @@ TORCH_LIBRARY(sgfused, m) {
       "bool max_violation) -> (Tensor, Tensor)");
 
   // All-pairs (or aligned-pairs) learned vector similarity
-  // (docs/pairwise_similarity_contract.md): out = l2norm(W e(x_i, y_j) + b) with e = (x - y)^2 ("distance") or l2norm(x) * l2norm(y) ("direction"); also
-  // returns ||W e + b|| for the backward.
+  // (docs/pairwise_similarity_contract.md): out = l2norm(W e(x_i, y_j) + b) with
+  // e = (x - y)^2 ("distance") or l2norm(x) * l2norm(y) ("direction"); also returns ||W e + b|| for the backward.
   m.def(
       "pairwise_similarity_forward(Tensor x, Tensor y, Tensor weight, Tensor? bias, str mode, "
       "float eps, bool aligned) -> (Tensor, Tensor)");
