@@ -383,6 +383,60 @@ def test_bad_inputs():
         model.similarity(regions, words)
 
 
+# ---------------------------------------------------------------------------- the loss's positives
+def sibling_batch(model: SGRAF) -> PairBatch:
+    """Six pairs where caption s, the one image 0 scores highest after its own, is made a second caption of image 0.
+
+    Row s then holds image 0 too (a pair batch's row b is the image of caption b), so the sibling is
+    the hardest "negative" of image 0's rows when positives are taken from the diagonal.
+    """
+    batch = pair_batch(6, seed=3)
+    with torch.no_grad():
+        scores = model.similarity(model.encode_images(batch.images), model.encode_captions(batch.captions))
+    sibling = int(scores[0, 1:].argmax()) + 1
+    image_ids = torch.tensor([10, 11, 12, 13, 14, 15])
+    image_ids[sibling] = 10
+    features = batch.images.features.clone()
+    features[sibling] = features[0]
+    captions = batch.captions
+    return PairBatch(ImageBatch(features, image_ids), CaptionBatch(captions.ids, captions.lengths, captions.index, image_ids))
+
+
+def hinge_loss_by_hand(scores: torch.Tensor, image_ids: torch.Tensor, margin: float, max_violation: bool) -> torch.Tensor:
+    """VSE++ / SCAN hinges of every diagonal pair against the pairs of *other* images only."""
+    negative = image_ids[:, None] != image_ids[None, :]
+    positive = scores.diagonal()
+    cost_cap = (margin - positive[:, None] + scores).clamp(min=0) * negative  # row i: image i vs captions
+    cost_img = (margin - positive[None, :] + scores).clamp(min=0) * negative  # column c: caption c vs images
+    if max_violation:
+        return cost_cap.max(1).values.sum() + cost_img.max(0).values.sum()
+    return cost_cap.sum() + cost_img.sum()
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+@pytest.mark.parametrize("module", ["SGR", "SAF"])
+def test_loss_never_counts_another_caption_of_the_image_as_a_negative(module, max_violation):
+    model = make_model(module).eval()  # no dropout: both rows of image 10 score alike
+    model.max_violation = max_violation
+    batch = sibling_batch(model)
+    with torch.no_grad():
+        scores = model.similarity(model.encode_images(batch.images), model.encode_captions(batch.captions))
+        got = model.loss(batch)
+    ids = batch.captions.image_index
+    want = hinge_loss_by_hand(scores, ids, model.margin, max_violation)
+    diagonal_only = hinge_loss_by_hand(scores, torch.arange(6), model.margin, max_violation)
+    assert (want - diagonal_only).abs() > 0.05, "the sibling pair must matter for this check to mean something"
+    assert torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-6), (got, want, diagonal_only)
+
+
+def test_loss_refuses_a_pair_batch_whose_rows_are_not_the_captions_images():
+    model = make_model("SGR")
+    batch = pair_batch(4)
+    batch.captions.image_index = torch.tensor([0, 1, 3, 2])
+    with pytest.raises(ValueError, match="row 2 holds image 2, caption 2 is of image 3"):
+        model.loss(batch)
+
+
 # ---------------------------------------------------------------------------- training
 @pytest.mark.parametrize("module", ["SGR", "SAF"])
 def test_adam_steps_lower_the_loss(module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..data.batch import CaptionBatch, ImageBatch, PairBatch
@@ -23,7 +24,8 @@ class RetrievalModel(nn.Module):
     Subclasses implement :meth:`encode_images`, :meth:`encode_captions` and
     :meth:`similarity`; the default :meth:`loss` is the in-batch
     hardest-negative triplet loss (VSE++ max violation) on the pair batch's
-    image x caption score matrix, with the diagonal as the positives.
+    image x caption score matrix, with the pairs of one image as the positives
+    (another caption of the same image is never a negative).
     ``margin`` and ``max_violation`` are attributes a subclass sets.
     """
 
@@ -60,5 +62,35 @@ class RetrievalModel(nn.Module):
         return "reference" if self.reference else "auto"
 
     def loss(self, batch: PairBatch) -> Tensor:
+        """The summed triplet loss of the batch's pairs; positives are told apart by image id, not position.
+
+        Pair ``(row i, caption c)`` is positive iff ``images.index[i] == captions.image_index[c]``, so a
+        second caption of the same image in the batch is neither a negative (under max violation it
+        would be the hardest one and cancel the caption's gradient) nor a positive counted twice: an
+        image held by k rows gives each of its captions k positive rows, whose hinges are averaged.
+        Without repeated images this is the VSE++ loss with the diagonal as the positives.
+        """
+        img_ids, cap_img_ids = batch.images.index, batch.captions.image_index
+        if img_ids.shape != cap_img_ids.shape or not torch.equal(img_ids, cap_img_ids):
+            raise ValueError(_pair_mismatch(img_ids, cap_img_ids))
         scores = self.similarity(self.encode_images(batch.images), self.encode_captions(batch.captions))
-        return hardest_negative_loss(scores, margin=self.margin, max_violation=self.max_violation, backend=self.backend)
+        per_caption = hardest_negative_loss(
+            scores,
+            margin=self.margin,
+            img_ids=img_ids,
+            cap_img_ids=cap_img_ids,
+            max_violation=self.max_violation,
+            reduction="none",
+            backend=self.backend,
+        )
+        rows_of_image = (img_ids[None, :] == cap_img_ids[:, None]).sum(1)  # >= 1: caption c's own row
+        return (per_caption / rows_of_image).sum()
+
+
+def _pair_mismatch(img_ids: Tensor, cap_img_ids: Tensor) -> str:
+    """The one-line error for a PairBatch whose row b is not the image of caption b."""
+    expected = "images.index must equal captions.image_index (row b is the image of caption b)"
+    if img_ids.shape != cap_img_ids.shape:
+        return f"PairBatch: {expected}; got {img_ids.numel()} images and {cap_img_ids.numel()} captions"
+    b = int((img_ids != cap_img_ids).nonzero()[0, 0])
+    return f"PairBatch: {expected}; row {b} holds image {int(img_ids[b])}, caption {b} is of image {int(cap_img_ids[b])}"
