@@ -136,7 +136,7 @@ def test_max_images(data, vocab):
 
 def test_more_captions_per_image(data, vocab):
     (data / "test_caps.txt").write_text("\n".join(_caption(k) for k in range(N_IMAGES * 25)))
-    split = PrecompSplit(data, "test", vocab)
+    split = PrecompSplit(data, "test", vocab, captions_per_image=25)
     assert (split.captions_per_image, split.n_captions) == (25, 150)
     assert split[149].caption.image_index == 5 and split[149].image.index == 5
 
@@ -215,14 +215,25 @@ def test_empty_split(data, vocab):
         PrecompSplit(data, "test", vocab)
     np.save(data / "test_ims.npy", np.zeros((2, N_REGIONS, DIM), dtype=np.float32))
     (data / "test_caps.txt").write_text("")
-    with pytest.raises(PrecompError, match="has 0 captions, expected a non-zero multiple of the 2 images"):
+    with pytest.raises(PrecompError, match="has 0 captions for the 2 images"):
         PrecompSplit(data, "test", vocab)
 
 
 def test_caption_count_not_a_multiple(data, vocab):
     (data / "test_caps.txt").write_text("\n".join(_caption(k) for k in range(29)))
-    with pytest.raises(PrecompError, match="test_caps.txt' has 29 captions, expected a non-zero multiple of the 6 images"):
+    with pytest.raises(PrecompError, match="test_caps.txt' has 29 captions for the 6 images .* expected 5 per image = 30"):
         PrecompSplit(data, "test", vocab)
+
+
+def test_caption_count_short_by_a_multiple_of_the_images(data, vocab):
+    # 4 per image would pair caption 4 with image 1 instead of image 0: never inferred
+    (data / "test_caps.txt").write_text("\n".join(_caption(k) for k in range(N_IMAGES * 4)))
+    with pytest.raises(PrecompError, match="has 24 captions for the 6 images .*\\(4 per image\\), expected 5 per image = 30"):
+        PrecompSplit(data, "test", vocab)
+    split = PrecompSplit(data, "test", vocab, captions_per_image=4)
+    assert split[4].caption.image_index == 1
+    with pytest.raises(ValueError, match="captions_per_image must be an int >= 1, got 0"):
+        PrecompSplit(data, "test", vocab, captions_per_image=0)
 
 
 @pytest.mark.parametrize(

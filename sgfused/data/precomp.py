@@ -5,8 +5,10 @@ released with SCAN, and of the synthetic-scene generator):
 
 * ``s_ims.npy``: (N, R, D) float region features, memory-mapped (COCO train is 30 GB;
   only the images of a batch are read, as float32);
-* ``s_caps.txt``: one caption a line, ``captions_per_image`` (5, or any whole multiple)
-  consecutive lines per image: caption k belongs to image ``k // captions_per_image``;
+* ``s_caps.txt``: one caption a line, ``captions_per_image`` consecutive lines per image:
+  caption k belongs to image ``k // captions_per_image``. The count is *required*, not
+  inferred (5 unless told otherwise, as in Flickr30K and MS-COCO): a file short by a whole
+  multiple of the image count would otherwise pair every caption with the wrong image;
 * ``s_ims_bbx.npy`` (N, R, 4) pixel boxes x1 y1 x2 y2 and ``s_ims_size.npy`` (N, 2) image
   **width, height** (``boxes=True``). Several SCAN-style repositories release the sizes as
   a pickled object array of ``{"image_w": w, "image_h": h}`` dicts and divide x by
@@ -119,20 +121,27 @@ class PrecompSplit(Dataset):
         image_graphs: bool = False,
         caption_graphs: bool = False,
         max_images: int | None = None,
+        captions_per_image: int = 5,
     ) -> None:
-        """Open split ``split`` of ``data_path``; ``max_images`` keeps the first images and their captions."""
+        """Open split ``split`` of ``data_path``; ``max_images`` keeps the first images and their captions.
+
+        The caption file must hold exactly ``captions_per_image`` lines per image.
+        """
         if max_images is not None and max_images < 1:
             raise ValueError(f"PrecompSplit: max_images must be None or >= 1, got {max_images}")
+        if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) or captions_per_image < 1:
+            raise ValueError(f"PrecompSplit: captions_per_image must be an int >= 1, got {captions_per_image!r}")
         self.data_path, self.split, self.vocab, self._with_boxes = os.fspath(data_path), split, vocab, boxes
         self._open_arrays()
         n_stored = self._check_features()
         captions = self._read_captions()
-        if len(captions) == 0 or len(captions) % n_stored:
+        if len(captions) != n_stored * captions_per_image:
             raise PrecompError(
-                f"split {split!r}: {self._path('caps.txt')!r} has {len(captions)} captions, "
-                f"expected a non-zero multiple of the {n_stored} images in {self._path('ims.npy')!r}"
+                f"split {split!r}: {self._path('caps.txt')!r} has {len(captions)} captions for the {n_stored} images "
+                f"in {self._path('ims.npy')!r} ({len(captions) / n_stored:g} per image), expected {captions_per_image} "
+                f"per image = {n_stored * captions_per_image} (another count: pass captions_per_image / --captions-per-image)"
             )
-        self.captions_per_image = len(captions) // n_stored
+        self.captions_per_image = captions_per_image
         self.n_images = min(n_stored, max_images or n_stored)
         self.n_captions = self.n_images * self.captions_per_image
         self.n_regions, self.feature_dim = self.features.shape[1:]
