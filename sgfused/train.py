@@ -151,7 +151,7 @@ class Trainer:
         self.model.to(self.device)
         self.model.set_vocabulary(vocab)
         self.model.margin = config.margin
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.model.parameter_groups(config.lr), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_decay_epochs, config.lr_decay_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.epoch = 0  # the epoch in progress

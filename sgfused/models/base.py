@@ -61,6 +61,10 @@ class RetrievalModel(nn.Module):
         """The backend of every op call: ``"reference"`` when the model was built with ``reference=True``."""
         return "reference" if self.reference else "auto"
 
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups at base learning rate ``lr``; a model with a pre-trained part overrides it."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
     def loss(self, batch: PairBatch) -> Tensor:
         """The summed triplet loss of the batch's pairs; positives are told apart by image id, not position.
 
