@@ -2,9 +2,10 @@
 
 from .base import RetrievalModel
 from .registry import available_models, build_model, model_class, register_model
+from .cmsei import CMSEI
 from .mpsm import MPSM
 from .sgfn import SGFN
 from .sgraf import SGRAF
 from .vsepp import VSEPP
 
-__all__ = ["MPSM", "RetrievalModel", "SGFN", "SGRAF", "VSEPP", "available_models", "build_model", "model_class", "register_model"]
+__all__ = ["CMSEI", "MPSM", "RetrievalModel", "SGFN", "SGRAF", "VSEPP", "available_models", "build_model", "model_class", "register_model"]
