@@ -76,4 +76,13 @@ TORCH_LIBRARY(sgfused, m) {
       "cross_attention_backward(Tensor grad_out, Tensor queries, Tensor contexts, Tensor query_lens, "
       "Tensor context_lens, float smooth, float leaky, str norm, str epilogue, Tensor? weight, "
       "Tensor? bias, float eps, Tensor out, Tensor stats) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Late-interaction max-mean score of all (image, caption) pairs, SGM Eq. 6-7
+  // (docs/max_sim_contract.md): scores (Nx, Ny) float32 (float64 for float64 input) and,
+  // when with_indices, the argmax image node of every caption node (Nx, Ny, Ly) int64
+  // (-1 at padding), else an empty (0,) int64 tensor. The backward takes those indices.
+  m.def("max_sim_forward(Tensor x, Tensor y, Tensor x_lens, Tensor y_lens, bool with_indices) -> (Tensor, Tensor)");
+  m.def(
+      "max_sim_backward(Tensor grad_scores, Tensor x, Tensor y, Tensor x_lens, Tensor y_lens, Tensor indices) "
+      "-> (Tensor, Tensor)");
 }

@@ -1,0 +1,251 @@
+// Late-interaction max-mean score on the CPU (docs/max_sim_contract.md, SGM Eq. 6-7):
+//   S[a, b] = (1 / y_lens[b]) * sum_{t < y_lens[b]} max_{o < x_lens[a]} <y[b, t], x[a, o]>.
+//
+// Forward: a work item is a block of captions against a block of images, sized so
+// that each side has about kBlockRows valid nodes. The item packs the valid caption
+// nodes Yp (R, d) and the valid image nodes Xp (C, d) into fp32 (fp64) scratch -
+// padded nodes are never read, so whatever they hold cannot leak - and runs one
+// GEMM G = Yp @ Xp^T (R, C). Then for every (image, caption) pair of the item, each
+// caption node's row of G is reduced over the image's columns to its max (strict
+// comparison in ascending order: the lowest index wins ties), and the maxima are
+// summed in node order. Every pair lies in exactly one item and is reduced by one
+// thread in a fixed order, so results do not depend on the thread count. Nothing
+// of size (Nx, Ny, Ly, Lx) exists; per thread the scratch is O(kBlockRows * d).
+//
+// Backward (the subgradient at the argmax the forward returned), w = grad / y_lens:
+//   grad_x[a, o] = sum_b sum_t w[a, b] [indices[a, b, t] == o] y[b, t]  - one thread per image a,
+//   grad_y[b, t] = sum_a w[a, b] x[a, indices[a, b, t]]                 - one thread per caption b,
+// each a sum of scaled rows in a fixed order: no atomics, deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <vector>
+
+namespace sgfused {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlockRows = 256;  // valid nodes per side of a work item (at least one whole set)
+
+// Shapes, dtypes, devices and lengths the kernels rely on.
+void check_inputs(const Tensor& x, const Tensor& y, const Tensor& x_lens, const Tensor& y_lens) {
+  TORCH_CHECK(x.dim() == 3, "max_sim: x must be (Nx, Lx, d), got shape ", x.sizes());
+  TORCH_CHECK(y.dim() == 3, "max_sim: y must be (Ny, Ly, d), got shape ", y.sizes());
+  TORCH_CHECK(y.size(2) == x.size(2), "max_sim: y must have d = ", x.size(2), " (the feature size of x), got shape ",
+              y.sizes());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "max_sim: y must have the dtype of x (", x.scalar_type(), "), got ",
+              y.scalar_type());
+  TORCH_CHECK(x.size(1) >= 1 && y.size(1) >= 1, "max_sim: x and y need at least one node per set");
+  for (const auto* t : {&x, &y, &x_lens, &y_lens})
+    TORCH_CHECK(t->device().is_cpu(), "max_sim (cpu): all tensors must be on the CPU, got ", t->device());
+  const std::pair<const char*, std::pair<const Tensor*, int64_t>> lens[] = {
+      {"x_lens", {&x_lens, x.size(0)}}, {"y_lens", {&y_lens, y.size(0)}}};
+  for (const auto& [name, value] : lens) {
+    const Tensor& l = *value.first;
+    TORCH_CHECK(l.scalar_type() == at::kLong, "max_sim: ", name, " must be int64, got ", l.scalar_type());
+    TORCH_CHECK(l.dim() == 1 && l.size(0) == value.second, "max_sim: ", name, " must have shape (", value.second,
+                "), got ", l.sizes());
+  }
+  const int64_t lx = x.size(1), ly = y.size(1);
+  if (x_lens.numel() > 0) {
+    const int64_t low = x_lens.min().item<int64_t>(), high = x_lens.max().item<int64_t>();
+    TORCH_CHECK(low >= 1 && high <= lx, "max_sim: x_lens must lie in [1, ", lx, "], got values in [", low, ", ", high,
+                "]");
+  }
+  if (y_lens.numel() > 0) {
+    const int64_t low = y_lens.min().item<int64_t>(), high = y_lens.max().item<int64_t>();
+    TORCH_CHECK(low >= 1 && high <= ly, "max_sim: y_lens must lie in [1, ", ly, "], got values in [", low, ", ", high,
+                "]");
+  }
+}
+
+// Consecutive sets grouped so that each group holds about kBlockRows valid nodes.
+struct Blocks {
+  std::vector<int64_t> first;  // first set of each block, plus the end
+  std::vector<int64_t> node;   // per set, its first node's row within its block's packed matrix
+  int64_t max_rows = 0;        // rows of the largest block
+};
+
+Blocks make_blocks(const int64_t* lens, int64_t n) {
+  Blocks blocks;
+  int64_t rows = 0;
+  blocks.node.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == 0 || rows + lens[i] > kBlockRows) {
+      blocks.first.push_back(i);
+      rows = 0;
+    }
+    blocks.node[i] = rows;
+    rows += lens[i];
+    blocks.max_rows = std::max(blocks.max_rows, rows);
+  }
+  blocks.first.push_back(n);
+  return blocks;
+}
+
+// Copies the valid nodes of sets [s0, s1) into consecutive rows of `packed` (acc_t), converting.
+template <typename scalar_t, typename acc_t>
+int64_t pack(const scalar_t* nodes, const int64_t* lens, int64_t s0, int64_t s1, int64_t padded, int64_t d,
+             acc_t* packed) {
+  int64_t rows = 0;
+  for (int64_t s = s0; s < s1; ++s) {
+    const scalar_t* src = nodes + s * padded * d;
+    const int64_t count = lens[s] * d;
+    for (int64_t k = 0; k < count; ++k) packed[rows * d + k] = static_cast<acc_t>(src[k]);
+    rows += lens[s];
+  }
+  return rows;
+}
+
+template <typename scalar_t>
+void forward_kernel(const Tensor& x, const Tensor& y, const int64_t* x_lens, const int64_t* y_lens, Tensor& scores,
+                    int64_t* indices) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nx = x.size(0), lx = x.size(1), ny = y.size(0), ly = y.size(1), d = x.size(2);
+  const Blocks img = make_blocks(x_lens, nx), cap = make_blocks(y_lens, ny);
+  const int64_t n_img = static_cast<int64_t>(img.first.size()) - 1, n_cap = static_cast<int64_t>(cap.first.size()) - 1;
+  const int64_t items = n_img * n_cap;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  acc_t* out = scores.data_ptr<acc_t>();
+  const auto options = scores.options();
+
+  // Worker threads run mm_out under the caller's dispatch state.
+  const at::ThreadLocalState caller;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state(caller);
+    Tensor xs = at::empty({img.max_rows, d}, options), ys = at::empty({cap.max_rows, d}, options);
+    Tensor gs = at::empty({cap.max_rows * img.max_rows}, options);
+    for (int64_t item; (item = next.fetch_add(1)) < items;) {
+      // Caption-block major: consecutive items share the packed caption block's shape of work.
+      const int64_t cb = item / n_img, ib = item % n_img;
+      const int64_t b0 = cap.first[cb], b1 = cap.first[cb + 1], a0 = img.first[ib], a1 = img.first[ib + 1];
+      const int64_t rows = pack(yp, y_lens, b0, b1, ly, d, ys.data_ptr<acc_t>());
+      const int64_t cols = pack(xp, x_lens, a0, a1, lx, d, xs.data_ptr<acc_t>());
+      Tensor g = gs.narrow(0, 0, rows * cols).view({rows, cols});
+      at::mm_out(g, ys.narrow(0, 0, rows), xs.narrow(0, 0, cols).t());
+      const acc_t* gp = g.data_ptr<acc_t>();
+      for (int64_t a = a0; a < a1; ++a) {
+        const int64_t col0 = img.node[a], len_x = x_lens[a];
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t row0 = cap.node[b], len_y = y_lens[b];
+          int64_t* index = indices ? indices + (a * ny + b) * ly : nullptr;
+          acc_t total = 0;
+          for (int64_t t = 0; t < len_y; ++t) {
+            const acc_t* row = gp + (row0 + t) * cols + col0;
+            acc_t best = row[0];
+            int64_t arg = 0;
+            for (int64_t o = 1; o < len_x; ++o)
+              if (row[o] > best) {
+                best = row[o];
+                arg = o;
+              }
+            total += best;
+            if (index) index[t] = arg;
+          }
+          if (index) std::fill(index + len_y, index + ly, int64_t(-1));
+          out[a * ny + b] = total / static_cast<acc_t>(len_y);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x_in, const Tensor& y_in, const Tensor& x_lens_in,
+                                       const Tensor& y_lens_in, bool with_indices) {
+  check_inputs(x_in, y_in, x_lens_in, y_lens_in);
+  const Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const Tensor x_lens = x_lens_in.contiguous(), y_lens = y_lens_in.contiguous();
+  const int64_t nx = x.size(0), ny = y.size(0), ly = y.size(1);
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  Tensor scores = at::empty({nx, ny}, x.options().dtype(acc_type));
+  Tensor indices = at::empty({with_indices ? nx * ny * ly : 0}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_sim_forward_cpu", [&] {
+    forward_kernel<scalar_t>(x, y, x_lens.data_ptr<int64_t>(), y_lens.data_ptr<int64_t>(), scores,
+                             with_indices ? indices.data_ptr<int64_t>() : nullptr);
+  });
+  if (with_indices) indices = indices.view({nx, ny, ly});
+  return {scores, indices};
+}
+
+// out[k] += w * row[k] for k < d (vectorises).
+template <typename acc_t>
+inline void add_scaled(acc_t* __restrict__ out, const acc_t* __restrict__ row, acc_t w, int64_t d) {
+  for (int64_t k = 0; k < d; ++k) out[k] += w * row[k];
+}
+
+std::tuple<Tensor, Tensor> backward_cpu(const Tensor& grad_in, const Tensor& x_in, const Tensor& y_in,
+                                        const Tensor& x_lens_in, const Tensor& y_lens_in, const Tensor& indices_in) {
+  check_inputs(x_in, y_in, x_lens_in, y_lens_in);
+  const int64_t nx = x_in.size(0), lx = x_in.size(1), ny = y_in.size(0), ly = y_in.size(1), d = x_in.size(2);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == nx && grad_in.size(1) == ny,
+              "max_sim_backward: grad_scores must have shape (", nx, ", ", ny, "), got ", grad_in.sizes());
+  TORCH_CHECK(indices_in.scalar_type() == at::kLong && indices_in.dim() == 3 && indices_in.size(0) == nx &&
+                  indices_in.size(1) == ny && indices_in.size(2) == ly,
+              "max_sim_backward: indices must be int64 of shape (", nx, ", ", ny, ", ", ly,
+              ") (call max_sim_forward with with_indices=True), got ", indices_in.scalar_type(), " ",
+              indices_in.sizes());
+  const auto acc_type = at::toOpMathType(x_in.scalar_type());
+  const Tensor x = x_in.to(acc_type).contiguous(), y = y_in.to(acc_type).contiguous();
+  const Tensor grad = grad_in.to(acc_type).contiguous(), indices = indices_in.contiguous();
+  const Tensor x_lens_t = x_lens_in.contiguous(), y_lens_t = y_lens_in.contiguous();
+  Tensor grad_x = at::zeros_like(x), grad_y = at::zeros_like(y);
+  std::atomic<bool> bad_index{false};
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "max_sim_backward_cpu", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>(), *gp = grad.data_ptr<scalar_t>();
+    scalar_t *gx = grad_x.data_ptr<scalar_t>(), *gy = grad_y.data_ptr<scalar_t>();
+    const int64_t* idx = indices.data_ptr<int64_t>();
+    const int64_t *x_lens = x_lens_t.data_ptr<int64_t>(), *y_lens = y_lens_t.data_ptr<int64_t>();
+    auto weight = [&](int64_t a, int64_t b) { return gp[a * ny + b] / static_cast<scalar_t>(y_lens[b]); };
+    // grad_x: image a's rows, captions in order.
+    at::parallel_for(0, nx, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t a = begin; a < end; ++a)
+        for (int64_t b = 0; b < ny; ++b) {
+          const scalar_t w = weight(a, b);
+          const int64_t* index = idx + (a * ny + b) * ly;
+          for (int64_t t = 0; t < y_lens[b]; ++t) {
+            const int64_t o = index[t];
+            if (o < 0 || o >= x_lens[a]) {
+              bad_index = true;
+              continue;
+            }
+            add_scaled(gx + (a * lx + o) * d, yp + (b * ly + t) * d, w, d);
+          }
+        }
+    });
+    // grad_y: caption b's rows, images in order.
+    at::parallel_for(0, ny, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        for (int64_t a = 0; a < nx; ++a) {
+          const scalar_t w = weight(a, b);
+          const int64_t* index = idx + (a * ny + b) * ly;
+          for (int64_t t = 0; t < y_lens[b]; ++t) {
+            const int64_t o = index[t];
+            if (o < 0 || o >= x_lens[a]) continue;  // reported by the pass above
+            add_scaled(gy + (b * ly + t) * d, xp + (a * lx + o) * d, w, d);
+          }
+        }
+    });
+  });
+  TORCH_CHECK(!bad_index, "max_sim_backward: indices must name a valid image node (0 <= index < x_lens) at every ",
+              "valid caption node; pass the indices max_sim_forward returned");
+  return {grad_x.to(x_in.scalar_type()), grad_y.to(y_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sgfused, CPU, m) {
+  m.impl("max_sim_forward", &forward_cpu);
+  m.impl("max_sim_backward", &backward_cpu);
+}
+
+}  // namespace sgfused
