@@ -325,6 +325,8 @@ class CMSEI(RetrievalModel):
     def set_vocabulary(self, vocab: Vocabulary) -> None:
         """The BERT encoder needs the words behind the token ids (word-piece table); the bi-GRU does not."""
         if isinstance(self.text_encoder, BertWordEncoder):
+            if len(vocab) != self.vocab_size:
+                raise ValueError(f"vocab: expected {self.vocab_size} words (the model's vocab_size), got {len(vocab)}")
             self.text_encoder.set_vocabulary(vocab)
 
     def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
