@@ -1,7 +1,17 @@
-"""Test setup: Triton runs in interpreter mode when there is no GPU (must be set before triton loads)."""
+"""Test setup: Triton in interpreter mode without a GPU, and every test isolated from the others' global state.
+
+Triton's mode must be set before triton loads. Process-wide settings (torch's thread count, default
+dtype, grad mode, deterministic-algorithm and matmul-precision flags, the environment variables such
+as ``SGFUSED_BACKEND``) are snapshotted around every test: a test that leaves one changed fails, and
+the setting is restored so the tests after it still run as they would alone. Random states are
+reseeded before and restored after every test.
+"""
 
 import os
+import random
+from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +97,106 @@ def assert_gradients_close(got: dict, want: dict, tol: float) -> None:
         assert err <= 10 * tol * max(want[n].norm().item(), floor), f"grad {n}: error {err:.3g}"
 
 
+PYTEST_OWN_VARIABLES = ("PYTEST_CURRENT_TEST",)  # pytest itself rewrites it around every phase
+
+
+def _environ() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name not in PYTEST_OWN_VARIABLES}
+
+
+def _set_environ(saved: dict[str, str]) -> None:
+    for name in set(_environ()) - set(saved):
+        del os.environ[name]
+    for name, value in saved.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
+def _set_deterministic(saved: tuple[bool, bool]) -> None:
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+def _set_cudnn(saved: tuple[bool, bool, bool, bool]) -> None:
+    cudnn = torch.backends.cudnn
+    cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32 = saved
+
+
+def _set_cuda_matmul(saved: tuple[bool, bool]) -> None:
+    matmul = torch.backends.cuda.matmul
+    matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction = saved
+
+
+# (what, read it, set it back): the process-wide settings a test must leave as it found them.
+GLOBAL_SETTINGS: tuple[tuple[str, Callable[[], Any], Callable[[Any], None]], ...] = (
+    ("torch.get_num_threads()", torch.get_num_threads, torch.set_num_threads),
+    ("torch.get_default_dtype()", torch.get_default_dtype, torch.set_default_dtype),
+    ("torch.is_grad_enabled()", torch.is_grad_enabled, torch.set_grad_enabled),
+    (
+        "torch.use_deterministic_algorithms (enabled, warn_only)",
+        lambda: (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+        _set_deterministic,
+    ),
+    ("torch.get_float32_matmul_precision()", torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    (
+        "torch.backends.cudnn (enabled, benchmark, deterministic, allow_tf32)",
+        lambda: (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark,
+                 torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32),
+        _set_cudnn,
+    ),
+    (
+        "torch.backends.cuda.matmul (allow_tf32, allow_fp16_reduced_precision_reduction)",
+        lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction),
+        _set_cuda_matmul,
+    ),
+    ("os.environ", _environ, _set_environ),
+)
+
+
+def _changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """One phrase per setting that differs; environment variables are named one by one."""
+    changed = []
+    for what in before:
+        if before[what] == after[what]:
+            continue
+        if what == "os.environ":
+            for name in sorted(set(before[what]) | set(after[what])):
+                if before[what].get(name) != after[what].get(name):
+                    changed.append(f"environment variable {name}: {before[what].get(name)!r} -> {after[what].get(name)!r}")
+        else:
+            changed.append(f"{what}: {before[what]!r} -> {after[what]!r}")
+    return changed
+
+
+def _random_states() -> tuple[Any, ...]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_random_states(states: tuple[Any, ...]) -> None:
+    python, numpy, cpu, cuda = states
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# Set the thread count explicitly once: torch's untouched default and the same count set explicitly
+# can differ in which math library threads run, so a test that sets and restores it would otherwise
+# change the reductions of every later test.
+torch.set_num_threads(torch.get_num_threads())
+
+
 @pytest.fixture(autouse=True)
-def _seed():
+def _isolated_global_state():
+    """Seeds torch with 0, then fails the test (after restoring) if it left any GLOBAL_SETTINGS changed."""
+    settings = {what: read() for what, read, _ in GLOBAL_SETTINGS}
+    random_states = _random_states()
     torch.manual_seed(0)
+    yield
+    leaked = _changes(settings, {what: read() for what, read, _ in GLOBAL_SETTINGS})
+    for what, _, restore in GLOBAL_SETTINGS:
+        restore(settings[what])
+    _set_random_states(random_states)
+    if leaked:
+        pytest.fail("the test left global state changed (now restored): " + "; ".join(leaked), pytrace=False)

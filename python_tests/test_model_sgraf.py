@@ -115,10 +115,13 @@ def test_fused_equals_published_loop(module):
         (scores * torch.linspace(-1, 1, scores.numel()).view_as(scores)).sum().backward(retain_graph=True)
         grads.append({n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
     fused_grads, loop_grads = grads
+    # fp32 rounding noise of the loop's gradients: measured up to 1.4e-6 with a largest gradient of 18.5
+    # (1 or 2 threads), so 1e-6 of the largest gradient; a real effect of the bias would be of order 1
+    noise = 1e-6 * max(g.abs().max().item() for g in loop_grads.values() if g is not None)
     for name in [n for n, g in fused_grads.items() if g is None]:
         # SGR's key bias has no effect on any score (module doc): no gradient here, rounding noise in the loop
         assert name.endswith("graph_key_w.bias"), name
-        assert loop_grads.pop(name).abs().max() < 1e-6, name
+        assert loop_grads.pop(name).abs().max() < noise, name
         del fused_grads[name]
     assert_gradients_close(fused_grads, loop_grads, 1e-5)
 
