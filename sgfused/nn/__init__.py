@@ -1,6 +1,6 @@
 """Drop-in nn.Module wrappers of the ops."""
 
 from .losses import HardestNegativeLoss
-from .similarity import CrossAttentionSimilarity, VectorSimilarity
+from .similarity import CrossAttentionSimilarity, MaxSim, VectorSimilarity
 
-__all__ = ["CrossAttentionSimilarity", "HardestNegativeLoss", "VectorSimilarity"]
+__all__ = ["CrossAttentionSimilarity", "HardestNegativeLoss", "MaxSim", "VectorSimilarity"]

@@ -1,4 +1,4 @@
-"""Learned similarity layers: global (vector pairs) and local (cross-attention) similarity blocks."""
+"""Similarity layers: global (vector pairs), local (cross-attention) and late-interaction (max-mean) blocks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops import cross_attention, pairwise_similarity
+from ..ops import cross_attention, max_sim, pairwise_similarity
 
 
 def _papers_init(weight: nn.Parameter, bias: nn.Parameter | None) -> None:
@@ -99,3 +99,25 @@ class CrossAttentionSimilarity(nn.Module):
     def extra_repr(self) -> str:
         m, d = self.weight.shape
         return f"d={d}, m={m}, epilogue={self.epilogue!r}, smooth={self.smooth}, norm={self.norm!r}"
+
+
+class MaxSim(nn.Module):
+    """Late-interaction max-mean score of every image with every caption: SGM's object / relation matching.
+
+    ``forward(x, y, x_lens, y_lens)`` takes image nodes ``(Nx, Lx, d)`` and caption
+    nodes ``(Ny, Ly, d)`` and returns ``(Nx, Ny)`` scores: each caption node's best
+    image node, averaged over the caption's nodes (SGM Eq. 6-7; see
+    :func:`sgfused.ops.max_sim`). No parameters; ``backend`` picks the kernel.
+    """
+
+    def __init__(self, backend: str = "auto") -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(
+        self, x: Tensor, y: Tensor, x_lens: Tensor | None = None, y_lens: Tensor | None = None
+    ) -> Tensor:
+        return max_sim(x, y, x_lens, y_lens, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
