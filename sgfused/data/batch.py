@@ -29,12 +29,15 @@ class ImageBatch:
     ``boxes``: optional (B, R, 4) x1 y1 x2 y2 normalised by the image size to
     [0, 1] (a copy; the stored array is never modified). ``graphs``: optional
     visual scene graphs, one dict per image in the layout of docs/architecture.md.
+    ``relation_features``: optional (B, R_rel, D) float32 features of the union boxes of
+    the graphs' relations (row r is relation r of ``graphs[b]``; zero past its relations).
     """
 
     features: Tensor
     index: Tensor
     boxes: Optional[Tensor] = None
     graphs: Optional[list[dict]] = None
+    relation_features: Optional[Tensor] = None
 
     def to(self, device: torch.device | str) -> "ImageBatch":
         return _moved(self, device)

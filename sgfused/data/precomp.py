@@ -15,7 +15,10 @@ released with SCAN, and of the synthetic-scene generator):
   ``image_w`` and y by ``image_h``; such a file is refused here (unpickling runs code) and
   :func:`convert_pickled_sizes` rewrites a trusted one in the (N, 2) layout;
 * ``s_ims_graphs.json`` visual graphs, one per image, and ``s_caps_graphs.json`` caption
-  graphs, one per caption (layouts in :mod:`sgfused.data.graphs`).
+  graphs, one per caption (layouts in :mod:`sgfused.data.graphs`);
+* ``s_ims_rels.npy`` (N, R_rel, D) float relation features, memory-mapped and optional
+  (``relation_features=True`` reads it when it exists): row r of image i is the feature of
+  the union box of relation r of image i's visual graph (zero rows past its relations).
 
 Items are :class:`PairItem` (``__getitem__``), :class:`ImageItem` (:meth:`PrecompSplit.image`)
 or :class:`CaptionItem` (:meth:`PrecompSplit.caption`); the ``collate_*`` functions and the
@@ -44,12 +47,13 @@ class PrecompError(ValueError):
 
 
 class ImageItem(NamedTuple):
-    """One image: (R, D) float32 features, optional (R, 4) normalised boxes and visual graph."""
+    """One image: (R, D) float32 features, optional (R, 4) normalised boxes, visual graph and (R_rel, D) relation features."""
 
     index: int
     features: Tensor
     boxes: Optional[Tensor]
     graph: Optional[dict]
+    relation_features: Optional[Tensor] = None
 
 
 class CaptionItem(NamedTuple):
@@ -120,18 +124,23 @@ class PrecompSplit(Dataset):
         boxes: bool = False,
         image_graphs: bool = False,
         caption_graphs: bool = False,
+        relation_features: bool = False,
         max_images: int | None = None,
         captions_per_image: int = 5,
     ) -> None:
         """Open split ``split`` of ``data_path``; ``max_images`` keeps the first images and their captions.
 
         The caption file must hold exactly ``captions_per_image`` lines per image.
+        ``relation_features=True`` reads ``{split}_ims_rels.npy`` when it exists; it is an
+        optional file, so without it ``has_relation_features`` is False and the batches carry
+        ``relation_features=None`` (SGM then uses its fallback and says so).
         """
         if max_images is not None and max_images < 1:
             raise ValueError(f"PrecompSplit: max_images must be None or >= 1, got {max_images}")
         if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) or captions_per_image < 1:
             raise ValueError(f"PrecompSplit: captions_per_image must be an int >= 1, got {captions_per_image!r}")
         self.data_path, self.split, self.vocab, self._with_boxes = os.fspath(data_path), split, vocab, boxes
+        self.has_relation_features = relation_features and os.path.isfile(self._path("ims_rels.npy"))
         self._open_arrays()
         n_stored = self._check_features()
         captions = self._read_captions()
@@ -147,6 +156,8 @@ class PrecompSplit(Dataset):
         self.n_regions, self.feature_dim = self.features.shape[1:]
         self._sizes = self._load_sizes(n_stored) if boxes else None
         self._image_graphs = self._load_image_graphs(n_stored) if image_graphs else None
+        if self._relations is not None and self._image_graphs is not None:
+            self._check_relation_rows()
         graphs = self._load_caption_graphs(len(captions)) if caption_graphs else None
         self._caption_graphs = graphs[: self.n_captions] if graphs is not None else None
         self._ids, self._offsets = self._encode(captions[: self.n_captions])
@@ -158,10 +169,11 @@ class PrecompSplit(Dataset):
         """Memory-map the features (and boxes); also run after unpickling in a worker process."""
         self.features: np.memmap = _load_array(self._path("ims.npy"), "image feature", mmap=True)
         self._boxes = _load_array(self._path("ims_bbx.npy"), "box", mmap=True) if self._with_boxes else None
+        self._relations = _load_array(self._path("ims_rels.npy"), "relation feature", mmap=True) if self.has_relation_features else None
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickling a memmap would copy the whole file into the pickle: workers reopen it instead.
-        return {**self.__dict__, "features": None, "_boxes": None}
+        return {**self.__dict__, "features": None, "_boxes": None, "_relations": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -180,7 +192,24 @@ class PrecompSplit(Dataset):
             raise PrecompError(
                 f"box file {self._path('ims_bbx.npy')!r}: expected a numeric {(*shape[:2], 4)} array, got {self._boxes.dtype} {self._boxes.shape}"
             )
+        if self._relations is not None:
+            rels = self._relations
+            if rels.ndim != 3 or rels.shape[0] != shape[0] or rels.shape[2] != shape[2] or not np.issubdtype(rels.dtype, np.floating):
+                raise PrecompError(
+                    f"relation feature file {self._path('ims_rels.npy')!r}: expected a float ({shape[0]}, R_rel, {shape[2]}) "
+                    f"array (one row per relation of each image graph), got {rels.dtype} {rels.shape}"
+                )
         return shape[0]
+
+    def _check_relation_rows(self) -> None:
+        """Every relation of every visual graph has its row in the relation feature file."""
+        rows = self._relations.shape[1]
+        for i, graph in enumerate(self._image_graphs):
+            if len(graph["rels"]) > rows:
+                raise PrecompError(
+                    f"image {i}: relation {rows} ({graph['rels'][rows]}) of {self._path('ims_graphs.json')!r} has no row in "
+                    f"{self._path('ims_rels.npy')!r}, which holds {rows} relation rows per image"
+                )
 
     def _read_captions(self) -> list[str]:
         return read_captions(self._path("caps.txt"))
@@ -243,7 +272,13 @@ class PrecompSplit(Dataset):
             width, height = self._sizes[i]
             boxes = torch.from_numpy(np.array(self._boxes[i], dtype=np.float32) / np.array([width, height, width, height], dtype=np.float32))
         graph = self._image_graphs[i] if self._image_graphs is not None else None
-        return ImageItem(i, torch.from_numpy(features), boxes, graph)
+        relations = None
+        if self._relations is not None:
+            relations = np.array(self._relations[i], dtype=np.float32)
+            if not np.isfinite(relations).all():
+                raise PrecompError(f"split {self.split!r}: image {i} has NaN or inf relation features in {self._path('ims_rels.npy')!r}")
+            relations = torch.from_numpy(relations)
+        return ImageItem(i, torch.from_numpy(features), boxes, graph, relations)
 
     def caption(self, k: int) -> CaptionItem:
         """Caption ``k``: its token ids (``<start>`` ... ``<end>``) and graph."""
@@ -261,6 +296,7 @@ def collate_images(items: Sequence[ImageItem]) -> ImageBatch:
         index=torch.tensor([item.index for item in items], dtype=torch.int64),
         boxes=torch.stack([item.boxes for item in items]) if items[0].boxes is not None else None,
         graphs=[item.graph for item in items] if items[0].graph is not None else None,
+        relation_features=torch.stack([item.relation_features for item in items]) if items[0].relation_features is not None else None,
     )
 
 

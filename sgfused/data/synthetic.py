@@ -6,7 +6,9 @@ and writes for each split ``train`` / ``dev`` / ``test`` everything the real pip
 (docs/architecture.md, "Data"): region features ``{split}_ims.npy`` (float32, N x regions x dim),
 five captions per image ``{split}_caps.txt``, region boxes ``{split}_ims_bbx.npy`` (float32
 pixel x1 y1 x2 y2), image sizes ``{split}_ims_size.npy`` (float32 width, height), visual scene graphs
-``{split}_ims_graphs.json``, gold caption graphs ``{split}_caps_graphs.json``, plus
+``{split}_ims_graphs.json``, gold caption graphs ``{split}_caps_graphs.json``, relation
+(union-box) features ``{split}_ims_rels.npy`` (float32, N x max relations x dim: row r is the
+region of relation r of the image's graph, zero past its relations), plus
 ``vocab.json`` (train + dev captions), ``world.json`` (the world, so a dataset documents
 itself) and ``{split}_distractors.json`` (the hard-distractor twins).
 
@@ -672,6 +674,21 @@ def _write_features(
     del out
 
 
+def _write_relation_features(path: Path, features_path: Path, scenes: list[_Scene], config: WorldConfig, chunk: int = 256) -> None:
+    """``{split}_ims_rels.npy``: each relation's union-box region (region ``n_objects + r``) copied from the features."""
+    width = min(config.relations_per_image[1], config.objects_per_image[1] - 1)
+    features = np.load(features_path, mmap_mode="r")
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(scenes), width, features.shape[2]))
+    for start in range(0, len(scenes), chunk):
+        block = np.zeros((min(chunk, len(scenes) - start), width, features.shape[2]), dtype=np.float32)
+        for b, scene in enumerate(scenes[start : start + chunk]):
+            first = len(scene.labels)
+            block[b, : len(scene.relations)] = features[start + b, first : first + len(scene.relations)]
+        out[start : start + len(block)] = block
+    out.flush()
+    del out
+
+
 def _dump_json(path: Path, value: Any, indent: int | None = None) -> None:
     """Write ``value`` as json (``json.dumps`` rather than ``json.dump``: only the former uses the C encoder)."""
     path.write_text(json.dumps(value, indent=indent, separators=None if indent else (",", ":")), encoding="utf-8")
@@ -705,6 +722,7 @@ def _write_split(
     np.save(out / f"{split}_ims_bbx.npy", _region_boxes(scenes, n_regions, np.random.Generator(np.random.PCG64(box_seed))))
     feature_rng = np.random.Generator(np.random.PCG64(feature_seed))
     _write_features(out / f"{split}_ims.npy", world, scenes, prototypes, feature_rng, n_regions, bar)
+    _write_relation_features(out / f"{split}_ims_rels.npy", out / f"{split}_ims.npy", scenes, world.config)
     return texts, len(distractors)
 
 
