@@ -60,3 +60,14 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(sgfused.BackendUnavailable, match="TRITON_INTERPRET=1"):
         choose_backend("op", "triton", torch.device("cpu"), ALL)
+
+
+def test_every_op_in_the_op_list_registers_and_has_a_test_file():
+    """sgfused.ops.OPS is the one op list (docs/adding_an_op.md): scripts and tests derive theirs from it."""
+    import importlib
+    import pathlib
+
+    tests = pathlib.Path(__file__).parent
+    for name in sgfused.ops.OPS:
+        assert callable(importlib.import_module(f"sgfused.ops.{name}").register), name
+        assert (tests / f"test_{name}.py").is_file(), f"op {name} has no python_tests/test_{name}.py"

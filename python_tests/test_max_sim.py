@@ -281,3 +281,15 @@ def test_cpu_operator_checks_its_inputs():
     bad = torch.full((2, 4, 6), 7, dtype=torch.long)
     with pytest.raises(RuntimeError, match="indices must name a valid image node"):
         torch.ops.sgfused.max_sim_backward(torch.ones(2, 4), x, y, torch.full((2,), 5), torch.full((4,), 6), bad)
+
+
+def test_registration_covers_the_operator_pairs_that_exist():
+    """Compiled and Triton pairs get fakes and autograd; an op with neither (reference only) needs nothing."""
+    from sgfused.ops._registration import register_forward_backward
+
+    assert register_forward_backward("no_such_op", None, None, None, None) == ()
+    for suffix in ("", "_triton"):
+        forward, backward = f"sgfused::max_sim_forward{suffix}", f"sgfused::max_sim_backward{suffix}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(forward, "Autograd"), forward
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(forward, "Meta"), forward
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(backward, "Meta"), backward

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compiles every Triton kernel that the op tests launch for a Hopper GPU (sm_90) with Triton's
-# own GPU pipeline (ptxas included), with no GPU: each launch is compiled, then run in the
+# Compiles every Triton kernel that the op tests (python_tests/test_<op>.py for each op in
+# sgfused.ops.OPS) launch for a Hopper GPU (sm_90) with Triton's own GPU pipeline (ptxas
+# included), with no GPU: each launch is compiled, then run in the
 # interpreter so the tests still check values (scripts/triton_compile_only.py). Catches kernels
 # the interpreter accepts but the GPU compiler rejects.
 #
@@ -21,7 +22,8 @@ if [[ -n "${2:-}" ]]; then
 fi
 echo "check_triton_compile: triton $(PYTHONPATH="$overlay" "$python" -c 'import triton; print(triton.__version__)'), sm_${SGFUSED_COMPILE_ARCH:-90}"
 # -P keeps the checkout off sys.path: the tests import the installed package, as in scripts/test.sh
+# the op test files: python_tests/test_<name>.py for every op in sgfused.ops.OPS (the one op list)
+read -r -a tests <<< "$("$python" -P -c 'from sgfused.ops import OPS; print(*(f"python_tests/test_{name}.py" for name in OPS))')"
 PYTHONPATH="${overlay:+$overlay:}$PWD/scripts" "$python" -P -m pytest -q -p triton_compile_only -W ignore \
-  python_tests/test_hardest_negative.py python_tests/test_pairwise_similarity.py \
-  python_tests/test_cross_attention.py -k triton
+  "${tests[@]}" -k triton
 echo "check_triton_compile: OK"
