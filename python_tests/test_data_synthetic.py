@@ -75,12 +75,42 @@ def test_graph_objects_and_relations_are_the_first_regions(small):
                 np.testing.assert_allclose(boxes[b, n + k], union, atol=0.01)
 
 
+def test_relation_features_file_holds_each_relations_union_box_region(small, tmp_path):
+    """``{split}_ims_rels.npy`` row r is relation r's region, zero past the relations; PrecompSplit reads it (or not)."""
+    from sgfused.data.precomp import PrecompError, PrecompSplit, collate_images
+
+    out, _ = small
+    width = min(WorldConfig().relations_per_image[1], WorldConfig().objects_per_image[1] - 1)
+    for split in SPLITS:
+        ims, rels = np.load(out / f"{split}_ims.npy"), np.load(out / f"{split}_ims_rels.npy")
+        assert rels.shape == (len(ims), width, DIM) and rels.dtype == np.float32
+        for b, graph in enumerate(load_json(out / f"{split}_ims_graphs.json")):
+            n, k = len(graph["labels"]), len(graph["rels"])
+            np.testing.assert_array_equal(rels[b, :k], ims[b, n : n + k])
+            assert not rels[b, k:].any()
+    vocab = Vocabulary.load(out / "vocab.json")
+    batch = collate_images([PrecompSplit(out, "dev", vocab, relation_features=True).image(i) for i in range(2)])
+    np.testing.assert_array_equal(batch.relation_features.numpy(), np.load(out / "dev_ims_rels.npy")[:2])
+    assert PrecompSplit(out, "dev", vocab).image(0).relation_features is None
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("dev_ims.npy", "dev_caps.txt", "dev_ims_graphs.json"):
+        (bare / name).write_bytes((out / name).read_bytes())
+    assert not PrecompSplit(bare, "dev", vocab, relation_features=True).has_relation_features  # optional file
+    np.save(bare / "dev_ims_rels.npy", np.load(out / "dev_ims_rels.npy")[:, :0])  # no row for any relation
+    with pytest.raises(PrecompError, match=r"image 0: relation 0 .* has no row"):
+        PrecompSplit(bare, "dev", vocab, image_graphs=True, relation_features=True)
+    np.save(bare / "dev_ims_rels.npy", np.zeros((1, width, DIM), np.float32))
+    with pytest.raises(PrecompError, match="relation feature file"):
+        PrecompSplit(bare, "dev", vocab, relation_features=True)
+
+
 def test_same_seed_same_bytes_other_seed_differs(small, tmp_path):
     out, _ = small
     generate(tmp_path / "again", N_IMAGES, seed=0, feature_dim=DIM, progress=False)
     generate(tmp_path / "other", N_IMAGES, seed=1, feature_dim=DIM, progress=False)
     names = sorted(p.name for p in out.iterdir())
-    assert len(names) == 2 + 7 * len(SPLITS)  # vocab.json, world.json and seven files per split
+    assert len(names) == 2 + 8 * len(SPLITS)  # vocab.json, world.json and eight files per split
     assert names == sorted(p.name for p in (tmp_path / "again").iterdir())
     for name in names:
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
