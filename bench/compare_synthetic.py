@@ -44,6 +44,7 @@ MODELS = {
     # SGFN fuses every pair (a cross-encoder): at the shared sizes one epoch takes hours on 2 cores,
     # so it trains with configs/sgfn_synthetic.json's sizes and batch (max violation collapsed it here too)
     "sgfn": ("SGFN", "sgfn", {"embed_size": 64, "word_dim": 32, "heads": 2}, {"batch_size": 32}),
+    "cmsei": ("CMSEI (i2t)", "cmsei", {"direction": "i2t"}, {}),  # num_regions: its default 36 = the generator's
 }
 SIZES = ("embed_size", "word_dim", "sim_dim", "heads")
 ENSEMBLES = {"SGRAF (SGR+SAF average)": ("sgr", "saf"), "MPSM* (dis+dir average)": ("mpsm_dis", "mpsm_dir")}
