@@ -45,6 +45,7 @@ MODELS = {
     # so it trains with configs/sgfn_synthetic.json's sizes and batch (max violation collapsed it here too)
     "sgfn": ("SGFN", "sgfn", {"embed_size": 64, "word_dim": 32, "heads": 2}, {"batch_size": 32}),
     "cmsei": ("CMSEI (i2t)", "cmsei", {"direction": "i2t"}, {}),  # num_regions: its default 36 = the generator's
+    "sgm": ("SGM", "sgm", {}, {}),  # reads the generator's {split}_ims_rels.npy relation features
 }
 SIZES = ("embed_size", "word_dim", "sim_dim", "heads")
 ENSEMBLES = {"SGRAF (SGR+SAF average)": ("sgr", "saf"), "MPSM* (dis+dir average)": ("mpsm_dis", "mpsm_dir")}
