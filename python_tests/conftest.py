@@ -97,11 +97,15 @@ def assert_gradients_close(got: dict, want: dict, tol: float) -> None:
         assert err <= 10 * tol * max(want[n].norm().item(), floor), f"grad {n}: error {err:.3g}"
 
 
-PYTEST_OWN_VARIABLES = ("PYTEST_CURRENT_TEST",)  # pytest itself rewrites it around every phase
+# Variables the tools set for themselves, not a test's doing: pytest rewrites the first around every
+# phase; torch's compiler and Triton set their cache folders (and a pointer) on first use.
+TOOLS_OWN_VARIABLES = (
+    "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+)
 
 
 def _environ() -> dict[str, str]:
-    return {name: value for name, value in os.environ.items() if name not in PYTEST_OWN_VARIABLES}
+    return {name: value for name, value in os.environ.items() if name not in TOOLS_OWN_VARIABLES}
 
 
 def _set_environ(saved: dict[str, str]) -> None:

@@ -175,6 +175,11 @@ def test_unknown_model_and_config_keys(dataset):
 
 
 def test_vsepp_learns_on_synthetic_scenes(tmp_path_factory, tmp_path):
+    """Four epochs, the first two with summed hinges, raise test rSum well above the untrained model's.
+
+    Measured (init seeds 0-4, 1 and 2 threads alike): gains 155, 153, 90, 155, 173 over 82-103 before.
+    Max violation from the first step gains as little as 17 (seed 2): it collapses text->image.
+    """
     root = tmp_path_factory.mktemp("learn")
     generate(root, 300, seed=0, feature_dim=64, progress=False)
     vocab = Vocabulary.load(root / "vocab.json")
@@ -182,7 +187,7 @@ def test_vsepp_learns_on_synthetic_scenes(tmp_path_factory, tmp_path):
     torch.manual_seed(0)
     model = build_model("vsepp", len(vocab), dict(img_dim=64, embed_size=64, word_dim=32))
     before = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
-    config = TrainConfig(epochs=4, batch_size=32, lr=2e-3, lr_decay_epochs=10)
+    config = TrainConfig(epochs=4, batch_size=32, lr=2e-3, lr_decay_epochs=10, sum_warmup_epochs=2)
     Trainer(model, train, test, vocab, config, tmp_path, progress=False).fit()
     after = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
     assert after > before + 60, (before, after)
