@@ -301,6 +301,8 @@ class CMSEI(RetrievalModel):
         if (text_encoder == "bert") != (bert_path is not None):
             raise ValueError(f"bert_path must be given exactly when text_encoder='bert', got text_encoder="
                              f"{text_encoder!r} and bert_path={bert_path!r}")
+        if bert_path is not None and not isinstance(bert_path, str):
+            raise ValueError(f"bert_path must be a folder path (a string), got {bert_path!r}")
         if not 0.0 <= iou_threshold < 1.0:
             raise ValueError(f"iou_threshold must lie in [0, 1), got {iou_threshold}")
         if chunk_fragments is not None and chunk_fragments < 1:
