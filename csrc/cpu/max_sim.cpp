@@ -4,8 +4,9 @@
 // Forward: a work item is a block of captions against a block of images, sized so
 // that each side has about kBlockRows valid nodes. The item packs the valid caption
 // nodes Yp (R, d) and the valid image nodes Xp (C, d) into fp32 (fp64) scratch -
-// padded nodes are never read, so whatever they hold cannot leak - and runs one
-// GEMM G = Yp @ Xp^T (R, C). Then for every (image, caption) pair of the item, each
+// padded nodes are never read, so whatever they hold cannot leak; a block without
+// padding and with nothing to convert is used in place - and runs one GEMM
+// G = Yp @ Xp^T (R, C). Then for every (image, caption) pair of the item, each
 // caption node's row of G is reduced over the image's columns to its max (strict
 // comparison in ascending order: the lowest index wins ties), and the maxima are
 // summed in node order. Every pair lies in exactly one item and is reduced by one
@@ -25,7 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
-#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace sgfused {
@@ -71,38 +72,46 @@ void check_inputs(const Tensor& x, const Tensor& y, const Tensor& x_lens, const 
 struct Blocks {
   std::vector<int64_t> first;  // first set of each block, plus the end
   std::vector<int64_t> node;   // per set, its first node's row within its block's packed matrix
+  std::vector<char> full;      // per block: all its sets have every node valid (no padding to skip)
   int64_t max_rows = 0;        // rows of the largest block
 };
 
-Blocks make_blocks(const int64_t* lens, int64_t n) {
+Blocks make_blocks(const int64_t* lens, int64_t n, int64_t padded) {
   Blocks blocks;
   int64_t rows = 0;
   blocks.node.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     if (i == 0 || rows + lens[i] > kBlockRows) {
       blocks.first.push_back(i);
+      blocks.full.push_back(1);
       rows = 0;
     }
     blocks.node[i] = rows;
     rows += lens[i];
+    blocks.full.back() &= lens[i] == padded;
     blocks.max_rows = std::max(blocks.max_rows, rows);
   }
   blocks.first.push_back(n);
   return blocks;
 }
 
-// Copies the valid nodes of sets [s0, s1) into consecutive rows of `packed` (acc_t), converting.
+// The valid nodes of block `block` of `nodes` (N, padded, d) as consecutive acc_t rows: a view of
+// the input when nothing needs converting or skipping, else packed into `scratch`.
 template <typename scalar_t, typename acc_t>
-int64_t pack(const scalar_t* nodes, const int64_t* lens, int64_t s0, int64_t s1, int64_t padded, int64_t d,
-             acc_t* packed) {
+Tensor block_nodes(const Tensor& nodes, const int64_t* lens, const Blocks& blocks, int64_t block, Tensor& scratch) {
+  const int64_t s0 = blocks.first[block], s1 = blocks.first[block + 1], padded = nodes.size(1), d = nodes.size(2);
+  if (std::is_same_v<scalar_t, acc_t> && blocks.full[block])
+    return nodes.view({-1, d}).narrow(0, s0 * padded, (s1 - s0) * padded);
+  const scalar_t* src = nodes.data_ptr<scalar_t>();
+  acc_t* packed = scratch.data_ptr<acc_t>();
   int64_t rows = 0;
   for (int64_t s = s0; s < s1; ++s) {
-    const scalar_t* src = nodes + s * padded * d;
+    const scalar_t* set = src + s * padded * d;
     const int64_t count = lens[s] * d;
-    for (int64_t k = 0; k < count; ++k) packed[rows * d + k] = static_cast<acc_t>(src[k]);
+    for (int64_t k = 0; k < count; ++k) packed[rows * d + k] = static_cast<acc_t>(set[k]);
     rows += lens[s];
   }
-  return rows;
+  return scratch.narrow(0, 0, rows);
 }
 
 template <typename scalar_t>
@@ -110,11 +119,9 @@ void forward_kernel(const Tensor& x, const Tensor& y, const int64_t* x_lens, con
                     int64_t* indices) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nx = x.size(0), lx = x.size(1), ny = y.size(0), ly = y.size(1), d = x.size(2);
-  const Blocks img = make_blocks(x_lens, nx), cap = make_blocks(y_lens, ny);
+  const Blocks img = make_blocks(x_lens, nx, lx), cap = make_blocks(y_lens, ny, ly);
   const int64_t n_img = static_cast<int64_t>(img.first.size()) - 1, n_cap = static_cast<int64_t>(cap.first.size()) - 1;
   const int64_t items = n_img * n_cap;
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* yp = y.data_ptr<scalar_t>();
   acc_t* out = scores.data_ptr<acc_t>();
   const auto options = scores.options();
 
@@ -125,14 +132,20 @@ void forward_kernel(const Tensor& x, const Tensor& y, const int64_t* x_lens, con
     const at::ThreadLocalStateGuard state(caller);
     Tensor xs = at::empty({img.max_rows, d}, options), ys = at::empty({cap.max_rows, d}, options);
     Tensor gs = at::empty({cap.max_rows * img.max_rows}, options);
+    Tensor y_rows;
+    int64_t y_block = -1;  // the caption block y_rows holds
     for (int64_t item; (item = next.fetch_add(1)) < items;) {
-      // Caption-block major: consecutive items share the packed caption block's shape of work.
+      // Caption-block major: a thread's consecutive items mostly share their caption block.
       const int64_t cb = item / n_img, ib = item % n_img;
       const int64_t b0 = cap.first[cb], b1 = cap.first[cb + 1], a0 = img.first[ib], a1 = img.first[ib + 1];
-      const int64_t rows = pack(yp, y_lens, b0, b1, ly, d, ys.data_ptr<acc_t>());
-      const int64_t cols = pack(xp, x_lens, a0, a1, lx, d, xs.data_ptr<acc_t>());
+      if (cb != y_block) {
+        y_rows = block_nodes<scalar_t, acc_t>(y, y_lens, cap, cb, ys);
+        y_block = cb;
+      }
+      const Tensor x_rows = block_nodes<scalar_t, acc_t>(x, x_lens, img, ib, xs);
+      const int64_t rows = y_rows.size(0), cols = x_rows.size(0);
       Tensor g = gs.narrow(0, 0, rows * cols).view({rows, cols});
-      at::mm_out(g, ys.narrow(0, 0, rows), xs.narrow(0, 0, cols).t());
+      at::mm_out(g, y_rows, x_rows.t());
       const acc_t* gp = g.data_ptr<acc_t>();
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t col0 = img.node[a], len_x = x_lens[a];
