@@ -69,7 +69,6 @@ from ..data.vocab import UNK, Vocabulary, tokenize
 from ..ops import max_sim
 from ..reference import l2norm
 from .base import RetrievalModel
-from .encoders import valid_mask
 from .graph_layers import xavier_init
 from .registry import register_model
 
@@ -98,6 +97,8 @@ class LabelEmbedding(nn.Module):
         if self.vocabulary is None:
             raise RuntimeError("SGM needs the vocabulary to embed visual-graph labels: call "
                                "model.set_vocabulary(vocab) (with the captions' Vocabulary) before encoding images")
+        if not labels:
+            return self.table.weight.new_zeros(0, self.table.embedding_dim)
         ids, offsets = [], []
         for label in labels:
             if not isinstance(label, str):
@@ -127,13 +128,13 @@ class VisualGraphEncoder(nn.Module):
 
     def forward(self, objects: Tensor, object_labels: Tensor, relations: Tensor, relation_labels: Tensor,
                 subjects: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """``objects (I, R, img_dim)``, ``relations (I, N_r, img_dim)``, label embeddings of both, and the
-        subject / object node index ``(I, N_r)`` of every relation -> object and relation nodes ``(I, *, d)``."""
+        """The nodes of a batch's graphs packed together: ``objects (n_o, img_dim)``, ``relations (n_r, img_dim)``,
+        their label embeddings, and each relation's subject / object row in ``objects`` ``(n_r,)``
+        -> object nodes ``(n_o, d)`` and relation nodes ``(n_r, d)``."""
         h_o = torch.tanh(self.fusion(torch.cat([objects, object_labels], dim=-1)))
         h_r = torch.tanh(self.fusion(torch.cat([relations, relation_labels], dim=-1)))
         for g_o, g_r in zip(self.object_layers, self.relation_layers):
-            ends = [h_o.gather(1, index.unsqueeze(-1).expand(-1, -1, h_o.shape[-1])) for index in (subjects, targets)]
-            h_o, h_r = torch.tanh(g_o(h_o)), torch.tanh(g_r(torch.cat([ends[0], h_r, ends[1]], dim=-1)))
+            h_o, h_r = torch.tanh(g_o(h_o)), torch.tanh(g_r(torch.cat([h_o[subjects], h_r, h_o[targets]], dim=-1)))
         return h_o, h_r
 
 
@@ -233,24 +234,27 @@ class SGM(RetrievalModel):
         if relation_features is None and not self._warned_fallback:
             warnings.warn(FALLBACK_MESSAGE, stacklevel=2)
             self._warned_fallback = True
+        # Only the graphs' nodes are computed, packed image by image (padded slots would be masked anyway).
         device = features.device
-        n_objects = torch.tensor([len(g["labels"]) for g in graphs], device=device)
-        n_rels = torch.tensor([len(g["rels"]) for g in graphs], device=device)
-        subjects = _padded([[r[0] for r in g["rels"]] for g in graphs], self.max_relations, device)
-        targets = _padded([[r[2] for r in g["rels"]] for g in graphs], self.max_relations, device)
+        counts = [len(g["labels"]) for g in graphs]
+        first = [sum(counts[:b]) for b in range(n_images)]  # each image's first row among the packed objects
+        obj_image, obj_slot = _positions(counts, device)
+        rel_image, rel_slot = _positions([len(g["rels"]) for g in graphs], device)
+        ends = torch.tensor([[first[b] + r[0], first[b] + r[2]] for b, g in enumerate(graphs) for r in g["rels"]],
+                            dtype=torch.long, device=device).reshape(-1, 2)
+        objects = features[obj_image, obj_slot]
         if relation_features is None:
-            pick = [features.gather(1, index.unsqueeze(-1).expand(-1, -1, self.img_dim)) for index in (subjects, targets)]
-            relations = (pick[0] + pick[1]) / 2
+            relations = (objects[ends[:, 0]] + objects[ends[:, 1]]) / 2
         else:
-            width = min(rows, self.max_relations)
-            relations = F.pad(relation_features[:, :width], (0, 0, 0, self.max_relations - width))
-        object_labels = self._labels(self.visual.object_labels, [g["labels"] for g in graphs], n_regions, features)
-        relation_labels = self._labels(self.visual.predicate_labels, [[r[1] for r in g["rels"]] for g in graphs],
-                                       self.max_relations, features)
-        objects, rels = self.visual(features, object_labels, relations, relation_labels, subjects, targets)
-        objects = l2norm(objects) * valid_mask(n_objects, n_regions).unsqueeze(-1)
-        rels = l2norm(rels) * valid_mask(n_rels, self.max_relations).unsqueeze(-1)
-        return objects, n_objects, rels, n_rels.clamp(min=1)  # no relation: one zero node (module doc)
+            relations = relation_features[rel_image, rel_slot]
+        object_labels = self.visual.object_labels([label for g in graphs for label in g["labels"]]).to(features.dtype)
+        relation_labels = self.visual.predicate_labels([r[1] for g in graphs for r in g["rels"]]).to(features.dtype)
+        h_o, h_r = self.visual(objects, object_labels, relations, relation_labels, ends[:, 0], ends[:, 1])
+        object_nodes = h_o.new_zeros(n_images, n_regions, self.embed_size).index_put((obj_image, obj_slot), l2norm(h_o))
+        relation_nodes = h_r.new_zeros(n_images, self.max_relations, self.embed_size).index_put((rel_image, rel_slot), l2norm(h_r))
+        n_rels = torch.bincount(rel_image, minlength=n_images)
+        # an image without relations keeps one zero relation node (module doc)
+        return object_nodes, torch.tensor(counts, device=device), relation_nodes, n_rels.clamp(min=1)
 
     def _check_image_graph(self, graph: dict, image: int, n_regions: int, rows: int | None) -> None:
         """Clear errors for relations SGM cannot encode, then the layout checks of :mod:`sgfused.data.graphs`."""
@@ -270,16 +274,6 @@ class SGM(RetrievalModel):
                 raise ValueError(f"SGM: image {image} relation {rows} {rels[rows]} has no row in relation_features "
                                  f"({rows} rows per image)")
         validate_image_graph(graph, n_regions, f"SGM: image {image} graph")
-
-    def _labels(self, table: LabelEmbedding, labels: list[list[str]], width: int, like: Tensor) -> Tensor:
-        """``(I, width, word_dim)`` label embeddings, zero in padded slots."""
-        flat = [label for row in labels for label in row]
-        out = like.new_zeros(len(labels), width, table.table.embedding_dim)
-        if flat:
-            image = torch.tensor([b for b, row in enumerate(labels) for _ in row], device=like.device)
-            slot = torch.tensor([k for row in labels for k in range(len(row))], device=like.device)
-            out = out.index_put((image, slot), table(flat).to(like.dtype))
-        return out
 
     # ------------------------------------------------------------------ captions
     def encode_text(self, ids: Tensor, lengths: Tensor, graphs: Sequence[dict] | None) -> CaptionEncoding:
@@ -333,12 +327,11 @@ class SGM(RetrievalModel):
         return s_o + self.relation_weight * s_r
 
 
-def _padded(rows: list[list[int]], width: int, device: torch.device) -> Tensor:
-    """``(len(rows), width)`` int64: each row's values, then 0 (a valid index; padded slots are masked later)."""
-    out = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        out[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out.to(device)
+def _positions(counts: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(item, slot)`` int64 index pairs of ``counts[b]`` slots per item ``b``, item by item."""
+    item = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+    first = torch.tensor([0, *counts], dtype=torch.long).cumsum(0)[:-1]
+    return item.to(device), (torch.arange(len(item)) - first[item]).to(device)
 
 
 def _check_encoding(encoding: Any, name: str, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
