@@ -352,7 +352,7 @@ def test_evaluate_model_on_a_precomp_split(tmp_path):
     np.save(tmp_path / "test_ims.npy", features)
     (tmp_path / "test_caps.txt").write_text("\n".join(captions) + "\n")
     vocab = Vocabulary(words)
-    split = PrecompSplit(tmp_path, "test", vocab)
+    split = PrecompSplit(tmp_path, "test", vocab, captions_per_image=2)
     model = PoolCosine(vocab=len(vocab))
     results, sims = evaluate_model(model, split, fold5=True, batch_size=3, progress=False)
     with torch.no_grad():
@@ -417,6 +417,15 @@ def test_ensemble_mismatch_names_both_files(tmp_path):
         ensemble([tmp_path / "sgr", tmp_path / "saf"])
     with pytest.raises(ValueError, match="different splits.*'test'.*'dev'"):
         ensemble([tmp_path / "sgr", tmp_path / "dev"])
+
+
+@pytest.mark.parametrize("key, other", [("data", "/data/coco_precomp"), ("captions_per_image", 4)])
+def test_ensemble_refuses_matrices_of_another_dataset(tmp_path, key, other):
+    meta = {"split": "test", "data": "/data/f30k_precomp", "captions_per_image": 5}
+    save_similarity(tmp_path / "sgr", np.zeros((2, 10), dtype=np.float32), meta)
+    save_similarity(tmp_path / "saf", np.zeros((2, 10), dtype=np.float32), {**meta, key: other})
+    with pytest.raises(ValueError, match=f"cannot average .* different .*sgr.npy has {key} {meta[key]!r}, .*saf.npy has {other!r}"):
+        ensemble([tmp_path / "sgr", tmp_path / "saf"])
     with pytest.raises(ValueError, match="at least one"):
         ensemble([])
 

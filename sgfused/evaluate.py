@@ -458,10 +458,16 @@ def load_similarity(path: str | os.PathLike) -> tuple[Tensor, dict[str, Any]]:
     return torch.from_numpy(array), meta
 
 
+# sidecar entries that must agree between the matrices of an ensemble (key -> what differs, for the error)
+ENSEMBLE_KEYS = {"data": "datasets", "split": "splits", "captions_per_image": "caption counts"}
+
+
 def ensemble(paths: Sequence[str | os.PathLike]) -> tuple[Tensor, dict[str, Any]]:
     """The average of saved similarity matrices (SGRAF's SGR + SAF ensemble) and the first one's metadata.
 
-    All matrices must have the same shape and, where recorded, the same split.
+    All matrices must have the same shape and, where both sidecars record them,
+    the same dataset folder, split and captions per image (:data:`ENSEMBLE_KEYS`):
+    an average of scores of different captions would be a number about nothing.
     Memory: the result plus one memory-mapped input at a time.
     """
     if not paths:
@@ -475,11 +481,12 @@ def ensemble(paths: Sequence[str | os.PathLike]) -> tuple[Tensor, dict[str, Any]
                 f"cannot average similarity matrices of different shapes: {first} has {total.shape}, "
                 f"{path} has {array.shape}"
             )
-        if "split" in meta and "split" in first_meta and meta["split"] != first_meta["split"]:
-            raise ValueError(
-                f"cannot average matrices of different splits: {first} is {first_meta['split']!r}, "
-                f"{path} is {meta['split']!r}"
-            )
+        for key, what in ENSEMBLE_KEYS.items():
+            if key in meta and key in first_meta and meta[key] != first_meta[key]:
+                raise ValueError(
+                    f"cannot average matrices of different {what}: {first} has {key} {first_meta[key]!r}, "
+                    f"{path} has {meta[key]!r}"
+                )
         np.add(total, array, out=total)
     total /= len(paths)
     return torch.from_numpy(total), first_meta

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -35,10 +36,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, check_same_vocabulary, load_checkpoint, save_checkpoint
+from .checkpoint import REQUIRED_KEYS, CheckpointError, check_same_vocabulary, load_checkpoint, save_checkpoint
 from .data.precomp import PrecompSplit, pair_loader
 from .data.vocab import Vocabulary
 from .evaluate import evaluate_model
+from ._files import remove_stale_temporaries
+from .model_options import effective_model_config
 from .models import RetrievalModel
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,16 +74,37 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value, default = getattr(self, field.name), field.default
+            if isinstance(default, bool):
+                wrong = not isinstance(value, bool) and "true or false"
+            elif isinstance(default, int):
+                wrong = (isinstance(value, bool) or not isinstance(value, int)) and "an integer"
+            elif isinstance(default, float):
+                wrong = (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)) and "a finite number"
+            else:
+                wrong = not isinstance(value, str) and "a string"
+            if wrong:
+                raise TrainOptionError(field.name, f"must be {wrong}, got {value!r}")
         if self.amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}")
-        for name in ("epochs", "batch_size", "lr_decay_epochs"):
+            raise TrainOptionError("amp", f"must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}")
+        for name in ("epochs", "batch_size", "lr_decay_epochs", "log_every", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.sum_warmup_epochs < 0:
-            raise ValueError(f"sum_warmup_epochs must be >= 0, got {self.sum_warmup_epochs}")
+                raise TrainOptionError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("sum_warmup_epochs", "val_every", "checkpoint_every", "workers", "grad_clip", "margin"):
+            if getattr(self, name) < 0:
+                raise TrainOptionError(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "lr_decay_gamma"):
+            if getattr(self, name) <= 0:
+                raise TrainOptionError(name, f"must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise TrainOptionError("seed", f"must be in [0, 2**32), got {self.seed}")
+        check_device_name(self.device)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(options, dict):
+            raise ValueError(f"training options must be a JSON object of name: value, got {type(options).__name__} {options!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -88,11 +112,46 @@ class TrainConfig:
         return cls(**options)
 
 
+class TrainOptionError(ValueError):
+    """A training option of the wrong type or out of range; ``option`` is its :class:`TrainConfig` name."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option, self.problem = option, problem
+        super().__init__(f"train option {option} {problem}")
+
+
+# What last.pt holds beyond a model checkpoint, to resume exactly.
+RESUME_KEYS = ("train_config", "optimizer", "scheduler", "scaler", "rng", "epoch", "iteration", "step", "best_rsum")
+
+# What a resumed run does with a training option that differs from the one last.pt was trained with.
+# Applied: options that do not change what is trained, only how long, where, and how often it is
+# validated, logged or saved; each change is reported. Every other option changes the training
+# trajectory (the optimizer, the schedule, the batches, the loss, the numerics) and is refused.
+APPLIED_ON_RESUME = ("epochs", "val_every", "checkpoint_every", "log_every", "eval_batch_size", "workers", "device")
+
+
+def check_device_name(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything else is a one-line error (not torch's list)."""
+    kind, _, index = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if not (name in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit())):
+        raise TrainOptionError("device", f"must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+
+
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is the GPU when there is one, else the CPU."""
+    """``"auto"`` is the GPU when there is one, else the CPU; a device this machine lacks is a one-line error."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise TrainOptionError("device", f"is {name!r} but {built}; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainOptionError("device", f"is {name!r} but only {torch.cuda.device_count()} CUDA devices are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainOptionError("device", f"is {name!r} but MPS is not available here")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -142,11 +201,13 @@ class Trainer:
         config: TrainConfig,
         out_dir: str | Path,
         progress: bool = True,
+        verbose: bool = True,
     ) -> None:
+        """``progress``: tqdm bars; ``verbose``: one line when the run starts, resumes or skips, and per epoch."""
         if not getattr(model, "registry_name", "") or not hasattr(model, "build_config"):
             raise ValueError("model must be built with sgfused.models.build_model so checkpoints can rebuild it")
         self.model, self.train, self.dev, self.vocab, self.config = model, train, dev, vocab, config
-        self.out_dir, self.progress = Path(out_dir), progress
+        self.out_dir, self.progress, self.verbose = Path(out_dir), progress, verbose
         self.device = resolve_device(config.device)
         self.model.to(self.device)
         self.model.set_vocabulary(vocab)
@@ -158,6 +219,7 @@ class Trainer:
         self.iteration = 0  # iterations of that epoch already done
         self.step = 0  # iterations done in all
         self.best_rsum = -1.0
+        self.changed_on_resume: dict[str, tuple[Any, Any]] = {}  # applied option changes: name -> (old, new)
         self.batches_per_epoch = len(train) // config.batch_size + (len(train) % config.batch_size > 0)
 
     # -- checkpoints --------------------------------------------------------------------------------------
@@ -186,17 +248,25 @@ class Trainer:
         save_checkpoint(self.out_dir / "last.pt", state)
 
     def resume(self) -> bool:
-        """Continue from ``last.pt`` if the output folder has one; False when starting fresh."""
+        """Continue from ``last.pt`` if the output folder has one; False when starting fresh.
+
+        The model (name and options), the vocabulary and every training option
+        outside :data:`APPLIED_ON_RESUME` must be those ``last.pt`` was trained
+        with; the applied ones are recorded in ``changed_on_resume``.
+        """
         path = self.out_dir / "last.pt"
         if not path.exists():
             return False
-        state = load_checkpoint(path, map_location=self.device)
-        if state["model_name"] != self.model.registry_name or state["model_config"] != self.model.build_config:
-            raise CheckpointError(
-                f"{path} is a {state['model_name']!r} model with config {state['model_config']}, not "
-                f"{self.model.registry_name!r} with {self.model.build_config}; use another --out folder"
-            )
-        check_same_vocabulary(Vocabulary.from_dict(state["vocab"]), self.vocab, "the training data")
+        try:
+            state = load_checkpoint(path, map_location=self.device)
+        except CheckpointError as error:
+            raise CheckpointError(f"cannot resume: {error}; start afresh with --no-resume (resume=False)") from error
+        missing = [key for key in (*REQUIRED_KEYS, *RESUME_KEYS) if key not in state]
+        if missing:
+            raise CheckpointError(f"cannot resume: {path} lacks {missing} (a best.pt?); start afresh with --no-resume")
+        self._check_same_model(path, state)
+        check_same_vocabulary(Vocabulary.from_dict(state["vocab"], str(path)), self.vocab, "the training data")
+        self.changed_on_resume = self._check_train_options(path, state["train_config"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -206,6 +276,31 @@ class Trainer:
         _restore_rng_states(state["rng"])
         self._truncate_log(self.step)
         return True
+
+    def _check_same_model(self, path: Path, state: dict[str, Any]) -> None:
+        name = self.model.registry_name
+        if state["model_name"] != name:
+            raise CheckpointError(f"{path} is a {state['model_name']!r} model, not {name!r}; use another --out folder")
+        old, new = effective_model_config(name, state["model_config"]), effective_model_config(name, self.model.build_config)
+        changed = [f"{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+                   if old.get(key) != new.get(key)]
+        if changed:
+            raise CheckpointError(
+                f"cannot resume {path}: model option {'; '.join(changed)}; use the same options, "
+                "another --out folder, or --no-resume"
+            )
+
+    def _check_train_options(self, path: Path, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """The applied option changes; a one-line error for any other change (see :data:`APPLIED_ON_RESUME`)."""
+        now = dataclasses.asdict(self.config)
+        changed = {name: (saved[name], now[name]) for name in now if name in saved and saved[name] != now[name]}
+        refused = [f"{name} was {old!r}, now {new!r}" for name, (old, new) in changed.items() if name not in APPLIED_ON_RESUME]
+        if refused:
+            raise CheckpointError(
+                f"cannot resume {path}: train option {'; '.join(refused)} (it would change the run half-way); "
+                "resume with the same value, or start afresh with --no-resume or another --out folder"
+            )
+        return changed
 
     # -- logging ------------------------------------------------------------------------------------------
 
@@ -288,9 +383,12 @@ class Trainer:
         (as if it were interrupted; no checkpoint is written at that point).
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # a run killed while writing a checkpoint leaves its temporary file behind (atomic_write)
+        remove_stale_temporaries(self.out_dir, ("last.pt", "best.pt"))
         resumed = resume and self.resume()
         if not resumed:
             seed_everything(self.config.seed)
+        self._say(self._start_line(resumed))
         start = time.time()
         log: list[dict[str, Any]] = []
         while self.epoch < self.config.epochs:
@@ -327,10 +425,25 @@ class Trainer:
             self._write_log(log)
             log = []
             self.save_last()
-            if self.progress:
-                tqdm.write(f"epoch {self.epoch}/{self.config.epochs}: dev rSum {metrics['rsum']:.1f} "
-                           f"(best {self.best_rsum:.1f}), {time.time() - start:.0f} s")
+            self._say(f"epoch {self.epoch}/{self.config.epochs}: dev rSum {metrics['rsum']:.1f} "
+                      f"(best {self.best_rsum:.1f}), step {self.step}, {time.time() - start:.0f} s")
         return self._summary(start, finished=True)
+
+    def _say(self, line: str) -> None:
+        if self.verbose:
+            tqdm.write(line)  # above the bar when there is one
+
+    def _start_line(self, resumed: bool) -> str:
+        """What this call of :meth:`fit` does: start, resume (from where, with which changed options) or skip."""
+        last = self.out_dir / "last.pt"
+        changes = "".join(f"; {name} changed from {old!r} to {new!r}" for name, (old, new) in self.changed_on_resume.items())
+        if not resumed:
+            return f"starting: epoch 1/{self.config.epochs}, {self.batches_per_epoch} batches per epoch"
+        if self.epoch >= self.config.epochs:
+            return (f"skipped: {last} has finished {self.epoch} of {self.config.epochs} epochs (step {self.step}){changes}; "
+                    "pass a larger --epochs to train on, or --no-resume to start afresh")
+        return (f"resumed from {last}: epoch {self.epoch + 1}/{self.config.epochs}, iteration "
+                f"{self.iteration}/{self.batches_per_epoch}, step {self.step}{changes}")
 
     @staticmethod
     def _metric_fields(metrics: dict[str, float]) -> dict[str, str]:
@@ -338,4 +451,5 @@ class Trainer:
 
     def _summary(self, start: float, finished: bool) -> dict[str, Any]:
         return {"best_rsum": self.best_rsum, "steps": self.step, "epochs": self.epoch, "finished": finished,
-                "seconds": time.time() - start, "out_dir": str(self.out_dir)}
+                "seconds": time.time() - start, "out_dir": str(self.out_dir),
+                "changed_on_resume": {name: list(change) for name, change in self.changed_on_resume.items()}}
