@@ -38,6 +38,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include "../input_checks.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -81,18 +83,18 @@ Inputs make_inputs(const Tensor& queries, const Tensor& contexts, const Tensor& 
               contexts.sizes());
   TORCH_CHECK(queries.scalar_type() == contexts.scalar_type() && at::isFloatingType(queries.scalar_type()),
               "queries and contexts must share a floating dtype");
-  TORCH_CHECK(query_lens.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
-              "query_lens and context_lens must be int64");
-  TORCH_CHECK(query_lens.numel() == queries.size(0) && context_lens.numel() == contexts.size(0),
-              "one length per query set and per context set");
   for (const Tensor* t : {&queries, &contexts, &query_lens, &context_lens})
     TORCH_CHECK(t->device().is_cpu(), "cross_attention (CPU): tensors must be on the CPU, got ", t->device());
+  check_lengths(query_lens, queries.size(0), queries.size(1), "query_lens");
+  check_lengths(context_lens, contexts.size(0), contexts.size(1), "context_lens");
   const auto acc = at::toOpMathType(queries.scalar_type());
   Inputs in;
   in.nq = queries.size(0), in.lq = queries.size(1), in.nc = contexts.size(0), in.lc = contexts.size(1);
   in.d = queries.size(2);
   in.queries = queries.to(acc).contiguous();
-  in.contexts = contexts.to(context_dtype.value_or(acc)).contiguous();
+  // Padded regions are zeroed: the attention gives them weight 0, and 0 * NaN would still be NaN.
+  const Tensor c_valid = at::arange(in.lc, context_lens.options()).unsqueeze(0) < context_lens.unsqueeze(1);
+  in.contexts = at::where(c_valid.unsqueeze(2), contexts.to(context_dtype.value_or(acc)), 0).contiguous();
   in.q_valid = at::arange(in.lq, query_lens.options()).unsqueeze(0) < query_lens.unsqueeze(1);      // (Nq, Lq)
   in.m = 0;
   if (o.distance || o.direction) {
@@ -559,12 +561,6 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& queries, const Tensor& cont
                                 queries.scalar_type() == at::kBFloat16 ? at::kBFloat16  // gemm_t of forward_kernel
                                                                        : at::toOpMathType(queries.scalar_type()));
   const Tensor q_lens = query_lens.contiguous(), c_lens = context_lens.contiguous();
-  if (in.nq > 0)
-    TORCH_CHECK(q_lens.min().item<int64_t>() >= 1 && q_lens.max().item<int64_t>() <= in.lq,
-                "query_lens must lie in [1, ", in.lq, "] (the padded length)");
-  if (in.nc > 0)
-    TORCH_CHECK(c_lens.min().item<int64_t>() >= 1 && c_lens.max().item<int64_t>() <= in.lc,
-                "context_lens must lie in [1, ", in.lc, "] (the padded length)");
   Tensor out = at::empty(out_shape(in, o), queries.options());
   Tensor stats = at::zeros({in.nq, in.nc, in.lq, 2}, in.queries.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queries.scalar_type(), "cross_attention_forward_cpu", [&] {

@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../input_checks.h"
+
 #include <algorithm>
 #include <limits>
 #include <numeric>
@@ -393,18 +395,17 @@ struct HingeGradScan {
 };
 
 // ------------------------------------------------------------------ checks
-void check_ids(const Tensor& ids, const char* name, int64_t n) {
+void check_cpu_ids(const Tensor& ids, const char* name, int64_t n) {
   TORCH_CHECK(ids.device().is_cpu(), name, " must be a CPU tensor, got ", ids.device());
-  TORCH_CHECK(ids.scalar_type() == at::kLong, name, " must be int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == n, name, " must have shape (", n, "), got ", ids.sizes());
+  check_ids(ids, n, name);
 }
 
 void check_scores(const Tensor& scores, const Tensor& img_ids, const Tensor& cap_ids) {
   TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor, got ", scores.device());
   TORCH_CHECK(scores.dim() == 2, "scores must be 2-D, got shape ", scores.sizes());
   TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "scores must be floating, got ", scores.scalar_type());
-  check_ids(img_ids, "img_ids", scores.size(0));
-  check_ids(cap_ids, "cap_img_ids", scores.size(1));
+  check_cpu_ids(img_ids, "img_ids", scores.size(0));
+  check_cpu_ids(cap_ids, "cap_img_ids", scores.size(1));
 }
 
 void check_embeddings(const Tensor& img, const Tensor& cap, const Tensor& img_ids, const Tensor& cap_ids) {
@@ -413,14 +414,15 @@ void check_embeddings(const Tensor& img, const Tensor& cap, const Tensor& img_id
               "img (Ni, d) and cap (Nc, d) must be 2-D with equal d, got ", img.sizes(), " and ", cap.sizes());
   TORCH_CHECK(at::isFloatingType(img.scalar_type()) && img.scalar_type() == cap.scalar_type(),
               "img and cap must share a floating dtype, got ", img.scalar_type(), " and ", cap.scalar_type());
-  check_ids(img_ids, "img_ids", img.size(0));
-  check_ids(cap_ids, "cap_img_ids", cap.size(0));
+  check_cpu_ids(img_ids, "img_ids", img.size(0));
+  check_cpu_ids(cap_ids, "cap_img_ids", cap.size(0));
 }
 
 // ------------------------------------------------------------------ scores entry point
 std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& scores_in, const Tensor& img_ids_in,
                                                const Tensor& cap_ids_in, double margin, bool max_violation) {
   check_scores(scores_in, img_ids_in, cap_ids_in);
+  check_finite(scores_in, "scores");
   const Tensor scores = scores_in.contiguous(), img_ids = img_ids_in.contiguous(), cap_ids = cap_ids_in.contiguous();
   std::tuple<Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "hardest_negative_forward", [&] {
@@ -491,6 +493,8 @@ std::tuple<Tensor, Tensor, Tensor> embed_forward_cpu(const Tensor& img_in, const
                                                      const Tensor& img_ids_in, const Tensor& cap_ids_in,
                                                      double margin, bool max_violation) {
   check_embeddings(img_in, cap_in, img_ids_in, cap_ids_in);
+  check_finite(img_in, "img");
+  check_finite(cap_in, "cap");
   const Tensor img_ids = img_ids_in.contiguous(), cap_ids = cap_ids_in.contiguous();
   std::tuple<Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, img_in.scalar_type(), "hardest_negative_embed_forward", [&] {

@@ -11,6 +11,7 @@ saved statistics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -18,11 +19,30 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import choose_backend
-from ._checks import check_nonempty, check_same_device, check_size, check_tensor
+from ._checks import (
+    as_index_tensor,
+    check_nonempty,
+    check_option,
+    check_same_device,
+    check_size,
+    check_tensor,
+    checked_lengths,
+)
 from ._registration import register_forward_backward
 
 NORMS = ("clipped_l2", "none")
 EPILOGUES = ("context", "cosine", "distance", "direction")
+# Largest softmax temperature accepted: the attention's gradient scales with smooth, and in fp32 it
+# drifts from the exact one beyond about 1e4 (papers use 4 to 20); see docs/cross_attention_contract.md.
+SMOOTH_MAX = 1e3
+
+
+def _checked_triton_lengths(queries: Tensor, contexts: Tensor, query_lens: Tensor, context_lens: Tensor):
+    """The raw Triton operators check lengths exactly as the compiled ones (one C++ check for both)."""
+    return (
+        torch.ops.sgfused.checked_lengths(query_lens, queries.shape[0], queries.shape[1], "query_lens"),
+        torch.ops.sgfused.checked_lengths(context_lens, contexts.shape[0], contexts.shape[1], "context_lens"),
+    )
 
 
 @torch.library.custom_op("sgfused::cross_attention_forward_triton", mutates_args=())
@@ -41,6 +61,7 @@ def _triton_forward(
 ) -> tuple[Tensor, Tensor]:
     from ..triton import cross_attention as kernels
 
+    query_lens, context_lens = _checked_triton_lengths(queries, contexts, query_lens, context_lens)
     return kernels.forward(queries, contexts, query_lens, context_lens, smooth, leaky, norm, epilogue, weight, bias, eps)
 
 
@@ -63,6 +84,7 @@ def _triton_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..triton import cross_attention as kernels
 
+    query_lens, context_lens = _checked_triton_lengths(queries, contexts, query_lens, context_lens)
     return kernels.backward(
         grad_out, queries, contexts, query_lens, context_lens, smooth, leaky, norm, epilogue, weight, bias, eps, out, stats
     )
@@ -124,25 +146,12 @@ _IMPLEMENTATIONS = {
 }
 
 
-def _lengths(name: str, lens: Tensor | None, count: int, padded: int, device: torch.device) -> Tensor:
-    """Checked int64 lengths, full length when None (1 <= len <= padded; checked on the host)."""
-    if lens is None:
-        return torch.full((count,), padded, dtype=torch.long, device=device)
-    check_tensor(name, lens, 1, floating=False)
-    check_size(name, lens, 0, count, "one length per set")
-    if not torch.compiler.is_compiling():
-        low, high = int(lens.min()), int(lens.max())
-        if low < 1 or high > padded:
-            raise ValueError(f"{name} must lie in [1, {padded}] (the padded length), got values in [{low}, {high}]")
-    return lens.long().contiguous()
-
-
 def cross_attention(
     queries: Tensor,
     contexts: Tensor,
     *,
-    query_lens: Tensor | None = None,
-    context_lens: Tensor | None = None,
+    query_lens: Tensor | Sequence[int] | None = None,
+    context_lens: Tensor | Sequence[int] | None = None,
     smooth: float = 9.0,
     leaky: float = 0.1,
     norm: str = "clipped_l2",
@@ -159,18 +168,23 @@ def cross_attention(
             attention, as in SGRAF); use region features for image-to-text.
         contexts: ``(Nc, Lc, d)``, e.g. the region features of Nc images.
         query_lens, context_lens: ``(Nq,)`` / ``(Nc,)`` valid lengths (default: full).
-            Padded positions never influence a result; padded query positions output 0.
-        smooth: softmax temperature lambda (9 in SGRAF).
-        leaky: slope of the leaky ReLU before the clipped l2 normalisation (SCAN: 0.1).
+            Tensors or lists of ints, each in ``[1, padded length]``. Padded positions never
+            influence a result or a gradient, whatever they hold (NaN, inf); padded query
+            positions output 0 and get zero gradients.
+        smooth: softmax temperature lambda (9 in SGRAF), in ``(0, SMOOTH_MAX]`` (1e3).
+        leaky: slope of the leaky ReLU before the clipped l2 normalisation (SCAN: 0.1), in ``[0, 1]``.
         norm: ``"clipped_l2"`` (SCAN) or ``"none"``.
         epilogue: ``"context"`` -> ``(Nq, Nc, Lq, d)`` attended contexts;
             ``"cosine"`` -> ``(Nq, Nc, Lq)`` cosine of context and query;
             ``"distance"`` -> ``(Nq, Nc, Lq, m)`` ``l2norm(W (context - query)^2 + bias)`` (SGRAF);
             ``"direction"`` -> ``l2norm(W (l2norm(context) * l2norm(query)) + bias)`` (MPSM).
         weight, bias: ``(m, d)`` and ``(m,)`` for distance / direction.
+        eps: added to every norm, in ``(0, 1]``.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
     Returns the epilogue's output in the dtype of ``queries`` (fp32 accumulation inside).
+    Bad input raises a one-line ``TypeError`` / ``ValueError`` naming the argument, in eager
+    mode and under torch.compile alike.
     """
     check_tensor("queries", queries, 3)
     check_tensor("contexts", contexts, 3)
@@ -197,12 +211,17 @@ def cross_attention(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != queries.dtype:
             raise TypeError(f"{name} must have the dtype of queries ({queries.dtype}), got {t.dtype}")
+    smooth = check_option("smooth", smooth, 0.0, SMOOTH_MAX, low_open=True)
+    leaky = check_option("leaky", leaky, 0.0, 1.0)
+    eps = check_option("eps", eps, 0.0, 1.0, low_open=True)
+    query_lens = as_index_tensor("query_lens", query_lens, queries.device)
+    context_lens = as_index_tensor("context_lens", context_lens, queries.device)
     check_same_device(queries=queries, contexts=contexts, query_lens=query_lens, context_lens=context_lens,
                       weight=weight, bias=bias)
-    q_lens = _lengths("query_lens", query_lens, queries.shape[0], queries.shape[1], queries.device)
-    c_lens = _lengths("context_lens", context_lens, contexts.shape[0], contexts.shape[1], queries.device)
+    q_lens = checked_lengths("query_lens", query_lens, queries.shape[0], queries.shape[1], queries.device)
+    c_lens = checked_lengths("context_lens", context_lens, contexts.shape[0], contexts.shape[1], queries.device)
     chosen = choose_backend("cross_attention", backend, queries.device, _IMPLEMENTATIONS)
     return _IMPLEMENTATIONS[chosen](
-        queries.contiguous(), contexts.contiguous(), q_lens, c_lens, float(smooth), float(leaky), norm, epilogue,
-        None if weight is None else weight.contiguous(), bias, float(eps),
+        queries.contiguous(), contexts.contiguous(), q_lens, c_lens, smooth, leaky, norm, epilogue,
+        None if weight is None else weight.contiguous(), bias, eps,
     )

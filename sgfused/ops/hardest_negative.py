@@ -21,19 +21,37 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import choose_backend
-from ._checks import check_nonempty, check_no_nan, check_same_device, check_size, check_tensor
+from ._checks import (
+    as_index_tensor,
+    check_nonempty,
+    check_option,
+    check_same_device,
+    check_size,
+    check_tensor,
+    checked_finite,
+)
 from ._registration import register_forward_backward
 
 REDUCTIONS = ("sum", "mean", "none")
 
 
 # ---------------------------------------------------------------- Triton as custom ops
+def _checked_triton_ids(img_ids: Tensor, cap_img_ids: Tensor, n_img: int, n_cap: int) -> tuple[Tensor, Tensor]:
+    """The raw Triton operators check ids exactly as the compiled ones (one C++ check for both)."""
+    return (
+        torch.ops.sgfused.checked_ids(img_ids, n_img, "img_ids"),
+        torch.ops.sgfused.checked_ids(cap_img_ids, n_cap, "cap_img_ids"),
+    )
+
+
 @torch.library.custom_op("sgfused::hardest_negative_forward_triton", mutates_args=())
 def _triton_forward(
     scores: Tensor, img_ids: Tensor, cap_img_ids: Tensor, margin: float, max_violation: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     from ..triton import hardest_negative as kernels
 
+    img_ids, cap_img_ids = _checked_triton_ids(img_ids, cap_img_ids, scores.shape[0], scores.shape[1])
+    torch.ops.sgfused.check_finite(scores, "scores", img_ids)
     return kernels.forward(scores, img_ids, cap_img_ids, margin, max_violation)
 
 
@@ -50,6 +68,7 @@ def _triton_backward(
 ) -> Tensor:
     from ..triton import hardest_negative as kernels
 
+    img_ids, cap_img_ids = _checked_triton_ids(img_ids, cap_img_ids, scores.shape[0], scores.shape[1])
     return kernels.backward(grad_per_caption, scores, img_ids, cap_img_ids, hard_cap, hard_img, margin, max_violation)
 
 
@@ -59,6 +78,9 @@ def _triton_embed_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from ..triton import hardest_negative as kernels
 
+    img_ids, cap_img_ids = _checked_triton_ids(img_ids, cap_img_ids, img.shape[0], cap.shape[0])
+    torch.ops.sgfused.check_finite(img, "img", img_ids)
+    torch.ops.sgfused.check_finite(cap, "cap", img_ids)
     return kernels.embed_forward(img, cap, img_ids, cap_img_ids, margin, max_violation)
 
 
@@ -76,6 +98,7 @@ def _triton_embed_backward(
 ) -> tuple[Tensor, Tensor]:
     from ..triton import hardest_negative as kernels
 
+    img_ids, cap_img_ids = _checked_triton_ids(img_ids, cap_img_ids, img.shape[0], cap.shape[0])
     return kernels.embed_backward(
         grad_per_caption, img, cap, img_ids, cap_img_ids, hard_cap, hard_img, margin, max_violation
     )
@@ -188,11 +211,28 @@ def _reduce(per_caption: Tensor, img_ids: Tensor, cap_img_ids: Tensor, reduction
     return per_caption
 
 
-def _check_options(margin: float, reduction: str) -> None:
-    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
-        raise TypeError(f"margin must be a number, got {type(margin).__name__}")
+def _check_options(margin: float, reduction: str) -> float:
+    """The margin as a float (finite, within the float32 range the kernels use); a known reduction."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return check_option("margin", margin)
+
+
+def _reference_checked(values: dict[str, Tensor], reference_terms):
+    """The reference terms behind the ``sgfused::check_finite`` operator the kernels' check uses.
+
+    The fused kernels refuse non-finite input themselves; the reference runs as traced
+    Python, so its check is an operator whose output (the ids) it uses, and which
+    torch.compile therefore keeps.
+    """
+
+    def terms(*args):
+        *tensors, img_ids, cap_img_ids, margin, max_violation = args
+        for name, value in values.items():
+            img_ids = checked_finite(name, value, img_ids)
+        return reference_terms(*tensors, img_ids, cap_img_ids, margin, max_violation)
+
+    return terms
 
 
 _SCORE_TERMS = {
@@ -225,7 +265,7 @@ def hardest_negative_loss(
         scores: ``(Ni, Nc)`` image x caption similarities (fp16, bf16, fp32 or fp64;
             any layout).
         margin: the hinge margin (VSE++ / SGRAF: 0.2).
-        img_ids, cap_img_ids: ``(Ni,)`` and ``(Nc,)`` integer ids; pair ``(i, c)`` is
+        img_ids, cap_img_ids: ``(Ni,)`` and ``(Nc,)`` integer ids (tensors or lists of ints); pair ``(i, c)`` is
             positive iff ``img_ids[i] == cap_img_ids[c]`` (e.g. five captions per image:
             ``cap_img_ids = arange(Ni).repeat_interleave(5)``). ``img_ids`` defaults to
             ``arange(Ni)``; with neither given the positives are the diagonal.
@@ -245,18 +285,21 @@ def hardest_negative_loss(
         it is a sum over the batch, where fp16 could overflow. A positive with no
         negative in its row (column) contributes 0 for that direction.
 
-    Raises ``ValueError`` if ``scores`` contains NaN (the position is named).
+    Raises ``ValueError`` if ``scores`` contains NaN or +-inf (the first position is named)
+    or ``margin`` is not a finite float32 number, in eager mode and under torch.compile alike.
     """
     check_tensor("scores", scores, 2)
     check_nonempty("scores", scores)
+    img_ids = as_index_tensor("img_ids", img_ids, scores.device)
+    cap_img_ids = as_index_tensor("cap_img_ids", cap_img_ids, scores.device)
     check_same_device(scores=scores, img_ids=img_ids, cap_img_ids=cap_img_ids)
-    _check_options(margin, reduction)
-    check_no_nan("scores", scores)
+    margin = _check_options(margin, reduction)
     img_ids, cap_img_ids = _positive_ids(scores.shape[0], scores.shape[1], img_ids, cap_img_ids, scores.device)
     chosen = choose_backend("hardest_negative_loss", backend, scores.device, _SCORE_TERMS)
-    per_caption, hard_cap, hard_img = _SCORE_TERMS[chosen](
-        scores.contiguous(), img_ids, cap_img_ids, float(margin), bool(max_violation)
-    )
+    terms = _SCORE_TERMS[chosen]
+    if chosen == "reference":
+        terms = _reference_checked({"scores": scores}, terms)
+    per_caption, hard_cap, hard_img = terms(scores.contiguous(), img_ids, cap_img_ids, margin, bool(max_violation))
     loss = _reduce(per_caption, img_ids, cap_img_ids, reduction)
     return (loss, hard_cap, hard_img) if return_indices else loss
 
@@ -288,14 +331,16 @@ def hardest_negative_loss_from_embeddings(
     check_size("cap", cap, 1, img.shape[1], "the embedding size of img")
     if cap.dtype != img.dtype:
         raise TypeError(f"img and cap must share a dtype, got img {img.dtype} and cap {cap.dtype}")
+    img_ids = as_index_tensor("img_ids", img_ids, img.device)
+    cap_img_ids = as_index_tensor("cap_img_ids", cap_img_ids, img.device)
     check_same_device(img=img, cap=cap, img_ids=img_ids, cap_img_ids=cap_img_ids)
-    _check_options(margin, reduction)
-    check_no_nan("img", img)
-    check_no_nan("cap", cap)
+    margin = _check_options(margin, reduction)
     img_ids, cap_img_ids = _positive_ids(img.shape[0], cap.shape[0], img_ids, cap_img_ids, img.device)
     chosen = choose_backend("hardest_negative_loss_from_embeddings", backend, img.device, _EMBED_TERMS)
-    per_caption, hard_cap, hard_img = _EMBED_TERMS[chosen](
-        img.contiguous(), cap.contiguous(), img_ids, cap_img_ids, float(margin), bool(max_violation)
-    )
+    terms = _EMBED_TERMS[chosen]
+    if chosen == "reference":
+        terms = _reference_checked({"img": img, "cap": cap}, terms)
+    per_caption, hard_cap, hard_img = terms(img.contiguous(), cap.contiguous(), img_ids, cap_img_ids, margin,
+                                            bool(max_violation))
     loss = _reduce(per_caption, img_ids, cap_img_ids, reduction)
     return (loss, hard_cap, hard_img) if return_indices else loss

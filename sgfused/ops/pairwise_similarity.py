@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import choose_backend
-from ._checks import check_nonempty, check_same_device, check_size, check_tensor
+from ._checks import check_nonempty, check_option, check_same_device, check_size, check_tensor
 from ._registration import register_forward_backward
 
 MODES = ("distance", "direction")
@@ -120,7 +120,8 @@ def pairwise_similarity(
         bias: ``(m,)`` or None.
         mode: ``"distance"``: ``l2norm(W (x_i - y_j)^2 + b)`` (SGRAF, MPSM "distance");
             ``"direction"``: ``l2norm(W (l2norm(x_i) * l2norm(y_j)) + b)`` (MPSM "direction").
-        eps: added to every norm (``v / (||v|| + eps)``).
+        eps: added to every norm (``v / (||v|| + eps)``), in ``[0, 1]`` (0 is exact but
+            gives NaN for a zero vector).
         aligned: pair ``x_i`` with ``y_i`` only (``Nx == Ny``), for training code that
             already has matched pairs; same kernels.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
@@ -147,7 +148,8 @@ def pairwise_similarity(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if aligned and x.shape[0] != y.shape[0]:
         raise ValueError(f"aligned pairs need as many x as y rows, got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    eps = check_option("eps", eps, 0.0, 1.0)
     chosen = choose_backend("pairwise_similarity", backend, x.device, _IMPLEMENTATIONS)
     return _IMPLEMENTATIONS[chosen](
-        x.contiguous(), y.contiguous(), weight.contiguous(), bias, mode, float(eps), bool(aligned)
+        x.contiguous(), y.contiguous(), weight.contiguous(), bias, mode, eps, bool(aligned)
     )

@@ -42,7 +42,11 @@ def cross_attention(
     zeros at padded query positions.
     """
     dtype = torch.promote_types(queries.dtype, torch.float32)
-    q, c = queries.to(dtype), contexts.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=queries.device)
+    # Padded positions are replaced by 0 before any arithmetic (torch.where, not a product with a
+    # mask): whatever they hold (NaN, inf, 1e30) then never reaches a valid value or its gradient.
+    q = torch.where(valid_mask(query_lens, queries.shape[1])[..., None], queries.to(dtype), zero)
+    c = torch.where(valid_mask(context_lens, contexts.shape[1])[..., None], contexts.to(dtype), zero)
     q_valid = valid_mask(query_lens, q.shape[1])[:, None, None, :]  # (Nq, 1, 1, Lq)
     c_valid = valid_mask(context_lens, c.shape[1])[None, :, :, None]  # (1, Nc, Lc, 1)
     s = torch.einsum("bkd,ajd->abkj", c, q)  # (Nq, Nc, Lc, Lq)
@@ -63,4 +67,4 @@ def cross_attention(
         out = l2norm(F.linear(e, w, None if bias is None else bias.to(dtype)), eps)
     keep = valid_mask(query_lens, q.shape[1])[:, None, :]  # (Nq, 1, Lq)
     keep = keep if epilogue == "cosine" else keep[..., None]
-    return torch.where(keep, out, torch.zeros((), dtype=dtype, device=out.device)).to(queries.dtype)
+    return torch.where(keep, out, zero).to(queries.dtype)
