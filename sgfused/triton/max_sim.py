@@ -218,6 +218,22 @@ class _Layout:
         )
 
 
+def _check_indices(indices: Tensor, x_lens: Tensor, y_lens: Tensor, p: _Layout) -> None:
+    """The backward gathers through ``indices``: every valid caption node must name a valid image node."""
+    if indices.dtype != torch.int64 or indices.shape != (p.nx, p.ny, p.ly):
+        raise ValueError(
+            f"indices must be int64 of shape {(p.nx, p.ny, p.ly)} (call the forward with with_indices=True), "
+            f"got {indices.dtype} {tuple(indices.shape)}"
+        )
+    valid = torch.arange(p.ly, device=y_lens.device) < y_lens[:, None]  # (Ny, Ly)
+    bad = valid[None] & ((indices < 0) | (indices >= x_lens[:, None, None]))
+    if bool(bad.any()):
+        raise ValueError(
+            "indices must name a valid image node (0 <= index < x_lens) at every valid caption node; "
+            "pass the indices the forward returned"
+        )
+
+
 # ----------------------------------------------------------------------------- launchers
 def forward(x: Tensor, y: Tensor, x_lens: Tensor, y_lens: Tensor, with_indices: bool) -> tuple[Tensor, Tensor]:
     """Scores (Nx, Ny) in the accumulation dtype and, with ``with_indices``, the argmax nodes
@@ -247,8 +263,7 @@ def backward(
     grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     if p.nx == 0 or p.ny == 0 or p.d == 0:
         return grad_x.zero_(), grad_y.zero_()
-    if indices.shape != (p.nx, p.ny, p.ly):
-        raise ValueError(f"indices must have shape {(p.nx, p.ny, p.ly)} (Nx, Ny, Ly), got {tuple(indices.shape)}")
+    _check_indices(indices, x_lens, y_lens, p)
     g = grad.to(p.acc).contiguous()
     indices = indices.contiguous()
     _grad_y_kernel[(p.n_cap_blocks, p.n_d_chunks)](
