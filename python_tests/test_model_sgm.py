@@ -109,6 +109,17 @@ def test_fused_equals_reference_scores_and_gradients():
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
+def test_bf16_autocast_scores_close_to_fp32():
+    """Under autocast the image nodes are bf16 and the GRU nodes fp32: both levels still score (the trainer's --amp bf16)."""
+    model = make_model()
+    with torch.no_grad():
+        want = scores_of(model, images(), captions())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = scores_of(model, images(), captions())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-2)
+
+
 def test_score_is_object_plus_relation_level_max_sim():
     """S = S_o + lambda S_r, each the mean over caption nodes of the best image node (Eq. 6-7), by hand."""
     model = make_model(relation_weight=0.5)

@@ -56,6 +56,7 @@ code in the issue where there are any):
 from __future__ import annotations
 
 import warnings
+from itertools import accumulate
 from typing import Any, Sequence
 
 import torch
@@ -237,7 +238,7 @@ class SGM(RetrievalModel):
         # Only the graphs' nodes are computed, packed image by image (padded slots would be masked anyway).
         device = features.device
         counts = [len(g["labels"]) for g in graphs]
-        first = [sum(counts[:b]) for b in range(n_images)]  # each image's first row among the packed objects
+        first = [0, *accumulate(counts)]  # each image's first row among the packed objects
         obj_image, obj_slot = _positions(counts, device)
         rel_image, rel_slot = _positions([len(g["rels"]) for g in graphs], device)
         ends = torch.tensor([[first[b] + r[0], first[b] + r[2]] for b, g in enumerate(graphs) for r in g["rels"]],
@@ -322,8 +323,10 @@ class SGM(RetrievalModel):
         """``S = S_o + lambda * S_r`` ``(n_images, n_captions)``: two :func:`sgfused.ops.max_sim` calls."""
         objects, n_objects, image_rels, n_image_rels = _check_encoding(images, "images", self.embed_size)
         words, n_words, caption_rels, n_caption_rels = _check_encoding(captions, "captions", self.embed_size)
-        s_o = max_sim(objects, words, n_objects, n_words, backend=self.backend)
-        s_r = max_sim(image_rels, caption_rels, n_image_rels, n_caption_rels, backend=self.backend)
+        # Under autocast the image side (Linear layers) and the text side (GRUs) may differ in dtype.
+        dtype = torch.promote_types(objects.dtype, words.dtype)
+        s_o = max_sim(objects.to(dtype), words.to(dtype), n_objects, n_words, backend=self.backend)
+        s_r = max_sim(image_rels.to(dtype), caption_rels.to(dtype), n_image_rels, n_caption_rels, backend=self.backend)
         return s_o + self.relation_weight * s_r
 
 
