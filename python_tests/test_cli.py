@@ -60,16 +60,23 @@ def test_train_eval_and_ensemble(data, checkpoint, tmp_path, capsys):
     assert ensemble["full"]["rsum"] == pytest.approx(results["full"]["rsum"])  # the mean of two equal matrices
 
 
-def test_train_resumes_and_config_files(data, tmp_path):
+def test_train_resumes_and_config_files(data, tmp_path, capsys):
     config = tmp_path / "recipe.json"
     config.write_text(json.dumps({"model": "vsepp", "model_config": {"img_dim": 16, "embed_size": 16, "word_dim": 8},
                                   "train": {"epochs": 1, "batch_size": 16}}))
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--data", str(data), "--out", str(out), "--quiet"]) == 0
     log_rows = (out / "log.csv").read_text().splitlines()
+    capsys.readouterr()
     # a second call finds last.pt at the end of the schedule and has nothing left to do
     assert main(["train", "--config", str(config), "--data", str(data), "--out", str(out), "--quiet"]) == 0
     assert (out / "log.csv").read_text().splitlines() == log_rows
+    skipped = capsys.readouterr().out
+    assert skipped.splitlines()[1].startswith("skipped: ") and "training" not in skipped
+    # --quiet keeps the start line and one line per epoch, without bars
+    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(out), "--quiet", "--epochs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "resumed from" in lines[1] and "epochs changed from 1 to 2" in lines[1] and lines[2].startswith("epoch 2/2: ")
 
 
 def test_train_with_one_seed_gives_one_model(data, tmp_path):
@@ -127,6 +134,114 @@ def test_user_errors_are_one_line(data, checkpoint, tmp_path, capsys):
     save_similarity(tmp_path / "small", torch.zeros(2, 10), {"split": "test"})
     save_similarity(tmp_path / "large", torch.zeros(4, 20), {"split": "test"})
     assert "shape" in _fails(["eval-ensemble", str(tmp_path / "small.npy"), str(tmp_path / "large.npy")], capsys)
+
+
+def _train(data, out, *extra):
+    return ["train", "--model", "vsepp", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "16",
+            *TINY_MODEL, "--quiet", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "embed_size=abc"], "--set: model option embed_size must be an integer (default 1024), got 'abc'"),
+        (["--set", "embed_size=1.5"], "embed_size must be an integer (default 1024), got 1.5"),
+        (["--set", "embed_size=[16]"], "embed_size must be an integer (default 1024), got [16]"),
+        (["--set", "embed_size=null"], "embed_size must be an integer (default 1024), got None"),
+        (["--set", "embed_size=-4"], "cannot be built with img_dim=16, embed_size=-4, word_dim=8:"),
+        (["--set", "embed_size=0"], "cannot be built with img_dim=16, embed_size=0, word_dim=8:"),
+        (["--set", "bi_gru=maybe"], "model option bi_gru must be true or false (default True), got 'maybe'"),
+        (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--captions-per-image", "4"], "has 160 captions for the 32 images"),
+    ],
+)
+def test_train_refuses_bad_options_in_one_line(data, tmp_path, capsys, extra, message):
+    assert message in _fails(_train(data, tmp_path / "run", *extra), capsys)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_train_refuses_bad_config_sections(data, tmp_path, capsys):
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"model": "vsepp", "model_config": {"img_dim": 16}, "train": {"lr": "fast"}}))
+    args = ["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "run")]
+    assert f"config file {config}: train.lr must be a finite number, got 'fast'" in _fails(args, capsys)
+    config.write_text(json.dumps({"model": "vsepp", "model_config": [16]}))
+    assert '"model_config" must be a JSON object of name: value, got list [16]' in _fails(args, capsys)
+
+
+def test_cuda_without_cuda_is_one_line(data, tmp_path, checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device is 'cuda' but" in _fails(_train(data, tmp_path / "run", "--device", "cuda"), capsys)
+    assert "--device is 'cuda' but" in _fails(["eval", str(checkpoint), "--data", str(data), "--device", "cuda"], capsys)
+
+
+def test_edited_or_damaged_checkpoints_are_one_line(data, checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    cases = {
+        "weights": {**state, "model": {k: v[:1] for k, v in state["model"].items()}},
+        "config": {**state, "model_config": {**state["model_config"], "embed_size": 8}},
+        "types": {**state, "model_config": {**state["model_config"], "embed_size": "16"}},
+        "vocab": {key: value for key, value in state.items() if key != "vocab"},
+    }
+    messages = {"weights": "the weights do not fit a 'vsepp' model", "config": "the weights do not fit",
+                "types": "model option embed_size must be an integer", "vocab": "incomplete sgfused checkpoint: it lacks ['vocab']"}
+    for name, edited in cases.items():
+        torch.save(edited, tmp_path / f"{name}.pt")
+        assert messages[name] in _fails(["eval", str(tmp_path / f"{name}.pt"), "--data", str(data)], capsys)
+    assert "is a folder, not a file: pass" in _fails(["eval", str(checkpoint.parent), "--data", str(data)], capsys)
+    raw = checkpoint.read_bytes()
+    for size in (100, len(raw) // 2, len(raw) - 10):
+        (tmp_path / "cut.pt").write_bytes(raw[:size])
+        err = _fails(["eval", str(tmp_path / "cut.pt"), "--data", str(data)], capsys)
+        assert f"{size} bytes that are not a complete torch archive" in err and "Errno" not in err
+
+
+def test_official_checkpoint_with_a_foreign_object_is_one_line(data, tmp_path, capsys):
+    import argparse
+    import copy
+
+    torch.save({"model": [{}, {}, {}], "opt": argparse.Namespace(a=1), "extra": copy.Error("no")}, tmp_path / "evil.pth")
+    args = ["eval", str(tmp_path / "evil.pth"), "--data", str(data), "--official", "sgraf", "--vocab", str(data / "vocab.json")]
+    assert "(unpickling runs code): copy.Error is not allowed" in _fails(args, capsys)
+
+
+def test_data_commands_refuse_to_overwrite(data, tmp_path, capsys):
+    existing = tmp_path / "a_file"
+    existing.write_text("keep me")
+    assert "is an existing file" in _fails(["data", "synth", "--out", str(existing), "--images", "10"], capsys)
+    gold = (data / "test_caps_graphs.json").read_bytes()
+    assert "pass --overwrite" in _fails(["data", "parse", "--data", str(data), "--split", "test"], capsys)
+    assert (data / "test_caps_graphs.json").read_bytes() == gold and existing.read_text() == "keep me"
+
+
+def test_eval_ensemble_refuses_another_dataset(tmp_path, capsys):
+    save_similarity(tmp_path / "a", torch.zeros(2, 10), {"split": "test", "data": "/x/f30k", "captions_per_image": 5})
+    save_similarity(tmp_path / "b", torch.zeros(2, 10), {"split": "test", "data": "/x/coco", "captions_per_image": 5})
+    err = _fails(["eval-ensemble", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")], capsys)
+    assert "different datasets" in err and "'/x/f30k'" in err and "'/x/coco'" in err
+
+
+@pytest.mark.parametrize(
+    "command, flags",
+    [(["train"], ["--epochs", "--batch-size", "--lr", "--seed"]), (["eval"], ["--split", "--batch-size", "--device"]),
+     (["eval-ensemble"], ["--fold5"])],
+)
+def test_help_explains_every_option_with_its_default(command, flags, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    lines = " ".join(capsys.readouterr().out.split())
+    for flag in flags:
+        text = lines.split(f" {flag} ")[-1].split(" --")[0]  # "METAVAR help text" up to the next option
+        assert len(text) > 20 and ("default" in text or flag == "--fold5"), (flag, text)
+
+
+def test_bad_input_exits_with_status_2_and_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sgfused", "train", "--model", "vsepp", "--data", str(tmp_path),
+                           "--device", "tpu"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["sgfused train: error: --device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"]
 
 
 def test_eval_of_a_checkpoint_in_the_papers_layout(data, tmp_path, capsys):

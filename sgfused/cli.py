@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder for checkpoints and log.csv (default runs/MODEL)")
     train.add_argument("--vocab", help="vocabulary json (default DATA/vocab.json)")
     train.add_argument("--dev-split", default="dev", help="split used for validation")
-    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
+    train.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                       help="model config overrides (JSON values), over the config file's; may be repeated")
     defaults = TrainConfig()
     train.add_argument("--epochs", type=int,
                        help=f"epochs to train in all (default: the config file's, else {defaults.epochs}); "
