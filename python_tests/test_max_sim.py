@@ -255,7 +255,7 @@ def test_lengths_as_python_lists():
         (dict(y_lens=torch.tensor([1, 7, 2, 2])), ValueError, "y_lens must lie in [1, 6]"),
         (dict(y_lens=torch.tensor([1, 2])), ValueError, "y_lens must have size 4 in dim 0"),
         (dict(x_lens=torch.tensor([1.0, 2.0])), TypeError, "x_lens must be an integer tensor"),
-        (dict(x_lens=[1, 2.5]), TypeError, "x_lens must be a tensor or a list of ints"),
+        (dict(x_lens=[1, 2.5]), TypeError, "x_lens must be an integer tensor or a list of ints"),
         (dict(x_lens=[1, 9]), ValueError, "x_lens must lie in [1, 5]"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
     ],
@@ -268,21 +268,23 @@ def test_bad_input_is_named(change, error, words):
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_nan_at_a_valid_node_is_named(backend):
-    x, y = torch.randn(2, 5, 8), torch.randn(4, 6, 8)
-    x[1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match=r"x contains NaN \(first at index \(1, 2\)\)"):
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("value,what", [(float("nan"), "NaN"), (float("inf"), "inf"), (float("-inf"), "-inf")])
+def test_non_finite_valid_node_is_named(backend, value, what):
+    device = device_for(backend)
+    x, y = torch.randn(2, 5, 8, device=device), torch.randn(4, 6, 8, device=device)
+    x[1, 2, 3] = value
+    with pytest.raises(ValueError, match=rf"x contains {what} \(first at index \(1, 2\)\)"):
         max_sim(x, y, backend=backend)
-    y[3, 4, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"y contains NaN \(first at index \(3, 4\)\)"):
-        max_sim(torch.randn(2, 5, 8), y, backend=backend)
+    y[3, 4, 0] = value
+    with pytest.raises(ValueError, match=rf"y contains {what} \(first at index \(3, 4\)\)"):
+        max_sim(torch.randn(2, 5, 8, device=device), y, backend=backend)
 
 
 def test_cpu_operator_checks_its_inputs():
     """The raw operator (no Python checks in front) refuses bad lengths and indices with a named error."""
     x, y = torch.randn(2, 5, 8), torch.randn(4, 6, 8)
-    with pytest.raises(RuntimeError, match=r"x_lens must lie in \[1, 5\]"):
+    with pytest.raises(ValueError, match=r"x_lens must lie in \[1, 5\]"):
         torch.ops.sgfused.max_sim_forward(x, y, torch.tensor([0, 5]), torch.full((4,), 6), False)
     bad = torch.full((2, 4, 6), 7, dtype=torch.long)
     with pytest.raises(RuntimeError, match="indices must name a valid image node"):
@@ -299,3 +301,22 @@ def test_registration_covers_the_operator_pairs_that_exist():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(forward, "Autograd"), forward
         assert torch._C._dispatch_has_kernel_for_dispatch_key(forward, "Meta"), forward
         assert torch._C._dispatch_has_kernel_for_dispatch_key(backward, "Meta"), backward
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_checks_hold_under_torch_compile(backend):
+    """A compiled call refuses bad lengths and NaN at a valid node exactly as an eager call does."""
+    device = device_for(backend)
+    x, y = torch.randn(2, 5, 8, device=device), torch.randn(4, 6, 8, device=device)
+    x[1, 4] = float("nan")  # a padded node: never an error
+    good, too_long = torch.tensor([5, 3], device=device), torch.tensor([5, 6], device=device)
+    with_nan = x.clone()
+    with_nan[1, 2, 3] = float("nan")
+    eager = lambda a, la: max_sim(a, y, la, backend=backend)  # noqa: E731
+    compiled = torch.compile(eager, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, good), eager(x, good))
+    for fn in (eager, compiled):
+        with pytest.raises(ValueError, match=r"x_lens must lie in \[1, 5\]"):
+            fn(x, too_long)
+        with pytest.raises(ValueError, match=r"x contains NaN \(first at index \(1, 2\)\)"):
+            fn(with_nan, good)

@@ -24,6 +24,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include "../input_checks.h"
+
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
@@ -36,7 +38,7 @@ using at::Tensor;
 
 constexpr int64_t kBlockRows = 256;  // valid nodes per side of a work item (at least one whole set)
 
-// Shapes, dtypes, devices and lengths the kernels rely on.
+// Shapes, dtypes, devices and lengths the kernels rely on (lengths: the checks every op shares).
 void check_inputs(const Tensor& x, const Tensor& y, const Tensor& x_lens, const Tensor& y_lens) {
   TORCH_CHECK(x.dim() == 3, "max_sim: x must be (Nx, Lx, d), got shape ", x.sizes());
   TORCH_CHECK(y.dim() == 3, "max_sim: y must be (Ny, Ly, d), got shape ", y.sizes());
@@ -44,28 +46,10 @@ void check_inputs(const Tensor& x, const Tensor& y, const Tensor& x_lens, const 
               y.sizes());
   TORCH_CHECK(y.scalar_type() == x.scalar_type(), "max_sim: y must have the dtype of x (", x.scalar_type(), "), got ",
               y.scalar_type());
-  TORCH_CHECK(x.size(1) >= 1 && y.size(1) >= 1, "max_sim: x and y need at least one node per set");
   for (const auto* t : {&x, &y, &x_lens, &y_lens})
     TORCH_CHECK(t->device().is_cpu(), "max_sim (cpu): all tensors must be on the CPU, got ", t->device());
-  const std::pair<const char*, std::pair<const Tensor*, int64_t>> lens[] = {
-      {"x_lens", {&x_lens, x.size(0)}}, {"y_lens", {&y_lens, y.size(0)}}};
-  for (const auto& [name, value] : lens) {
-    const Tensor& l = *value.first;
-    TORCH_CHECK(l.scalar_type() == at::kLong, "max_sim: ", name, " must be int64, got ", l.scalar_type());
-    TORCH_CHECK(l.dim() == 1 && l.size(0) == value.second, "max_sim: ", name, " must have shape (", value.second,
-                "), got ", l.sizes());
-  }
-  const int64_t lx = x.size(1), ly = y.size(1);
-  if (x_lens.numel() > 0) {
-    const int64_t low = x_lens.min().item<int64_t>(), high = x_lens.max().item<int64_t>();
-    TORCH_CHECK(low >= 1 && high <= lx, "max_sim: x_lens must lie in [1, ", lx, "], got values in [", low, ", ", high,
-                "]");
-  }
-  if (y_lens.numel() > 0) {
-    const int64_t low = y_lens.min().item<int64_t>(), high = y_lens.max().item<int64_t>();
-    TORCH_CHECK(low >= 1 && high <= ly, "max_sim: y_lens must lie in [1, ", ly, "], got values in [", low, ", ", high,
-                "]");
-  }
+  check_lengths(x_lens, x.size(0), x.size(1), "x_lens");
+  check_lengths(y_lens, y.size(0), y.size(1), "y_lens");
 }
 
 // Consecutive sets grouped so that each group holds about kBlockRows valid nodes.

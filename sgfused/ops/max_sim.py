@@ -24,10 +24,18 @@ from torch import Tensor
 from .. import reference
 from ..reference.max_sim import valid_mask
 from .._backend import choose_backend
-from ._checks import check_no_nan, check_nonempty, check_same_device, check_size, check_tensor
+from ._checks import check_nonempty, check_same_device, check_size, check_tensor, checked_finite, checked_lengths
 from ._registration import has_kernel, register_forward_backward
 
 Lengths = Tensor | Sequence[int] | None
+
+
+def _checked_lengths(x: Tensor, y: Tensor, x_lens: Tensor, y_lens: Tensor) -> tuple[Tensor, Tensor]:
+    """The raw Triton operators check lengths with the same C++ code as the compiled ones."""
+    return (
+        torch.ops.sgfused.checked_lengths(x_lens, x.shape[0], x.shape[1], "x_lens"),
+        torch.ops.sgfused.checked_lengths(y_lens, y.shape[0], y.shape[1], "y_lens"),
+    )
 
 
 # ---------------------------------------------------------------- Triton as custom ops
@@ -35,6 +43,7 @@ Lengths = Tensor | Sequence[int] | None
 def _triton_forward(x: Tensor, y: Tensor, x_lens: Tensor, y_lens: Tensor, with_indices: bool) -> tuple[Tensor, Tensor]:
     from ..triton import max_sim as kernels
 
+    x_lens, y_lens = _checked_lengths(x, y, x_lens, y_lens)
     return kernels.forward(x, y, x_lens, y_lens, with_indices)
 
 
@@ -44,6 +53,7 @@ def _triton_backward(
 ) -> tuple[Tensor, Tensor]:
     from ..triton import max_sim as kernels
 
+    x_lens, y_lens = _checked_lengths(x, y, x_lens, y_lens)
     return kernels.backward(grad_scores, x, y, x_lens, y_lens, indices)
 
 
@@ -104,27 +114,16 @@ _IMPLEMENTATIONS = _implementations()  # at import, so torch.compile traces the 
 
 
 # ---------------------------------------------------------------- checks
-def _lengths(name: str, lens: Lengths, count: int, padded: int, device: torch.device) -> Tensor:
-    """Checked int64 lengths on ``device`` (a tensor or a list of ints; full length when None)."""
-    if lens is None:
-        return torch.full((count,), padded, dtype=torch.long, device=device)
-    if isinstance(lens, (list, tuple)):
-        if not all(isinstance(n, int) and not isinstance(n, bool) for n in lens):
-            raise TypeError(f"{name} must be a tensor or a list of ints, got {lens!r}")
-        lens = torch.tensor(lens, dtype=torch.long, device=device)
-    check_tensor(name, lens, 1, floating=False)
-    check_size(name, lens, 0, count, "one length per set")
-    if not torch.compiler.is_compiling():
-        low, high = int(lens.min()), int(lens.max())
-        if low < 1 or high > padded:
-            raise ValueError(f"{name} must lie in [1, {padded}] (the padded length), got values in [{low}, {high}]")
-    return lens.long().contiguous()
+def _checked_finite_nodes(name: str, nodes: Tensor, lens: Tensor) -> Tensor:
+    """``lens`` (copied) once no valid node holds NaN / +-inf; else ValueError naming the first (set, node).
 
-
-def _check_no_nan_in_valid_nodes(name: str, nodes: Tensor, lens: Tensor) -> None:
-    """No NaN at a valid node (padded nodes may hold anything); names the first (set, node) holding one."""
-    node_max = nodes.amax(dim=-1)  # max propagates NaN: one pass, an (N, L) result
-    check_no_nan(name, torch.where(valid_mask(lens, nodes.shape[1]), node_max, 0))
+    Padded nodes may hold anything. One max and one min over ``d`` give an ``(N, L)``
+    table that is non-finite exactly where a node is; the check runs as the
+    ``sgfused::check_finite`` operator, so it holds under torch.compile too.
+    """
+    node_max, node_min = nodes.detach().amax(dim=-1), nodes.detach().amin(dim=-1)
+    extreme = torch.where(torch.isfinite(node_max), node_min, node_max)
+    return checked_finite(name, torch.where(valid_mask(lens, nodes.shape[1]), extreme, 0), lens)
 
 
 # ---------------------------------------------------------------- public API
@@ -154,7 +153,8 @@ def max_sim(
         float64 for fp64; with ``return_indices``, ``(scores, indices)``. Gradients
         flow to ``x`` and ``y`` in their dtype (the subgradient at the argmax).
 
-    Raises ``ValueError`` for NaN at a valid node (its position is named).
+    Raises ``ValueError`` for lengths outside ``[1, L]`` and for NaN / +-inf at a valid
+    node (its (set, node) position is named), in eager mode and under torch.compile alike.
     """
     check_tensor("x", x, 3)
     check_tensor("y", y, 3)
@@ -166,10 +166,10 @@ def max_sim(
     check_same_device(
         x=x, y=y, x_lens=x_lens if isinstance(x_lens, Tensor) else None, y_lens=y_lens if isinstance(y_lens, Tensor) else None
     )
-    x_lens = _lengths("x_lens", x_lens, x.shape[0], x.shape[1], x.device)
-    y_lens = _lengths("y_lens", y_lens, y.shape[0], y.shape[1], x.device)
-    _check_no_nan_in_valid_nodes("x", x, x_lens)
-    _check_no_nan_in_valid_nodes("y", y, y_lens)
+    x_lens = checked_lengths("x_lens", x_lens, x.shape[0], x.shape[1], x.device)
+    y_lens = checked_lengths("y_lens", y_lens, y.shape[0], y.shape[1], x.device)
+    x_lens = _checked_finite_nodes("x", x, x_lens)
+    y_lens = _checked_finite_nodes("y", y, y_lens)
     chosen = choose_backend("max_sim", backend, x.device, _IMPLEMENTATIONS)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     scores, indices = _IMPLEMENTATIONS[chosen](
