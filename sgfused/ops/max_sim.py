@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..reference.max_sim import valid_mask
 from .._backend import choose_backend
+from ..reference.max_sim import valid_mask
 from ._checks import check_nonempty, check_same_device, check_size, check_tensor, checked_finite, checked_lengths
 from ._registration import has_kernel, register_forward_backward
 
