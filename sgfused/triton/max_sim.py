@@ -32,6 +32,9 @@ enter a product (grad_x) they are split into a high and a low part in the input 
 weights keep about twice the input's mantissa. fp32 products use TF32 only when the user allows
 it (``torch.get_float32_matmul_precision() != "highest"``, as for torch.matmul), else full fp32;
 fp64 runs in fp64. The interpreter (no GPU) computes every product on fp32 (fp64) operands.
+
+Block sizes: a heuristic from the shapes (``_Layout``), every one a constexpr parameter, so an
+autotune list can replace it once it is measured on a GPU (none was available when written).
 """
 
 from __future__ import annotations
