@@ -65,6 +65,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../input_checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -648,6 +650,8 @@ Config check_inputs(const Tensor& queries, const Tensor& contexts, const Tensor&
               "cross_attention (CUDA): query_lens must have shape (", cfg.nq, ",), got ", query_lens.sizes());
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == cfg.nc,
               "cross_attention (CUDA): context_lens must have shape (", cfg.nc, ",), got ", context_lens.sizes());
+  check_lengths(query_lens, cfg.nq, cfg.lq, "query_lens");  // the values, as every backend checks them
+  check_lengths(context_lens, cfg.nc, cfg.lc, "context_lens");
   const int64_t acc_bytes = dtype == at::kDouble ? 8 : 4;  // the clipped row norms of a pair live in shared memory
   TORCH_CHECK(!cfg.clipped || cfg.lc * acc_bytes <= kMaxSharedBytes,
               "cross_attention (CUDA): the padded context length ", cfg.lc,

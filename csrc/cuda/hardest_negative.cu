@@ -26,7 +26,7 @@
 // every floating-point sum is made by one thread in a fixed order or by a
 // fixed-shape block reduction; every output cell is written by exactly one
 // thread. No floating-point atomics, so equal inputs give bit-identical outputs.
-// NaN scores are not supported (the Python layer rejects them).
+// Non-finite scores are refused up front (check_finite, shared by every backend).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,6 +34,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include "../input_checks.h"
 
 #include <cmath>
 #include <cstdint>
@@ -533,6 +535,7 @@ std::tuple<Tensor, Tensor, Tensor> hardest_negative_forward_cuda(const Tensor& s
                                                                  const Tensor& cap_img_ids_in, double margin,
                                                                  bool max_violation) {
   check_inputs(scores_in, img_ids_in, cap_img_ids_in);
+  check_finite(scores_in, "scores");  // as every backend checks it
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const Tensor s = scores_in.contiguous();
   const Tensor img_ids = img_ids_in.contiguous(), cap_img_ids = cap_img_ids_in.contiguous();
