@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles every Triton kernel that the op tests (python_tests/test_<op>.py for each op in
+# Compiles every Triton kernel that the op tests (python_tests/test_<op>[_*].py for each op in
 # sgfused.ops.OPS) launch for a Hopper GPU (sm_90) with Triton's own GPU pipeline (ptxas
 # included), with no GPU: each launch is compiled, then run in the
 # interpreter so the tests still check values (scripts/triton_compile_only.py). Catches kernels
@@ -22,8 +22,10 @@ if [[ -n "${2:-}" ]]; then
 fi
 echo "check_triton_compile: triton $(PYTHONPATH="$overlay" "$python" -c 'import triton; print(triton.__version__)'), sm_${SGFUSED_COMPILE_ARCH:-90}"
 # -P keeps the checkout off sys.path: the tests import the installed package, as in scripts/test.sh
-# the op test files: python_tests/test_<name>.py for every op in sgfused.ops.OPS (the one op list)
-read -r -a tests <<< "$("$python" -P -c 'from sgfused.ops import OPS; print(*(f"python_tests/test_{name}.py" for name in OPS))')"
+# the op test files: python_tests/test_<name>.py and test_<name>_*.py for every op in sgfused.ops.OPS
+# (the one op list)
+read -r -a tests <<< "$("$python" -P -c 'import glob; from sgfused.ops import OPS
+print(*sorted(f for name in OPS for f in [f"python_tests/test_{name}.py", *glob.glob(f"python_tests/test_{name}_*.py")]))')"
 PYTHONPATH="${overlay:+$overlay:}$PWD/scripts" "$python" -P -m pytest -q -p triton_compile_only -W ignore \
   "${tests[@]}" -k triton
 echo "check_triton_compile: OK"
