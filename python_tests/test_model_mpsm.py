@@ -116,7 +116,9 @@ def test_fused_equals_reference_scores_and_gradients(perspective, training):
     assert_close(got, want, 1e-5, "scores")
     assert got.std() > 0.03  # the scores spread, so the comparison means something
     assert all(g is not None for g in got_grads.values())  # every parameter takes part
-    assert_gradients_close(got_grads, want_grads, 1e-5)
+    # 1e-4: KGID's three lambda-scaled softmaxes (Eq. 5, 9) amplify the ops' rounding in the encoder gradients;
+    # measured 1.2e-4 of the largest gradient at 1e-5 (it fails), far below a wrong-weight error (~1)
+    assert_gradients_close(got_grads, want_grads, 1e-4)
     for name, b in want_buffers.items():
         assert torch.allclose(got_buffers[name].double(), b.double(), rtol=1e-6, atol=1e-7), name
 
@@ -181,31 +183,55 @@ def test_knowledge_edges_are_column_normalised_and_ignore_padding():
     prior = torch.rand(2, 5, 5, generator=g) * (valid[:, :, None] & valid[:, None, :])
     edges = knowledge_edges(nodes, prior, valid, 9.0)
     norms = torch.linalg.vector_norm(edges, dim=1)
-    assert torch.allclose(norms[0], torch.ones(5), atol=1e-6)
-    assert torch.allclose(norms[1, :3], torch.ones(3), atol=1e-6) and torch.equal(norms[1, 3:], torch.zeros(2))
+    # a column of small weights (the node itself is left out) normalises to 1 - 1e-8 / its norm
+    assert torch.allclose(norms[0], torch.ones(5), atol=1e-4)
+    assert torch.allclose(norms[1, :3], torch.ones(3), atol=1e-4) and torch.equal(norms[1, 3:], torch.zeros(2))
+    assert (edges.diagonal(dim1=1, dim2=2) == 0).all()  # every node has another valid node: no self loop
+    lonely = knowledge_edges(nodes[:, :1], prior[:, :1, :1] + 1, valid[:, :1], 9.0)
+    assert torch.allclose(lonely, torch.ones(2, 1, 1))  # a node alone keeps its self loop
     changed = nodes.clone()
     changed[1, 3:] = 100.0
     assert torch.equal(knowledge_edges(changed, prior, valid, 9.0)[1, :3, :3], edges[1, :3, :3])
 
 
 def test_caption_graph_reaches_the_scores():
-    """Changing one dependency arc changes that caption's scores only.
-
-    KGID's propagation weights are scaled up: at the initial scale the node softmax of
-    Eq. 5 is nearly uniform and an arc moves the scores by only ~1e-6 (and ``r^t``, a
-    softmax with temperature 9 over unit vectors, keeps most weight on the diagonal).
-    """
+    """Changing one dependency arc changes that caption's scores only."""
     model = make_model("distance").eval()
-    with torch.no_grad():
-        for layer in model.textual_kgid.layers:
-            layer.propagate.weight.mul_(30.0)
     features, boxes, ids, lens, graphs = make_inputs()
     want = model.similarity(*encode(model, features, boxes, ids, lens, graphs))
     changed = copy.deepcopy(graphs)
     changed[0]["heads"][-1] = 0 if changed[0]["heads"][-1] != 0 else 1
     got = model.similarity(*encode(model, features, boxes, ids, lens, changed))
-    assert (got[:, 0] - want[:, 0]).abs().max() > 1e-5  # far above rounding (~1e-7 here)
+    assert (got[:, 0] - want[:, 0]).abs().max() > 1e-2 * want.std()  # rounding is ~1e-7 here
     assert torch.equal(got[:, 1:], want[:, 1:])
+
+
+@pytest.mark.parametrize("perspective", ["distance", "direction"])
+def test_graphs_move_the_scores_at_initialisation(perspective):
+    """Issue 20: with the published initialisation, replacing ``P_v`` by all ones moved scores by <= 9e-8 and
+    removing every dependency arc by <= 7e-6, against a spread of 9e-3 (``E`` was nearly the identity and
+    Eq. 5's softmax uniform). Measured here over seeds 0-4 and both perspectives (max |change| / std of the
+    scores): spatial graph 0.17-0.81, dependency arcs 0.13-0.96; before the fix ~1e-3 at most."""
+    torch.manual_seed(0)
+    model = MPSM(VOCAB, perspective=perspective, **DIMS).eval()
+    inputs = make_inputs()
+    with torch.no_grad():
+        want = model.similarity(*encode(model, *inputs))
+        for switch in ("spatial_prior", "dependency_prior"):
+            setattr(model, switch, False)
+            got = model.similarity(*encode(model, *inputs))
+            setattr(model, switch, True)
+            moved = (got - want).abs().max() / want.std()
+            assert moved > 0.05, f"{switch}=False moves the scores by only {moved:.3g} of their spread"
+
+
+def test_weights_of_the_earlier_graph_reading_are_refused():
+    model = make_model("distance")
+    state = model.state_dict()
+    MPSM(VOCAB, perspective="distance", **DIMS).load_state_dict(state)  # the current version loads
+    state._metadata[""]["version"] = 1
+    with pytest.raises(ValueError, match="MPSM state dict is version 1, the model is version 2 .* retrain"):
+        MPSM(VOCAB, perspective="distance", **DIMS).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------- padding, batching, determinism
@@ -232,12 +258,13 @@ def test_encodings_do_not_depend_on_the_rest_of_the_batch():
     features, boxes, ids, lens, graphs = make_inputs()
     regions, glob = model.encode_image(features, boxes)
     alone = model.encode_image(features[2:3], boxes[2:3])
-    assert_close(alone[0], regions[2:3], 1e-6)
-    assert_close(alone[1], glob[2:3], 1e-6)
+    # 1e-5: batched and single matrix products round differently, and the lambda-scaled softmaxes amplify it
+    assert_close(alone[0], regions[2:3], 1e-5)
+    assert_close(alone[1], glob[2:3], 1e-5)
     words, _, cap_glo = model.encode_text(ids, lens, graphs)
     one = model.encode_text(ids[1:2, : lens[1]], lens[1:2], graphs[1:2])
-    assert_close(one[0], words[1:2, : lens[1]], 1e-6)
-    assert_close(one[2], cap_glo[1:2], 1e-6)
+    assert_close(one[0], words[1:2, : lens[1]], 1e-5)
+    assert_close(one[2], cap_glo[1:2], 1e-5)
 
 
 def test_eval_mode_is_deterministic():

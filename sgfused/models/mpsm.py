@@ -1,7 +1,7 @@
 """MPSM (Xie, Hou & Li, UAI 2023): multi-perspective similarity modelling for image-text retrieval.
 
 What. Regions and words each form a *semantic knowledge graph* (Eq. 1-4):
-``E = column_l2norm(softmax_j(lambda x_i . x_j) * P)`` with ``P`` a spatial
+``E = column_l2norm(softmax_{j != i}(lambda x_i . x_j) * P)`` with ``P`` a spatial
 dependence matrix from the region boxes (images) or the dependency parse
 (captions). ``kgid_layers`` KGID layers (Eq. 5-9) propagate over it, gate,
 update the nodes, and re-learn the edges from the new nodes' affinity; SGRAF's
@@ -44,15 +44,30 @@ SGRAF's published code, which MPSM builds on):
   words. Word node ``k`` is token id position ``k`` of the caption, so token ``p``
   of the parse is node ``p + 1``; the ``<start>`` and ``<end>`` nodes (which the
   bi-GRU, as in SGRAF, encodes like words) get self loops only.
-* KGID (Eq. 5): ``softmax`` runs over the nodes (valid words only), for each
-  feature: every region gets a "knowledge weight coefficient" relative to the
-  others. Over the feature dimension instead, the coefficients would be about
-  ``1 / embed_size`` and the graph's effect on ``V_k`` would all but vanish (it
-  was measured to move scores by ~1e-6). ``V`` in Eq. 5-8 is the current layer's
-  input; Eq. 9's edge update is computed for every layer but the last (whose
-  edges would never be read). ``W`` of Eq. 5 and ``W_O``, ``W_I`` of Eq. 9 have no
-  bias, ``W_kg`` has ``b`` (as printed). The KGID output is l2-normalised, as the
-  encoder outputs SGRAF feeds to the same attention and similarity functions are.
+* Semantic correlation (Eq. 1, 3): the softmax of row ``i`` runs over the other nodes
+  ``j != i`` (a node's correlation with the *other* regions / words). With ``j = i``
+  included, a unit vector's product with itself (1) dominates every row at
+  ``lambda = 9``: about 99.8% of each row sat on the diagonal at initialisation, so
+  ``E`` was nearly the identity whatever ``P`` said, and replacing ``P_v`` by all ones
+  moved scores by < 1e-7 (spread ~1e-2). A node with no other valid node keeps its
+  self loop. The diagonal of ``P`` (self loops) then only matters for such nodes.
+* KGID (Eq. 5): ``V_k = N * softmax(lambda * A V W) * V``, the softmax over the ``N``
+  valid nodes for each feature (each region's "knowledge weight coefficient" relative
+  to the others). Two scalings the paper implies but does not print: ``lambda``, its
+  scale factor of every other softmax over products of unit-scale features (Eq. 1, 3,
+  9), without which the logits are ~``1/sqrt(d)`` and the softmax uniform; and ``N``,
+  so that the coefficients average 1 and a uniform softmax gives ``V_k = V``.
+  Without ``N``, ``V_k ~ V / N`` (``|V_k| / |V|`` was 0.028 at initialisation):
+  the graph term all but vanished and shrank with caption length. ``V`` in Eq. 5-8
+  is the current layer's input; Eq. 9's edge update is computed for every layer but
+  the last (whose edges would never be read). ``W`` of Eq. 5 and ``W_O``, ``W_I`` of
+  Eq. 9 have no bias, ``W_kg`` has ``b`` (as printed). The KGID output is
+  l2-normalised, as the encoder outputs SGRAF feeds to the same attention and
+  similarity functions are. Weights of the earlier reading (state-dict version 1)
+  are refused on loading (:mod:`sgfused.models.state_versions`).
+* Graph ablations: ``spatial_prior=False`` replaces ``P_v`` by all ones (semantic
+  correlation only), ``dependency_prior=False`` removes every dependency arc; both
+  can be set on a trained model to measure what its graphs contribute.
 * Global features: SGRAF's self-attention pooling (``VisualSA`` / ``TextSA``),
   whose l2-normalised output makes the paper's ``1/N`` factor irrelevant.
 * Local attention: the printed cosine + softmax is SCAN's attention as SGRAF runs
@@ -102,6 +117,7 @@ from .caption_chunks import caption_chunks, check_lengths, check_token_ids, defa
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import register_model
+from .state_versions import check_state_version
 from .sgraf import DROPOUT, SelfAttentionPool, _EmbeddingWithDropout
 from .similarity_common import caption_batch_norm, update_running_stats
 
@@ -176,29 +192,44 @@ def dependency_matrix(graphs: Sequence[dict], lengths: Tensor, padded: int) -> T
 
 
 def knowledge_edges(nodes: Tensor, prior: Tensor, valid: Tensor | None, smooth: float) -> Tensor:
-    """``E = column_l2norm(softmax_j(smooth * x_i . x_j) * P)`` (Eq. 1-4), padded nodes excluded as ``j``."""
+    """``E = column_l2norm(softmax_{j != i}(smooth * x_i . x_j) * P)`` (Eq. 1-4), padded nodes excluded as ``j``.
+
+    The node itself is left out of its row's softmax (module doc); a node with no other
+    valid node keeps its self loop (its only entry then).
+    """
     logits = smooth * nodes @ nodes.transpose(1, 2)
     if valid is not None:
         logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    eye = torch.eye(nodes.shape[1], dtype=torch.bool, device=nodes.device)
+    logits = logits.masked_fill(eye, torch.finfo(logits.dtype).min)  # below every other node, above padding
     edges = torch.softmax(logits, dim=-1) * prior
     return edges / (torch.linalg.vector_norm(edges, dim=1, keepdim=True) + 1e-8)
 
 
 # ---------------------------------------------------------------------------- KGID (Eq. 5-9)
 class KGIDLayer(nn.Module):
-    """One knowledge-dissemination layer: propagate (Eq. 5), gate (6-7), residual update (8)."""
+    """One knowledge-dissemination layer: propagate (Eq. 5), gate (6-7), residual update (8).
 
-    def __init__(self, dim: int) -> None:
+    Eq. 5 as read here (module doc): ``V_k = N * softmax_nodes(smooth * A V W) * V`` with
+    ``N`` the number of valid nodes, so a uniform softmax leaves ``V_k = V``.
+    """
+
+    def __init__(self, dim: int, smooth: float) -> None:
         super().__init__()
+        self.smooth = smooth
         self.propagate = nn.Linear(dim, dim, bias=False)  # W^(l)
         self.aggregate = nn.Linear(dim, dim)  # W_kg^(l), b^(l)
         xavier_init(self)
 
     def forward(self, nodes: Tensor, edges: Tensor, valid: Tensor | None) -> Tensor:
-        logits = self.propagate(edges @ nodes)  # (B, N, d)
-        if valid is not None:
+        logits = self.smooth * self.propagate(edges @ nodes)  # (B, N, d)
+        if valid is None:
+            count = nodes.new_full((1, 1, 1), nodes.shape[1])
+        else:
             logits = logits.masked_fill(~valid.unsqueeze(-1), float("-inf"))
-        knowledge = torch.softmax(logits, dim=-2) * nodes  # V_k, Eq. 5: per feature, a distribution over the nodes
+            count = valid.sum(dim=-1).to(nodes.dtype)[:, None, None]
+        # V_k, Eq. 5: per feature, knowledge weight coefficients over the nodes, 1 on average
+        knowledge = count * torch.softmax(logits, dim=-2) * nodes
         gate = torch.sigmoid(knowledge * nodes + nodes)  # Eq. 6
         gated = gate * knowledge + (1 - gate) * nodes  # Eq. 7
         return F.relu(self.aggregate(gated) + nodes)  # Eq. 8
@@ -229,7 +260,7 @@ class KnowledgeGraphDissemination(nn.Module):
     def __init__(self, dim: int, layers: int, smooth: float) -> None:
         super().__init__()
         self.smooth = smooth
-        self.layers = nn.ModuleList(KGIDLayer(dim) for _ in range(layers))
+        self.layers = nn.ModuleList(KGIDLayer(dim, smooth) for _ in range(layers))
         self.edge_updates = nn.ModuleList(EdgeUpdate(dim) for _ in range(max(layers - 1, 0)))
 
     def forward(self, nodes: Tensor, edges: Tensor, valid: Tensor | None) -> Tensor:
@@ -289,10 +320,18 @@ class MPSM(RetrievalModel):
     after textual KGID (zero past each length). ``lambda_softmax`` (the paper's
     lambda, 9) is the temperature of the knowledge-graph softmaxes and of the
     cross-attention; ``spatial_kernels`` the polar kernels of the visual graph;
-    ``reference=True`` computes similarities and the loss with the reference ops.
+    ``spatial_prior=False`` / ``dependency_prior=False`` are the graph ablations (``P_v``
+    all ones; ``P_t`` without arcs, self loops only); ``reference=True`` computes
+    similarities and the loss with the reference ops.
     """
 
     data_requirements = ("boxes", "caption_graphs")
+    _version = 2  # 2: Eq. 1's softmax leaves the node itself out, Eq. 5 is scaled (module doc); 1 read neither
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
+        check_state_version("MPSM", local_metadata, self._version,
+                            "its knowledge graphs are read differently since version 2")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def __init__(
         self,
@@ -313,6 +352,8 @@ class MPSM(RetrievalModel):
         no_txtnorm: bool = False,
         num_regions: int = 36,
         spatial_kernels: int = 8,
+        spatial_prior: bool = True,
+        dependency_prior: bool = True,
         reference: bool = False,
     ) -> None:
         super().__init__()
@@ -322,6 +363,7 @@ class MPSM(RetrievalModel):
             raise ValueError(f"kgid_layers must be >= 0, got {kgid_layers}")
         self.perspective, self.embed_size, self.num_regions = perspective, embed_size, num_regions
         self.lambda_softmax = float(lambda_softmax)
+        self.spatial_prior, self.dependency_prior = bool(spatial_prior), bool(dependency_prior)
         self.margin, self.max_violation, self.reference = float(margin), bool(max_violation), bool(reference)
         self.image_encoder = RegionEncoder(img_dim, embed_size, normalize=not no_imgnorm)
         self.text_encoder = GRUTextEncoder(vocab_size, word_dim, embed_size, num_layers, bi_gru, normalize=not no_txtnorm)
@@ -349,7 +391,11 @@ class MPSM(RetrievalModel):
         if not boxes.dtype.is_floating_point or not torch.isfinite(boxes).all():
             raise ValueError("boxes must be finite floating-point x1 y1 x2 y2, normalised by the image size")
         regions = self.image_encoder(features)
-        edges = knowledge_edges(regions, self.spatial_graph(boxes.to(regions.dtype)), None, self.lambda_softmax)
+        if self.spatial_prior:
+            prior = self.spatial_graph(boxes.to(regions.dtype))
+        else:  # the ablation: every region pair equally near
+            prior = regions.new_ones(regions.shape[0], regions.shape[1], regions.shape[1])
+        edges = knowledge_edges(regions, prior, None, self.lambda_softmax)
         regions = self.visual_kgid(regions, edges, None)
         return regions, self.v_global_w(regions)
 
@@ -368,6 +414,8 @@ class MPSM(RetrievalModel):
             prior = graphs
         else:
             prior = dependency_matrix(graphs, lengths, ids.shape[1])
+        if not self.dependency_prior:  # the ablation: no arcs, self loops only
+            prior = prior * torch.eye(ids.shape[1], dtype=prior.dtype, device=prior.device)
         words = self.text_encoder(ids, lengths)
         valid = valid_mask(lengths.to(words.device), ids.shape[1])
         pairs = valid.unsqueeze(-1) & valid.unsqueeze(-2)  # padded words take no part in the graph
