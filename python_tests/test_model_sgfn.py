@@ -164,16 +164,16 @@ def test_hierarchical_fusion_on_a_hand_made_graph():
     out, agent = layer(nodes, valid, graph, rel, att)
     assert torch.isfinite(out).all() and torch.isfinite(agent).all()
     w_alpha, w_beta = torch.softmax(layer.layer_logits, 0)
-    gat = layer.object_layer
 
-    def alone(i: int) -> torch.Tensor:  # object layer of a node whose only neighbour is itself
-        h = gat.proj(nodes[0, i]).view(gat.heads, 8)
-        return torch.nn.functional.elu(h.mean(0))
+    def with_agent_only(i: int) -> torch.Tensor:  # object layer of a node whose neighbours are itself and the agent
+        pair = torch.stack([nodes[0, i], agent[0]])[None]
+        return layer.object_layer(pair, torch.ones(1, 2, 2, dtype=torch.bool))[0, 0]
 
-    # isolated node: its own projection only, zero relation / attribute messages
-    assert_close(out[0, 3], w_alpha * alone(3), 1e-6, "isolated")
+    # isolated node: itself and the fused agent, zero relation / attribute messages
+    assert_close(out[0, 3], layer.norm(w_alpha * with_agent_only(3)), 1e-5, "isolated")
     # a node with attributes only: no relation message, attribute MLP over their mean
-    assert_close(out[0, 2], w_alpha * alone(2) + w_beta * layer.attribute_mlp(att[0].mean(0)), 1e-6, "attributes")
+    want = layer.norm(w_alpha * with_agent_only(2) + w_beta * layer.attribute_mlp(att[0].mean(0)))
+    assert_close(out[0, 2], want, 1e-5, "attributes")
     assert (out[0, 4] == 0).all()  # padded node
     # the agent sees every valid node and every relation / attribute node; the padded node changes nothing
     for what, index in [("node", 0), ("node", 1), ("node", 2), ("node", 3), ("rel", 0), ("att", 1)]:
@@ -185,10 +185,45 @@ def test_hierarchical_fusion_on_a_hand_made_graph():
     n2[0, 4] = 100.0
     out2, agent2 = layer(n2, valid, graph, rel, att)
     assert torch.equal(out2, out) and torch.equal(agent2, agent)
-    # the isolated node ignores everyone else (it does not read the agent)
-    n2 = nodes.clone()
-    n2[0, :3] += 1.0
-    assert torch.equal(layer(n2, valid, graph, rel, att)[0][0, 3], out[0, 3])
+    # the agent feeds back: the isolated node sees every other node and relation through it (it did not, issue 20)
+    for what, index in [("node", 0), ("node", 2), ("rel", 0)]:
+        n2, r2 = nodes.clone(), rel.clone()
+        {"node": n2, "rel": r2}[what][0, index] += 1.0
+        assert (layer(n2, valid, graph, r2, att)[0][0, 3] - out[0, 3]).abs().max() > 1e-3, (what, index)
+
+
+def test_modalities_are_balanced_at_initialisation():
+    """Issue 20: unnormalised, the regions were 26x the words, images dominated every fused feature and the
+    score hardly depended on the caption. At initialisation (the paper's alpha, beta) both fused sides now
+    have comparable norms, Eq. 11's attention is not uniform, and the caption moves the score about as much
+    as the image does. Measured over seeds 0-4 here: spread ratio (captions / images) 0.56-1.37, attention
+    maximum 1.7-3.2x the uniform weight (about 1x before the fix, whose norm ratio was several-fold)."""
+    torch.manual_seed(0)
+    model = SGFN(len(VOCAB), **DIMS).eval()
+    model.set_vocabulary(VOCAB)
+    imgs, caps = images(5), captions()
+    with torch.no_grad():
+        (regions, region_agent), (words, lengths, word_agent) = model.encode_images(imgs), model.encode_captions(caps)
+        valid = torch.arange(words.shape[1]) < lengths[:, None]
+        ratio = regions.norm(dim=-1).mean() / words.norm(dim=-1)[valid].mean()
+        assert 0.5 < ratio < 2.0, f"|F'| / |P'| = {ratio:.3g}"
+        agent_ratio = region_agent.norm(dim=-1).mean() / word_agent.norm(dim=-1).mean()
+        assert 0.5 < agent_ratio < 2.0, f"|c_R| / |c_T| = {agent_ratio:.3g}"
+        scores = model.similarity((regions, region_agent), (words, lengths, word_agent))
+        over_images, over_captions = scores.std(dim=0).mean(), scores.std(dim=1).mean()
+        assert over_captions > 0.3 * over_images, (over_captions, over_images)
+        layer, longest = model.cross[0], int(lengths.max())
+        hidden = layer.context.hidden(region_agent[:, None], word_agent[None])
+        weight, bias = layer.gate_weights()
+        gates = [torch.nn.functional.linear(hidden, weight[k], bias[k]).unsqueeze(-2) for k in range(2)]
+        y = torch.cat([regions[:, None].expand(-1, len(lengths), -1, -1), words[None, :, :longest].expand(5, -1, -1, -1)], -2)
+        gate = torch.cat([gates[0].expand(-1, -1, N_REGIONS, -1), gates[1].expand(-1, -1, longest, -1)], -2)
+        logits = (gate * layer.query(y)) @ (gate * layer.key(y)).transpose(-1, -2) / 4.0  # sqrt(embed 16)
+        key_valid = torch.cat([torch.ones(len(lengths), N_REGIONS, dtype=torch.bool), valid[:, :longest]], -1)
+        attention = torch.softmax(logits.masked_fill(~key_valid[None, :, None], float("-inf")), -1)
+        uniform = 1.0 / key_valid.sum(-1).double()  # (C,)
+        peak = (attention.amax(-1).double().mean(dim=(0, 2)) / uniform).mean()
+        assert peak > 1.3, f"Eq. 11's largest weight is only {peak:.3g}x the uniform one"
 
 
 # ----------------------------------------------------------------------------- padding, determinism
@@ -282,6 +317,14 @@ def test_bad_inputs():
     # the cross-only ablation needs no graphs and no vocabulary
     cross = SGFN(len(VOCAB), fusion="cross", **DIMS)
     assert cross.similarity(cross.encode_image(imgs.features, None), cross.encode_text(caps.ids, caps.lengths, None)).shape == (2, 5)
+
+
+def test_weights_of_the_unnormalised_version_are_refused():
+    state = make_model().state_dict()
+    make_model(seed=1).load_state_dict(state)  # the current version loads
+    state._metadata[""]["version"] = 1
+    with pytest.raises(ValueError, match="SGFN state dict is version 1, the model is version 2 .* retrain"):
+        make_model(seed=1).load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- configs and learning
