@@ -85,4 +85,12 @@ TORCH_LIBRARY(sgfused, m) {
   m.def(
       "max_sim_backward(Tensor grad_scores, Tensor x, Tensor y, Tensor x_lens, Tensor y_lens, Tensor indices) "
       "-> (Tensor, Tensor)");
+
+  // Shared data-dependent input checks (csrc/input_checks.h, csrc/cpu/input_checks.cpp), for the
+  // Triton operators and the reference path. Each returns a fresh tensor for the caller to use, so
+  // that a compiled graph keeps it: the checked int64 lengths / ids, or a copy of `carry` once
+  // `values` is known to be finite.
+  m.def("checked_lengths(Tensor lens, int count, int padded, str name) -> Tensor");
+  m.def("checked_ids(Tensor ids, int count, str name) -> Tensor");
+  m.def("check_finite(Tensor values, str name, Tensor carry) -> Tensor");
 }

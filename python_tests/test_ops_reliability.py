@@ -67,7 +67,7 @@ def _nan_scores() -> torch.Tensor:
     return scores
 
 
-def _nan_loss(backend: str, scores: torch.Tensor) -> torch.Tensor:
+def _scores_loss(backend: str, scores: torch.Tensor) -> torch.Tensor:
     return hardest_negative_loss(scores, backend=backend)
 
 
@@ -82,9 +82,10 @@ def _attention_with_lens(backend: str, queries: torch.Tensor, contexts: torch.Te
 def _bad_call(case: str, device: torch.device):
     """(function, its tensor arguments, words of the error)."""
     if case == "nan scores":
-        return _nan_loss, (_nan_scores().to(device),), "scores contains NaN (first at index (1, 2))"
+        return _scores_loss, (_nan_scores().to(device),), "scores contains NaN (first at index (1, 2))"
     if case == "inf scores":
-        return _nan_loss, (torch.full((2, 2), float("inf"), device=device),), "scores contains inf (first at index (0, 0))"
+        infinite = torch.full((2, 2), float("inf"), device=device)
+        return _scores_loss, (infinite,), "scores contains inf (first at index (0, 0))"
     if case == "nan embeddings":
         cap = torch.randn(3, 4)
         cap[:, 2] = float("nan")
@@ -92,7 +93,8 @@ def _bad_call(case: str, device: torch.device):
     value = {"zero length": 0, "negative length": -1, "long length": 4}[case]
     low, high = min(value, 2), max(value, 2)
     args = (torch.randn(2, 3, 4).to(device), torch.randn(2, 5, 4).to(device), torch.tensor([2, value], device=device))
-    return _attention_with_lens, args, f"query_lens must lie in [1, 3] (the padded length), got values in [{low}, {high}]"
+    words = f"query_lens must lie in [1, 3] (the padded length), got values in [{low}, {high}]"
+    return _attention_with_lens, args, words
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,4 +1,5 @@
-// Implementation and operators of the shared input checks (csrc/input_checks.h).
+// Implementation and operator kernels of the shared input checks (csrc/input_checks.h; schemas
+// in csrc/ops.cpp).
 //
 // The operators return a fresh tensor so that a compiled graph uses their output
 // and cannot drop them as dead code: checked_lengths / checked_ids return the
@@ -67,15 +68,6 @@ at::Tensor check_finite_op(const at::Tensor& values, c10::string_view name, cons
 }  // namespace
 
 }  // namespace sgfused
-
-TORCH_LIBRARY_FRAGMENT(sgfused, m) {
-  // The checked lengths (int64, contiguous) or a ValueError / RuntimeError naming `name`.
-  m.def("checked_lengths(Tensor lens, int count, int padded, str name) -> Tensor");
-  // The checked ids (int64, contiguous).
-  m.def("checked_ids(Tensor ids, int count, str name) -> Tensor");
-  // A copy of `carry` once `values` is known to be finite.
-  m.def("check_finite(Tensor values, str name, Tensor carry) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(sgfused, CPU, m) {
   m.impl("checked_lengths", &sgfused::checked_lengths_op);
