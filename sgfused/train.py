@@ -16,8 +16,15 @@ own generator, and the global torch / numpy / python states (dropout) are
 restored from the checkpoint. A run killed at any point and resumed with
 ``resume=True`` ends with the same weights as an uninterrupted run.
 
-Progress is shown with tqdm; ``log.csv`` records loss and learning rate every
-``log_every`` iterations and the recalls at every validation.
+A resume checks the options against those ``last.pt`` recorded: the ones in
+:data:`APPLIED_ON_RESUME` (how long, where, how often it validates / logs /
+saves) may change and are reported; any other change would alter the run
+half-way and is refused in one line (README, Training).
+
+Each :meth:`Trainer.fit` says whether it starts, resumes (from where) or skips,
+then prints one line per epoch (``verbose``); tqdm bars (``progress``) show the
+batches. ``log.csv`` records loss and learning rate every ``log_every``
+iterations and the recalls at every validation.
 """
 
 from __future__ import annotations
