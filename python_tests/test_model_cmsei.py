@@ -299,22 +299,22 @@ def test_bert_folder_without_a_model_is_a_one_line_error(tmp_path):
 
 # ---------------------------------------------------------------------------- training
 def test_learns_on_synthetic_scenes(tmp_path):
-    """Three short epochs on 100 synthetic scenes (10 regions) raise test rSum clearly above the untrained model's."""
+    """Four short epochs on 200 synthetic scenes (10 regions) raise test rSum clearly above the untrained model's."""
     from sgfused.data.precomp import PrecompSplit
     from sgfused.data.synthetic import generate
     from sgfused.evaluate import evaluate_model
     from sgfused.train import TrainConfig, Trainer
 
     root = tmp_path / "data"
-    generate(root, 100, 3, feature_dim=32, n_regions=10, progress=False)
+    generate(root, 200, 3, feature_dim=32, n_regions=10, progress=False)
     vocab = Vocabulary.load(root / "vocab.json")
     train, test = (PrecompSplit(root, s, vocab, boxes=True, image_graphs=True) for s in ("train", "test"))
     torch.manual_seed(0)
     model = build_model("cmsei", len(vocab), dict(embed_size=32, word_dim=16, img_dim=32, num_regions=10))
     before = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
-    options = TrainConfig(epochs=3, lr=1e-3, lr_decay_epochs=10, batch_size=16, max_violation=False, device="cpu")
+    options = TrainConfig(epochs=4, lr=1e-3, lr_decay_epochs=10, batch_size=32, max_violation=False, device="cpu")
     Trainer(model, train, test, vocab, options, tmp_path / "run", progress=False).fit()
     after = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
-    # measured here (seed 0 of the model; the data seed is fixed): i2t 222 -> 292, and for other seeds and
-    # t2i see the issue notes; an untrained or collapsed model stays at or below `before`
-    assert after > before + 30, (before, after)
+    # measured with model seeds 0, 1, 2 (data seed fixed): i2t 159 -> 322, 114 -> 210, 139 -> 270 (gains
+    # 96-163); t2i, not run here, gained 80 and 57 (seeds 0, 1). An untrained or collapsed model stays near `before`.
+    assert after > before + 50, (before, after)
