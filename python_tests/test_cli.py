@@ -191,6 +191,9 @@ def test_edited_or_damaged_checkpoints_are_one_line(data, checkpoint, tmp_path, 
         torch.save(edited, tmp_path / f"{name}.pt")
         assert messages[name] in _fails(["eval", str(tmp_path / f"{name}.pt"), "--data", str(data)], capsys)
     assert "is a folder, not a file: pass" in _fails(["eval", str(checkpoint.parent), "--data", str(data)], capsys)
+    assert "--batch-size must be >= 1, got 0" in _fails(["eval", str(checkpoint), "--data", str(data), "--batch-size", "0"], capsys)
+    err = _fails(["eval", str(checkpoint), "--data", str(data), "--captions-per-image", "0"], capsys)
+    assert "--captions-per-image must be >= 1, got 0" in err
     raw = checkpoint.read_bytes()
     for size in (100, len(raw) // 2, len(raw) - 10):
         (tmp_path / "cut.pt").write_bytes(raw[:size])

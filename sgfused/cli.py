@@ -132,11 +132,11 @@ def _train_options(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[
     return model, model_config, train
 
 
-def _option_source(option: str, from_command_line: bool, config: str | None, section: str) -> str:
-    """Where the user gave ``option``: ``--batch-size`` or ``config file F: train.batch_size``."""
-    if from_command_line:
+def _train_option_source(args: argparse.Namespace, option: str) -> str:
+    """Where the user gave training option ``option``: ``--batch-size`` or ``config file F: train.batch_size``."""
+    if option in TRAIN_FLAGS and getattr(args, option) is not None:
         return f"--{option.replace('_', '-')}"
-    return f"config file {config}: {section}.{option}"
+    return f"config file {args.config}: train.{option}"
 
 
 def _train_config(args: argparse.Namespace, options: dict[str, Any]):
@@ -146,8 +146,7 @@ def _train_config(args: argparse.Namespace, options: dict[str, Any]):
     try:
         return TrainConfig.from_dict(options)
     except TrainOptionError as error:
-        given = error.option in TRAIN_FLAGS and getattr(args, error.option) is not None
-        raise ValueError(f"{_option_source(error.option, given, args.config, 'train')} {error.problem}") from None
+        raise ValueError(f"{_train_option_source(args, error.option)} {error.problem}") from None
 
 
 def _model(args: argparse.Namespace, name: str, vocab_size: int, options: dict[str, Any]):
@@ -161,14 +160,22 @@ def _model(args: argparse.Namespace, name: str, vocab_size: int, options: dict[s
         raise ValueError(f"{where}: {error}") from None
 
 
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    """Flags that count something must be >= 1 (checked before any work, named as the user typed them)."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .data.precomp import PrecompSplit
     from .models import model_class
     from .train import Trainer, seed_everything
 
+    _positive(args, "captions_per_image")
     name, model_config, train_options = _train_options(args)
     config = _train_config(args, train_options)
-    _device(config.device)
+    _device(config.device, _train_option_source(args, "device"))
     data = Path(args.data)
     vocab = _vocabulary(data, args.vocab)
     seed_everything(config.seed)  # the initial weights too are a function of the seed
@@ -182,14 +189,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(trainer.fit(resume=not args.no_resume), indent=2))
 
 
-def _device(name: str):
-    """The torch device for ``--device``; a one-line error naming ``--device`` for one this machine lacks."""
+def _device(name: str, source: str = "--device"):
+    """The torch device ``name``; a one-line error naming where it was given for one this machine lacks."""
     from .train import TrainOptionError, resolve_device
 
     try:
         return resolve_device(name)
     except TrainOptionError as error:
-        raise ValueError(f"--device {error.problem}") from None
+        raise ValueError(f"{source} {error.problem}") from None
 
 
 def _official_model(args: argparse.Namespace, vocab):
@@ -216,6 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_model, save_similarity
     from .models import model_class
 
+    _positive(args, "batch_size", "captions_per_image")
     data = Path(args.data)
     device = _device(args.device)
     if args.official:
