@@ -30,7 +30,7 @@ caption; its per-pair tensors are about eight ``(fragments, d)`` fp32 tensors pl
 the ``(fragments, context length)`` attention, so evaluation needs about
 ``chunk_fragments * (8 d + L_context) * 4`` bytes beyond the encodings and the score
 matrix, whatever the numbers of images and captions (default ``chunk_fragments``:
-16 Ki on the CPU = about 0.5 GiB at d = 1024, 128 Ki on a GPU = about 4.3 GiB).
+16 Ki on the CPU = about 0.5 GiB at d = 1024, 128 Ki on a GPU = about 4 GiB).
 In training every tile's graph stays alive for backward (a batch of 64 x 64 pairs
 is ``64 * 64 * 36`` fragments).
 
