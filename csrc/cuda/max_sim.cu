@@ -37,6 +37,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../input_checks.h"
 #include "common.cuh"
 
 namespace sgfused {
@@ -306,17 +307,11 @@ __global__ void __launch_bounds__(kBackwardThreads)
 
 // ---------------------------------------------------------------- host
 
-void check_lengths(const Tensor& lens, const char* name, int64_t count, int64_t padded, const Tensor& x) {
-  TORCH_CHECK(lens.scalar_type() == at::kLong, "max_sim (CUDA): ", name, " must be int64, got ", lens.scalar_type());
-  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == count, "max_sim (CUDA): ", name, " must have shape (", count,
-              "), got ", lens.sizes());
+// The shared length checks (csrc/input_checks.h), on the device of x.
+void check_lengths_on_device(const Tensor& lens, const char* name, int64_t count, int64_t padded, const Tensor& x) {
   TORCH_CHECK(lens.device() == x.device(), "max_sim (CUDA): ", name, " must be on ", x.device(), ", got ",
               lens.device());
-  if (count > 0) {
-    const int64_t low = lens.min().item<int64_t>(), high = lens.max().item<int64_t>();
-    TORCH_CHECK(low >= 1 && high <= padded, "max_sim (CUDA): ", name, " must lie in [1, ", padded,
-                "], got values in [", low, ", ", high, "]");
-  }
+  check_lengths(lens, count, padded, name);
 }
 
 // Shapes, dtypes, devices and lengths the kernels rely on.
@@ -331,8 +326,8 @@ void check_inputs(const Tensor& x, const Tensor& y, const Tensor& x_lens, const 
               "), got ", y.scalar_type());
   TORCH_CHECK(x.size(1) >= 1 && y.size(1) >= 1, "max_sim (CUDA): x and y need at least one node per set, got shapes ",
               x.sizes(), " and ", y.sizes());
-  check_lengths(x_lens, "x_lens", x.size(0), x.size(1), x);
-  check_lengths(y_lens, "y_lens", y.size(0), y.size(1), x);
+  check_lengths_on_device(x_lens, "x_lens", x.size(0), x.size(1), x);
+  check_lengths_on_device(y_lens, "y_lens", y.size(0), y.size(1), x);
 }
 
 // Every valid caption node's index must name a valid image node (the backward gathers through it).
