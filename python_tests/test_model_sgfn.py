@@ -357,4 +357,6 @@ def test_learns_on_synthetic_scenes(tmp_path_factory, tmp_path):
     config = TrainConfig(epochs=5, batch_size=32, lr=2e-3, lr_decay_epochs=10)
     Trainer(model, train, test, vocab, config, tmp_path, progress=False).fit()
     after = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
+    # measured after issue 20's normalisation (1 thread): seed 0 136 -> 165 (passes), but seeds 1 and 2 of the
+    # model fell (139 -> 122, 164 -> 124): learning at this tiny budget is NOT robust over seeds (open)
     assert after > before + 25, (before, after)
