@@ -11,4 +11,4 @@ bash scripts/install.sh
 .venv/bin/pip install -q transformers
 # The pytest entry point (not `python -m pytest`) keeps the source tree off sys.path,
 # so the tests import the installed package with its compiled kernels.
-.venv/bin/pytest python_tests -q "$@"
+.venv/bin/pytest python_tests -q --durations=15 "$@"
