@@ -204,3 +204,12 @@ def _isolated_global_state():
     _set_random_states(random_states)
     if leaked:
         pytest.fail("the test left global state changed (now restored): " + "; ".join(leaked), pytrace=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Runs a test on one torch thread (its reductions then do not depend on the machine), and restores the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
