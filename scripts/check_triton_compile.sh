@@ -27,8 +27,8 @@ echo "check_triton_compile: triton $(PYTHONPATH="$overlay" "$python" -c 'import 
 read -r -a tests <<< "$("$python" -P -c 'import glob; from sgfused.ops import OPS
 print(*sorted(f for name in OPS for f in [f"python_tests/test_{name}.py", *glob.glob(f"python_tests/test_{name}_*.py")]))')"
 # gradcheck and opcheck relaunch kernels that the value tests already compile, hundreds of times
-# each in the interpreter (about half of this check's time, > 20 min on 2 cores): left out here,
-# they run in the main suite. Cost: the fp64 cross_attention specialisations (only gradcheck uses
+# each in the interpreter (with them, this check had run 15 min on 2 cores and was a third
+# done, inside cross_attention's gradcheck): left out here, they run in the main suite. Cost: the fp64 cross_attention specialisations (only gradcheck uses
 # them) are not compiled for sm_90 here.
 PYTHONPATH="${overlay:+$overlay:}$PWD/scripts" "$python" -P -m pytest -q -p triton_compile_only -W ignore \
   "${tests[@]}" -k "triton and not gradcheck and not opcheck"
