@@ -168,14 +168,21 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .data.precomp import PrecompSplit
-    from .models import model_class
-    from .train import Trainer, seed_everything
+    from .distributed import process_group_from_env
 
     _positive(args, "captions_per_image")
     name, model_config, train_options = _train_options(args)
     config = _train_config(args, train_options)
-    _device(config.device, _train_option_source(args, "device"))
+    device = _device(config.device, _train_option_source(args, "device"))
+    with process_group_from_env(device) as world:  # under torchrun: one process of many (sgfused.distributed)
+        _train(args, name, model_config, config, world.main)
+
+
+def _train(args: argparse.Namespace, name: str, model_config: dict[str, Any], config, main: bool) -> None:
+    from .data.precomp import PrecompSplit
+    from .models import model_class
+    from .train import Trainer, seed_everything
+
     data = Path(args.data)
     vocab = _vocabulary(data, args.vocab)
     seed_everything(config.seed)  # the initial weights too are a function of the seed
@@ -184,9 +191,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     train = PrecompSplit(data, "train", vocab, captions_per_image=args.captions_per_image, **needs)
     dev = PrecompSplit(data, args.dev_split, vocab, captions_per_image=args.captions_per_image, **needs)
     out = Path(args.out) if args.out else Path("runs") / name
-    print(f"{name}: {train.n_images} images / {train.n_captions} captions from {data}; output in {out}", flush=True)
+    if main:
+        print(f"{name}: {train.n_images} images / {train.n_captions} captions from {data}; output in {out}", flush=True)
     trainer = Trainer(model, train, dev, vocab, config, out, progress=not args.quiet)
-    print(json.dumps(trainer.fit(resume=not args.no_resume), indent=2))
+    summary = trainer.fit(resume=not args.no_resume)
+    if main:
+        print(json.dumps(summary, indent=2))
 
 
 def _device(name: str, source: str = "--device"):
@@ -216,6 +226,15 @@ def _official_model(args: argparse.Namespace, vocab):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .distributed import local_device, process_group_from_env
+
+    _positive(args, "batch_size", "captions_per_image")
+    device = _device(args.device)
+    with process_group_from_env(device) as world:  # under torchrun each process scores a block of image rows
+        _eval(args, local_device(device, world), world.size > 1, world.main)
+
+
+def _eval(args: argparse.Namespace, device, sharded: bool, main: bool) -> None:
     import torch
 
     from .checkpoint import check_same_vocabulary, load_checkpoint, model_from_checkpoint
@@ -223,9 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_model, save_similarity
     from .models import model_class
 
-    _positive(args, "batch_size", "captions_per_image")
     data = Path(args.data)
-    device = _device(args.device)
     if args.official:
         if not args.vocab:
             raise ValueError("--official needs --vocab: the vocabulary json released with the checkpoint")
@@ -242,8 +259,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     split = PrecompSplit(data, args.split, vocab, captions_per_image=args.captions_per_image, **needs)
     results, sims = evaluate_model(
         model.to(device), split, fold5=args.fold5, batch_size=args.batch_size, device=device, progress=not args.quiet,
-        similarity_dtype=torch.bfloat16 if args.similarity_dtype == "bf16" else None,
+        similarity_dtype=torch.bfloat16 if args.similarity_dtype == "bf16" else None, shard_rows=sharded,
     )
+    if not main:
+        return
     if args.save_sims:
         meta = {"model": model_name, "checkpoint": str(args.checkpoint), "split": args.split,
                 "data": str(data.resolve()), "captions_per_image": split.captions_per_image}

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from ._files import atomic_write
 from .data.batch import CaptionBatch, ImageBatch
 from .data.precomp import PrecompSplit, caption_loader, image_loader
+from .distributed import World, current_world, gather_rows, image_rows
 
 if TYPE_CHECKING:  # only the interface is used; the models package imports every model
     from .models.base import RetrievalModel
@@ -259,10 +260,11 @@ def _encode_all(
     batches: Iterable[ImageBatch] | Iterable[CaptionBatch],
     kind: str,
     device: torch.device,
+    first: int = 0,
 ) -> tuple[list[Encoding], int]:
-    """Encodes every batch once; returns the per-batch encodings (on ``device``) and the item count."""
+    """Encodes every batch once (items ``first, first + 1, ...``); returns the encodings (on ``device``) and the item count."""
     encodings: list[Encoding] = []
-    count = 0
+    count = first
     for number, batch in enumerate(batches):
         start = count
         count = _check_order(kind, number, batch.index, start)
@@ -271,9 +273,9 @@ def _encode_all(
         if size != count - start:
             raise ValueError(f"{kind} batch {number} has {count - start} items but its encoding has batch size {size}")
         encodings.append(encoding)
-    if count == 0:
+    if count == first:
         raise ValueError(f"{kind}_batches yielded no {kind}s")
-    return encodings, count
+    return encodings, count - first
 
 
 def _caption_pieces(encodings: list[Encoding], shard: int) -> list[tuple[int, Encoding, int]]:
@@ -300,6 +302,7 @@ def similarity_matrix(
     progress: bool = True,
     dtype_autocast: torch.dtype | None = None,
     similarity_dtype: torch.dtype | None = None,
+    first_image: int = 0,
 ) -> Tensor:
     """The ``(n_images, n_captions)`` float32 CPU score matrix of ``model`` on a whole split.
 
@@ -314,7 +317,9 @@ def similarity_matrix(
     shard x piece block is scored with ``model.similarity`` and written into the
     preallocated result. ``similarity_dtype`` (e.g. ``torch.bfloat16``) is passed
     to ``model.similarity(..., dtype=)`` for models that take it (SGRAF): the
-    dtype of the similarity ops' matrix inputs.
+    dtype of the similarity ops' matrix inputs. ``first_image``: the image batches hold the rows
+    ``first_image, first_image + 1, ...`` (one rank's block under sharded evaluation); the result
+    then has just those rows.
     """
     for name, value in (("image_shard", image_shard), ("caption_shard", caption_shard)):
         if not isinstance(value, int) or value < 1:
@@ -337,7 +342,7 @@ def similarity_matrix(
     model.to(device).eval()
     try:
         with torch.no_grad(), autocast:
-            image_parts, n_images = _encode_all(model.encode_images, image_batches, "image", device)
+            image_parts, n_images = _encode_all(model.encode_images, image_batches, "image", device, first_image)
             images = concat_encodings(image_parts)
             del image_parts
             caption_parts, n_captions = _encode_all(model.encode_captions, caption_batches, "caption", device)
@@ -375,22 +380,30 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     progress: bool = True,
     similarity_dtype: torch.dtype | None = None,
+    shard_rows: bool = False,
 ) -> tuple[dict[str, dict[str, float]], Tensor]:
     """Score ``model`` on a dataset split; returns ``(results, sims)``.
 
     ``results`` are the table rows of :func:`evaluate_similarity` (the whole
     split under ``"full"``, plus the 5-fold rows with ``fold5``); ``sims`` is
     the float32 CPU similarity matrix, ready for :func:`save_similarity`.
-    ``similarity_dtype`` as in :func:`similarity_matrix`.
+    ``similarity_dtype`` as in :func:`similarity_matrix`. ``shard_rows`` (every
+    rank of a torch.distributed run calls it so): each rank scores its block of
+    image rows and every rank gets the whole gathered matrix (:mod:`sgfused.distributed`).
     """
+    world = current_world() if shard_rows else World()
+    rows = image_rows(split_dataset.n_images, world)
     sims = similarity_matrix(
         model,
-        image_loader(split_dataset, batch_size),
+        image_loader(split_dataset, batch_size, images=rows),
         caption_loader(split_dataset, batch_size),
         device=device,
-        progress=progress,
+        progress=progress and world.main,
         similarity_dtype=similarity_dtype,
+        first_image=rows.start,
     )
+    if world.size > 1:
+        sims = gather_rows(sims, torch.device(device))
     expected = (split_dataset.n_images, split_dataset.n_captions)
     if tuple(sims.shape) != expected:
         raise ValueError(

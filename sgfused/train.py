@@ -25,6 +25,10 @@ Each :meth:`Trainer.fit` says whether it starts, resumes (from where) or skips,
 then prints one line per epoch (``verbose``); tqdm bars (``progress``) show the
 batches. ``log.csv`` records loss and learning rate every ``log_every``
 iterations and the recalls at every validation.
+
+Under torchrun (several processes) the same loop trains on the global batch of
+``batch_size`` pairs per process: each rank its shard, with the hardest negatives over
+all of them, DDP for the gradients; rank 0 alone writes and logs (:mod:`sgfused.distributed`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from tqdm import tqdm
 from .checkpoint import REQUIRED_KEYS, CheckpointError, check_same_vocabulary, load_checkpoint, save_checkpoint
 from .data.precomp import PrecompSplit, pair_loader
 from .data.vocab import Vocabulary
+from .distributed import GlobalBatchLoss, barrier, current_world, gather_objects, global_sum, local_device, rank_order
 from .evaluate import evaluate_model
 from ._files import remove_stale_temporaries
 from .model_options import effective_model_config
@@ -215,7 +220,8 @@ class Trainer:
             raise ValueError("model must be built with sgfused.models.build_model so checkpoints can rebuild it")
         self.model, self.train, self.dev, self.vocab, self.config = model, train, dev, vocab, config
         self.out_dir, self.progress, self.verbose = Path(out_dir), progress, verbose
-        self.device = resolve_device(config.device)
+        self.world = current_world()
+        self.device = local_device(resolve_device(config.device), self.world)
         self.model.to(self.device)
         self.model.set_vocabulary(vocab)
         self.model.margin = config.margin
@@ -227,7 +233,23 @@ class Trainer:
         self.step = 0  # iterations done in all
         self.best_rsum = -1.0
         self.changed_on_resume: dict[str, tuple[Any, Any]] = {}  # applied option changes: name -> (old, new)
-        self.batches_per_epoch = len(train) // config.batch_size + (len(train) % config.batch_size > 0)
+        self.global_batch = config.batch_size * self.world.size
+        # a last global batch of fewer pairs than processes would leave a rank without any: left out
+        tail = len(train) % self.global_batch
+        self.pairs_per_epoch = len(train) - (tail if tail < self.world.size else 0)
+        if self.pairs_per_epoch == 0:
+            raise ValueError(f"the training split has {len(train)} pairs, fewer than the {self.world.size} processes")
+        self.batches_per_epoch = math.ceil(self.pairs_per_epoch / self.global_batch)
+        self._loss = self.model.loss
+        if self.world.size > 1:
+            self.model.global_negatives = True
+            # DDP averages the ranks' gradients; GlobalBatchLoss scales each share so the average is the
+            # gradient of the global batch's loss. Some parameters get no gradient (SGRAF's graph_key_w.bias).
+            self._loss = torch.nn.parallel.DistributedDataParallel(
+                GlobalBatchLoss(self.model, self.world),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -245,14 +267,21 @@ class Trainer:
         }
 
     def save_last(self) -> None:
+        """Rank 0 writes ``last.pt`` (with every rank's random-number states); every rank waits for it."""
         state = self._model_state()
+        rng = _rng_states()
         state.update(
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
-            rng=_rng_states(),
+            rng=rng,
+            world_size=self.world.size,
         )
-        save_checkpoint(self.out_dir / "last.pt", state)
+        if self.world.size > 1:
+            state["rng_ranks"] = gather_objects(rng)
+        if self.world.main:
+            save_checkpoint(self.out_dir / "last.pt", state)
+        barrier()
 
     def resume(self) -> bool:
         """Continue from ``last.pt`` if the output folder has one; False when starting fresh.
@@ -262,6 +291,8 @@ class Trainer:
         with; the applied ones are recorded in ``changed_on_resume``.
         """
         path = self.out_dir / "last.pt"
+        if self.world.size > 1 and len(set(gather_objects(path.exists()))) > 1:
+            raise CheckpointError(f"cannot resume: some processes see {path} and some do not; --out must be a folder every node sees")
         if not path.exists():
             return False
         try:
@@ -272,6 +303,13 @@ class Trainer:
         if missing:
             raise CheckpointError(f"cannot resume: {path} lacks {missing} (a best.pt?); start afresh with --no-resume")
         self._check_same_model(path, state)
+        saved_world = state.get("world_size", 1)  # checkpoints from before distributed training: one process
+        if saved_world != self.world.size:
+            raise CheckpointError(
+                f"cannot resume {path}: it was trained by {saved_world} processes, this run has {self.world.size} "
+                "(the per-process batch and the random streams would change half-way); resume with "
+                f"{saved_world} processes, or start afresh with --no-resume or another --out folder"
+            )
         check_same_vocabulary(Vocabulary.from_dict(state["vocab"], str(path)), self.vocab, "the training data")
         self.changed_on_resume = self._check_train_options(path, state["train_config"])
         self.model.load_state_dict(state["model"])
@@ -280,7 +318,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration, self.step = state["epoch"], state["iteration"], state["step"]
         self.best_rsum = state["best_rsum"]
-        _restore_rng_states(state["rng"])
+        _restore_rng_states(state["rng_ranks"][self.world.rank] if self.world.size > 1 else state["rng"])
         self._truncate_log(self.step)
         return True
 
@@ -317,13 +355,15 @@ class Trainer:
 
     def _truncate_log(self, step: int) -> None:
         """Drop log rows written after the checkpoint being resumed (the resumed run writes them again)."""
-        if not self.log_path.exists():
+        if not self.world.main or not self.log_path.exists():
             return
         with open(self.log_path, newline="") as f:
             rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
         self._write_log(rows, mode="w")
 
     def _write_log(self, rows: list[dict[str, Any]], mode: str = "a") -> None:
+        if not self.world.main:
+            return
         new = mode == "w" or not self.log_path.exists()
         with open(self.log_path, mode, newline="") as f:
             writer = csv.DictWriter(f, LOG_FIELDS)
@@ -340,12 +380,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _batches(self) -> Iterator:
-        order = epoch_order(len(self.train), self.config.seed, self.epoch)
-        start = self.iteration * self.config.batch_size
+        order = epoch_order(len(self.train), self.config.seed, self.epoch)[: self.pairs_per_epoch]
+        start = self.iteration * self.global_batch
         loader = pair_loader(
             self.train,
             self.config.batch_size,
-            sampler=order[start:],
+            sampler=rank_order(order[start:], self.config.batch_size, self.world),
             generator=torch.Generator().manual_seed(self.config.seed),
             workers=self.config.workers,
         )
@@ -361,7 +401,7 @@ class Trainer:
         self.model.max_violation = self.max_violation
         batch = batch.to(self.device)
         with self._autocast():
-            loss = self.model.loss(batch)
+            loss = self._loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.grad_clip > 0:
@@ -369,18 +409,22 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.world.size > 1:
+            return global_sum(loss / self.world.size).item()  # the global batch's loss
         return loss.item()
 
     def validate(self) -> dict[str, float]:
         """Dev-split recalls; writes ``best.pt`` when rSum improves."""
         results, _ = evaluate_model(
-            self.model, self.dev, batch_size=self.config.eval_batch_size, device=self.device, progress=False
+            self.model, self.dev, batch_size=self.config.eval_batch_size, device=self.device, progress=False,
+            shard_rows=self.world.size > 1,
         )
-        metrics = results["full"]
+        metrics = results["full"]  # every rank has the whole matrix, hence the same metrics
         self.model.train()
         if metrics["rsum"] > self.best_rsum:
             self.best_rsum = metrics["rsum"]
-            save_checkpoint(self.out_dir / "best.pt", self._model_state() | {"metrics": metrics})
+            if self.world.main:
+                save_checkpoint(self.out_dir / "best.pt", self._model_state() | {"metrics": metrics})
         return metrics
 
     def fit(self, resume: bool = True, stop_after_steps: Optional[int] = None) -> dict[str, Any]:
@@ -389,18 +433,21 @@ class Trainer:
         ``stop_after_steps`` ends the run early after that many iterations in all
         (as if it were interrupted; no checkpoint is written at that point).
         """
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        # a run killed while writing a checkpoint leaves its temporary file behind (atomic_write)
-        remove_stale_temporaries(self.out_dir, ("last.pt", "best.pt"))
+        if self.world.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # a run killed while writing a checkpoint leaves its temporary file behind (atomic_write)
+            remove_stale_temporaries(self.out_dir, ("last.pt", "best.pt"))
+        barrier()
         resumed = resume and self.resume()
         if not resumed:
-            seed_everything(self.config.seed)
+            seed_everything((self.config.seed + self.world.rank) % 2**32)  # each rank its own dropout
         self._say(self._start_line(resumed))
         start = time.time()
         log: list[dict[str, Any]] = []
         while self.epoch < self.config.epochs:
             bar = tqdm(
-                self._batches(), total=self.batches_per_epoch, initial=self.iteration, disable=not self.progress,
+                self._batches(), total=self.batches_per_epoch, initial=self.iteration,
+                disable=not (self.progress and self.world.main),
                 desc=f"epoch {self.epoch + 1}/{self.config.epochs}", leave=False,
             )
             for batch in bar:
@@ -437,7 +484,7 @@ class Trainer:
         return self._summary(start, finished=True)
 
     def _say(self, line: str) -> None:
-        if self.verbose:
+        if self.verbose and self.world.main:
             tqdm.write(line)  # above the bar when there is one
 
     def _start_line(self, resumed: bool) -> str:
@@ -445,12 +492,20 @@ class Trainer:
         last = self.out_dir / "last.pt"
         changes = "".join(f"; {name} changed from {old!r} to {new!r}" for name, (old, new) in self.changed_on_resume.items())
         if not resumed:
-            return f"starting: epoch 1/{self.config.epochs}, {self.batches_per_epoch} batches per epoch"
+            return f"starting: epoch 1/{self.config.epochs}, {self.batches_per_epoch} batches per epoch{self._world_phrase()}"
         if self.epoch >= self.config.epochs:
             return (f"skipped: {last} has finished {self.epoch} of {self.config.epochs} epochs (step {self.step}){changes}; "
                     "pass a larger --epochs to train on, or --no-resume to start afresh")
         return (f"resumed from {last}: epoch {self.epoch + 1}/{self.config.epochs}, iteration "
-                f"{self.iteration}/{self.batches_per_epoch}, step {self.step}{changes}")
+                f"{self.iteration}/{self.batches_per_epoch}, step {self.step}{changes}{self._world_phrase()}")
+
+    def _world_phrase(self) -> str:
+        """Under torchrun: the global batch, and the pairs each epoch leaves out (fewer than one per process)."""
+        if self.world.size == 1:
+            return ""
+        left_out = len(self.train) - self.pairs_per_epoch
+        return (f"; global batch {self.global_batch} ({self.config.batch_size} per process x {self.world.size} processes)"
+                + (f", the last {left_out} pairs of each epoch's order left out (fewer than one per process)" if left_out else ""))
 
     @staticmethod
     def _metric_fields(metrics: dict[str, float]) -> dict[str, str]:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .batch import CaptionBatch, ImageBatch, PairBatch
 from .graphs import load_caption_graphs, load_image_graphs
@@ -345,9 +345,11 @@ def pair_loader(
     )
 
 
-def image_loader(split: PrecompSplit, batch_size: int, workers: int = 0) -> DataLoader:
-    """Batches of :class:`ImageBatch` with every image of ``split`` once, in order."""
-    return DataLoader(_ItemView(split, images=True), batch_size, num_workers=workers, collate_fn=collate_images)
+def image_loader(split: PrecompSplit, batch_size: int, workers: int = 0, images: range | None = None) -> DataLoader:
+    """Batches of :class:`ImageBatch` with every image of ``split`` (or those of ``images``) once, in order."""
+    view = _ItemView(split, images=True)
+    items = view if images is None else Subset(view, images)
+    return DataLoader(items, batch_size, num_workers=workers, collate_fn=collate_images)
 
 
 def caption_loader(split: PrecompSplit, batch_size: int, workers: int = 0) -> DataLoader:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batch import CaptionBatch, ImageBatch, PairBatch
+from ..distributed import global_batch_loss
 from ..ops import hardest_negative_loss
 
 
@@ -31,6 +32,9 @@ class RetrievalModel(nn.Module):
 
     margin: float = 0.2
     max_violation: bool = True
+    # True (set by the trainer under torchrun): loss() is this rank's share of the global batch's loss,
+    # with the hardest negatives taken over every rank's pairs (sgfused.distributed.global_batch_loss)
+    global_negatives: bool = False
     reference: bool = False  # True: every sgfused.ops call runs on the reference backend
     registry_name: str = ""
     # Optional dataset parts the model reads: any of "boxes", "image_graphs", "caption_graphs".
@@ -73,11 +77,19 @@ class RetrievalModel(nn.Module):
         would be the hardest one and cancel the caption's gradient) nor a positive counted twice: an
         image held by k rows gives each of its captions k positive rows, whose hinges are averaged.
         Without repeated images this is the VSE++ loss with the diagonal as the positives.
+        With ``global_negatives`` the batch is this rank's shard and the loss its share of the global
+        batch's loss (:func:`sgfused.distributed.global_batch_loss`).
         """
         img_ids, cap_img_ids = batch.images.index, batch.captions.image_index
         if img_ids.shape != cap_img_ids.shape or not torch.equal(img_ids, cap_img_ids):
             raise ValueError(_pair_mismatch(img_ids, cap_img_ids))
+        if self.global_negatives:
+            return global_batch_loss(self, batch)
         scores = self.similarity(self.encode_images(batch.images), self.encode_captions(batch.captions))
+        return self.caption_losses(scores, img_ids, cap_img_ids).sum()
+
+    def caption_losses(self, scores: Tensor, img_ids: Tensor, cap_img_ids: Tensor) -> Tensor:
+        """Each caption's term of :meth:`loss` on the score matrix ``scores (n_images, n_captions)``: ``(n_captions,)``."""
         per_caption = hardest_negative_loss(
             scores,
             margin=self.margin,
@@ -88,7 +100,7 @@ class RetrievalModel(nn.Module):
             backend=self.backend,
         )
         rows_of_image = (img_ids[None, :] == cap_img_ids[:, None]).sum(1)  # >= 1: caption c's own row
-        return (per_caption / rows_of_image).sum()
+        return per_caption / rows_of_image
 
 
 def _pair_mismatch(img_ids: Tensor, cap_img_ids: Tensor) -> str:

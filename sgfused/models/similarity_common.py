@@ -12,8 +12,14 @@ result does not depend on how captions are chunked.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
+
+# Open collect_running_stats blocks, innermost last: each a list of the updates it held back.
+_collectors: list[list[tuple[nn.BatchNorm1d, Tensor, Tensor]]] = []
 
 
 def caption_batch_norm(
@@ -40,9 +46,27 @@ def caption_batch_norm(
     return (logits - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias, stats
 
 
+@contextlib.contextmanager
+def collect_running_stats() -> Iterator[list[tuple[nn.BatchNorm1d, Tensor, Tensor]]]:
+    """Inside the block :func:`update_running_stats` records ``(bn, means, variances)`` instead of applying it.
+
+    Distributed training (:func:`sgfused.distributed.global_batch_loss`) scores each rank's captions
+    apart, then applies every rank's statistics once, in global caption order.
+    """
+    held: list[tuple[nn.BatchNorm1d, Tensor, Tensor]] = []
+    _collectors.append(held)
+    try:
+        yield held
+    finally:
+        _collectors.pop()
+
+
 @torch.no_grad()
 def update_running_stats(bn: nn.BatchNorm1d, means: Tensor, variances: Tensor) -> None:
     """One running-statistics update of ``bn`` per caption (``means``, ``variances`` in caption order), in closed form."""
+    if _collectors:
+        _collectors[-1].append((bn, means, variances))
+        return
     momentum, n = bn.momentum, means.shape[0]
     weights = momentum * (1 - momentum) ** torch.arange(n - 1, -1, -1, dtype=means.dtype, device=means.device)
     for running, batch in ((bn.running_mean, means), (bn.running_var, variances)):
