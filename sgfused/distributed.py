@@ -58,6 +58,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 Encoding = Union[Tensor, tuple[Tensor, ...]]
+# torch 2.13 renamed the single-tensor collectives (the old names warn)
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 @dataclass(frozen=True)
@@ -164,21 +167,26 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        world = dist.get_world_size()
-        out = tensor.new_empty((world, *tensor.shape))
-        dist.all_gather_into_tensor(out, tensor.contiguous())
-        return out
+        return _all_gather_stacked(tensor)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         if dist.get_backend() == dist.Backend.NCCL:
             mine = grad.new_empty(grad.shape[1:])
-            dist.reduce_scatter_tensor(mine, grad)
+            _reduce_scatter_single(mine, grad.flatten(0, 1))
             return mine
         total = grad.clone()  # gloo has no reduce-scatter: sum everything, keep this rank's piece
         dist.all_reduce(total)
         return total[dist.get_rank()]
+
+
+def _all_gather_stacked(tensor: Tensor) -> Tensor:
+    """``(world, *tensor.shape)``: every rank's ``tensor`` (gloo takes the output concatenated along dim 0 only)."""
+    world = dist.get_world_size()
+    out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+    _all_gather_single(out, tensor.contiguous())
+    return out.view(world, *tensor.shape)
 
 
 def _gathered_shapes(tensor: Tensor) -> list[list[int]]:
@@ -196,9 +204,7 @@ def gather_tensor(tensor: Tensor) -> tuple[Tensor, list[int]]:
     tensors keep their gradient: each rank's piece receives the sum of the gradients all
     ranks send back. Must be called by every rank (it is a collective).
     """
-    shapes = _gathered_shapes(tensor)
-    if len({len(s) for s in shapes}) != 1:
-        raise ValueError(f"gather_tensor: the ranks' tensors differ in their number of dimensions: {shapes}")
+    shapes = _gathered_shapes(tensor)  # the ranks run the same model: their tensors have as many dimensions
     biggest = [max(s[d] for s in shapes) for d in range(tensor.ndim)]
     padding = [p for d in reversed(range(tensor.ndim)) for p in (0, biggest[d] - tensor.shape[d])]
     wire = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor  # gloo gathers no bool
@@ -206,8 +212,7 @@ def gather_tensor(tensor: Tensor) -> tuple[Tensor, list[int]]:
     if padded.is_floating_point():
         pieces = _AllGather.apply(padded)
     else:
-        pieces = padded.new_empty((len(shapes), *padded.shape))
-        dist.all_gather_into_tensor(pieces, padded.contiguous())
+        pieces = _all_gather_stacked(padded)
     out = torch.cat([pieces[r, : s[0]] for r, s in enumerate(shapes)])
     return (out.bool() if tensor.dtype == torch.bool else out), [s[0] for s in shapes]
 

@@ -237,7 +237,7 @@ class Trainer:
         # a last global batch of fewer pairs than processes would leave a rank without any: left out
         tail = len(train) % self.global_batch
         self.pairs_per_epoch = len(train) - (tail if tail < self.world.size else 0)
-        if self.pairs_per_epoch == 0:
+        if self.pairs_per_epoch == 0 and self.world.size > 1:
             raise ValueError(f"the training split has {len(train)} pairs, fewer than the {self.world.size} processes")
         self.batches_per_epoch = math.ceil(self.pairs_per_epoch / self.global_batch)
         self._loss = self.model.loss
