@@ -144,10 +144,11 @@ def _shard(batch: PairBatch, start: int, stop: int) -> PairBatch:
     )
 
 
-def _step_job(rank: int, name: str) -> dict:
+def _step_job(rank: int, name: str, raw_images: bool) -> dict:
     model = _model(name)
     world = World(rank, WORLD)
     model.global_negatives = True
+    model.image_batch_statistics = raw_images  # True: the image batches are gathered, every rank encodes all
     ddp = nn.parallel.DistributedDataParallel(GlobalBatchLoss(model, world), find_unused_parameters=True)
     batch = _global_batch(name)
     share = ddp(_shard(batch, *shard_bounds(len(IMAGE_IDS), world)))
@@ -158,14 +159,14 @@ def _step_job(rank: int, name: str) -> dict:
             "buffers": dict(model.named_buffers())}
 
 
-@pytest.mark.parametrize("name", ["vsepp", "SGR", "SAF"])
-def test_two_process_step_equals_one_process_step(tmp_path, name):
+@pytest.mark.parametrize("name, raw_images", [("vsepp", False), ("SGR", False), ("SAF", False), ("SGR", True)])
+def test_two_process_step_equals_one_process_step(tmp_path, name, raw_images):
     model = _model(name)
     loss = model.loss(_global_batch(name))
     loss.backward()
     assert loss.item() > 0.5  # violated hinges: the gradients below are not trivially zero
     tol = TIGHT[DTYPES[name]]
-    for result in run_two(tmp_path, "step", name):
+    for result in run_two(tmp_path, "step", name, raw_images):
         torch.testing.assert_close(result["loss"], loss.detach(), rtol=tol, atol=0.0)
         assert_gradients_close(result["grads"], {n: p.grad for n, p in model.named_parameters()}, tol)
         for n, b in model.named_buffers():  # BatchNorm statistics, SAF's per-caption ones included

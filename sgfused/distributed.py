@@ -18,7 +18,9 @@ Global hardest negatives (:func:`global_batch_loss`). Every model's score of pai
 ``(i, c)`` depends on the images and on caption ``c`` only, but not always on the pair
 alone: SAF and MPSM normalise each caption's node scores over all images of the batch
 (a per-caption BatchNorm). So the global ``N x N`` score matrix is split by columns:
-rank ``r`` gathers the image encodings of all ranks (with gradient), scores all ``N``
+rank ``r`` gathers the image encodings of all ranks (with gradient; a model whose image
+encoder normalises over the batch's images, ``image_batch_statistics`` (MPSM), gets
+the raw image batches gathered instead and encodes all of them), scores all ``N``
 images against its own captions (``N x N / world`` pairs: the all-pairs work divided by
 the world size, and each caption's column complete), and all ranks gather these column
 blocks (with gradient) into the global matrix. Captions are never sent. Each rank then
@@ -48,6 +50,7 @@ one-process matrix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, Union
@@ -217,6 +220,18 @@ def gather_tensor(tensor: Tensor) -> tuple[Tensor, list[int]]:
     return (out.bool() if tensor.dtype == torch.bool else out), [s[0] for s in shapes]
 
 
+def gather_image_batch(images: Any) -> Any:
+    """Every rank's :class:`~sgfused.data.batch.ImageBatch` in one, in rank order (tensors, then scene graphs)."""
+    parts = {}
+    for field in dataclasses.fields(images):
+        value = getattr(images, field.name)
+        if isinstance(value, Tensor):
+            parts[field.name] = gather_tensor(value)[0]
+        elif value is not None:
+            parts[field.name] = [item for rank_items in gather_objects(value) for item in rank_items]
+    return dataclasses.replace(images, **parts)
+
+
 def gather_encoding(encoding: Encoding) -> Encoding:
     """:func:`gather_tensor` of an encoding, part by part for a tuple encoding."""
     if isinstance(encoding, tuple):
@@ -236,7 +251,10 @@ def global_batch_loss(model: nn.Module, batch: Any) -> Tensor:
     """
     from .models.similarity_common import collect_running_stats, update_running_stats
 
-    images = gather_encoding(model.encode_images(batch.images))
+    if model.image_batch_statistics:  # every rank encodes every image: the statistics span the global batch
+        images = model.encode_images(gather_image_batch(batch.images))
+    else:
+        images = gather_encoding(model.encode_images(batch.images))
     img_ids, sizes = gather_tensor(batch.images.index)
     with collect_running_stats() as pending:
         columns = model.similarity(images, model.encode_captions(batch.captions))  # (N, own captions)

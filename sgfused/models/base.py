@@ -35,6 +35,9 @@ class RetrievalModel(nn.Module):
     # True (set by the trainer under torchrun): loss() is this rank's share of the global batch's loss,
     # with the hardest negatives taken over every rank's pairs (sgfused.distributed.global_batch_loss)
     global_negatives: bool = False
+    # True: encode_images normalises over the batch's images in training (BatchNorm), so under torchrun
+    # each rank encodes the whole global batch's images rather than gathering encodings of its shard
+    image_batch_statistics: bool = False
     reference: bool = False  # True: every sgfused.ops call runs on the reference backend
     registry_name: str = ""
     # Optional dataset parts the model reads: any of "boxes", "image_graphs", "caption_graphs".

@@ -327,6 +327,7 @@ class MPSM(RetrievalModel):
     """
 
     data_requirements = ("boxes", "caption_graphs")
+    image_batch_statistics = True  # the image self-attention's BatchNorms (sgfused.distributed)
     _version = 2  # 2: Eq. 1's softmax leaves the node itself out, Eq. 5 is scaled (module doc); 1 read neither
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
