@@ -6,6 +6,8 @@
     sgfused train --model NAME --data DIR [--config F]   train (resumes from --out/last.pt)
     sgfused eval CKPT --data DIR --split test            R@K, median/mean rank, rSum (--fold5 for COCO)
     sgfused eval-ensemble SIMS...                        average saved similarity matrices, then evaluate
+    sgfused index CKPT --data DIR --split S --out INDEX  encode a split once for search (memory-mapped)
+    sgfused search INDEX --caption TEXT | --image N      top-K by caption or image (--shortlist K', --explain, --html)
     sgfused info                                         what was compiled, which backends run here
 
 Errors a user can fix (a missing file, a bad option, a mismatched vocabulary)
@@ -297,6 +299,18 @@ def _report(results: dict, sims, data: Path | None, split: str | None, captions_
         write_json(json_path, {**results, "twin_accuracy": accuracy} if accuracy else results)
 
 
+def cmd_index(args: argparse.Namespace) -> None:
+    from .retrieval.commands import run_index
+
+    run_index(args)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .retrieval.commands import run_search
+
+    run_search(args)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -397,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--fold5", action="store_true",
                      help="also report the COCO 5-fold 1K average (the matrices must be the 5K test split)")
     ens.add_argument("--json", help="write the results as JSON")
+
+    from .retrieval.commands import add_arguments as add_retrieval_arguments
+
+    add_retrieval_arguments(_add(sub, "index", cmd_index, "encode a split once into an index for `sgfused search`"),
+                            _add(sub, "search", cmd_search, "search an index by caption or image; --explain shows why"))
 
     _add(sub, "info", cmd_info, "build information: compiled backends, torch, triton, models")
     return parser

@@ -1,0 +1,178 @@
+"""Search an index by caption (text -> image) or by one of its images (image -> text), in one or two stages.
+
+Exhaustive search scores the query against every gallery item with the model's full
+(fused) similarity, in chunks of ``chunk`` items. Two-stage search first keeps the
+``shortlist`` items whose global vectors (:mod:`sgfused.retrieval.pooled`) have the
+highest dot product with the query's, then re-ranks only those with the full score.
+Either way the hits are ordered by the full score, ties by item index, and each carries
+its shortlist score too.
+
+A caption query is tokenised as the split's captions were (:func:`sgfused.data.vocab.tokenize`)
+and encoded with the checkpoint's vocabulary; words outside it become ``<unk>`` and are
+reported; a caption with no known word is refused. SGM reads a caption graph: a typed
+query gets one without relations (its relation-level score then compares the sentence's
+final state), since parsing needs spaCy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..data.batch import CaptionBatch
+from ..data.vocab import tokenize
+from .explain import WordAlignment, explain_pair
+from .index import GalleryIndex
+from . import pooled
+
+
+@dataclass
+class Hit:
+    """One result: ``item`` is an image index (text -> image) or a caption index (image -> text)."""
+
+    rank: int
+    item: int
+    score: float
+    shortlist_score: float
+    image: int
+    caption: str | None = None
+    alignment: list[WordAlignment] | None = None
+
+
+@dataclass
+class SearchResult:
+    """A query and its hits, with how they were found (``stage``: "exhaustive" or "two-stage (faiss|torch)")."""
+
+    direction: str  # "t2i" or "i2t"
+    query: dict[str, Any]
+    hits: list[Hit]
+    stage: str
+    shortlist: int | None
+    gallery_size: int
+    unknown_words: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _bare_caption_graph(tokens: list[str]) -> dict[str, list]:
+    """A caption graph without objects or relations for a typed query (see the module doc)."""
+    return {"tokens": list(tokens), "heads": [-1] * len(tokens), "objects": [], "attributes": [], "relations": []}
+
+
+class Searcher:
+    """Queries one index with the checkpoint that built it (checked on construction)."""
+
+    def __init__(self, index: GalleryIndex | str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                 *, device: str | torch.device = "cpu", use_faiss: bool | None = None, chunk: int = 1024) -> None:
+        self.index = index if isinstance(index, GalleryIndex) else GalleryIndex.open(index)
+        self.model, self.vocab = self.index.load_model(checkpoint)
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.use_faiss, self.chunk = use_faiss, chunk
+
+    # ------------------------------------------------------------------ queries
+    def encode_caption(self, text: str) -> tuple[Any, list[str], list[bool]]:
+        """The encoding of a typed caption, its tokens and which of them the vocabulary knows."""
+        tokens = tokenize(text)
+        known = [token in self.vocab.word2idx for token in tokens]
+        if not any(known):
+            shown = " ".join(tokens) if tokens else "(no words)"
+            raise ValueError(
+                f"--caption {text!r}: none of its words is in the checkpoint's vocabulary of {len(self.vocab)} words "
+                f"(unknown: {shown})"
+            )
+        ids = torch.tensor([self.vocab.encode(tokens)], dtype=torch.int64)
+        needs_graph = "caption_graphs" in type(self.model).data_requirements
+        batch = CaptionBatch(ids, torch.tensor([ids.shape[1]]), torch.zeros(1, dtype=torch.int64),
+                             torch.zeros(1, dtype=torch.int64), [_bare_caption_graph(tokens)] if needs_graph else None)
+        with torch.no_grad():
+            return self.model.encode_captions(batch.to(self.device)), tokens, known
+
+    @torch.no_grad()
+    def by_caption(self, text: str, top: int = 10, shortlist: int | None = None, explain: bool = False) -> SearchResult:
+        """The ``top`` images for caption ``text``."""
+        self._check_counts(top, shortlist, self.index.n_images, "images")
+        encoding, tokens, known = self.encode_caption(text)
+        vector = pooled.caption_vectors(self.model, self.index.model_name, encoding)[0].cpu()
+        rows, coarse, stage = self._candidates(vector, "image", shortlist)
+        scores = self._score_images(rows, encoding)
+        hits = self._ranked(rows, scores, coarse, top, "image")
+        if explain:
+            for hit in hits:
+                hit.alignment = explain_pair(self.model, self.index, hit.image, self._stored("image", [hit.image]),
+                                             encoding, tokens, known)
+        unknown = [t for t, k in zip(tokens, known) if not k]
+        return SearchResult("t2i", {"caption": text, "tokens": tokens}, hits, stage, shortlist, self.index.n_images, unknown)
+
+    @torch.no_grad()
+    def by_image(self, image: int, top: int = 10, shortlist: int | None = None, explain: bool = False) -> SearchResult:
+        """The ``top`` captions for image ``image`` of the index."""
+        if isinstance(image, bool) or not isinstance(image, int) or not 0 <= image < self.index.n_images:
+            raise ValueError(f"--image must be an image index in [0, {self.index.n_images}) of the index, got {image!r}")
+        self._check_counts(top, shortlist, self.index.n_captions, "captions")
+        encoding = self._stored("image", [image])
+        vector = self.index.vectors["image"][image]
+        rows, coarse, stage = self._candidates(vector, "caption", shortlist)
+        scores = self._score_captions(rows, encoding)
+        hits = self._ranked(rows, scores, coarse, top, "caption")
+        cpi = self.index.manifest["captions_per_image"]
+        for hit in hits:
+            hit.image, hit.caption = hit.item // cpi, self.index.captions[hit.item]
+            if explain:
+                tokens = tokenize(hit.caption)
+                hit.alignment = explain_pair(self.model, self.index, image, encoding,
+                                             self._stored("caption", [hit.item]), tokens,
+                                             [t in self.vocab.word2idx for t in tokens])
+        return SearchResult("i2t", {"image": image}, hits, stage, shortlist, self.index.n_captions)
+
+    # ------------------------------------------------------------------ stages
+    def _check_counts(self, top: int, shortlist: int | None, size: int, what: str) -> None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= size:
+            raise ValueError(f"--top must be in [1, {size}] (the index holds {size} {what}), got {top!r}")
+        if shortlist is None:
+            return
+        if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist > size:
+            raise ValueError(f"--shortlist must be at most the {size} {what} of the index, got {shortlist!r}")
+        if shortlist < top:
+            raise ValueError(f"--shortlist ({shortlist}) must be >= --top ({top}): the re-ranking only orders the shortlist")
+
+    def _candidates(self, vector: Tensor, kind: str, shortlist: int | None) -> tuple[Tensor, Tensor, str]:
+        """Gallery rows to score fully (ascending) and their shortlist scores; all rows without a shortlist."""
+        gallery = self.index.vectors[kind]
+        if shortlist is None:
+            return torch.arange(gallery.shape[0]), gallery @ vector, "exhaustive"
+        use_faiss = pooled.faiss_available() if self.use_faiss is None else self.use_faiss
+        coarse, rows = pooled.shortlist(vector, gallery, shortlist, use_faiss)
+        order = torch.argsort(rows)
+        return rows[order], coarse[order], f"two-stage ({'faiss' if use_faiss else 'torch'})"
+
+    def _stored(self, kind: str, rows: Any) -> Any:
+        encoding = self.index.encoding(kind, rows)
+        if isinstance(encoding, tuple):
+            return tuple(part.to(self.device) for part in encoding)
+        return encoding.to(self.device)
+
+    def _score_images(self, rows: Tensor, caption: Any) -> Tensor:
+        """Full scores of the caption against image ``rows``, ``chunk`` images per similarity call."""
+        blocks = [self.model.similarity(self._stored("image", rows[i : i + self.chunk]), caption)[:, 0].float().cpu()
+                  for i in range(0, len(rows), self.chunk)]
+        return torch.cat(blocks)
+
+    def _score_captions(self, rows: Tensor, image: Any) -> Tensor:
+        """Full scores of the image against caption ``rows``, ``chunk`` captions per similarity call."""
+        blocks = [self.model.similarity(image, self._stored("caption", rows[i : i + self.chunk]))[0].float().cpu()
+                  for i in range(0, len(rows), self.chunk)]
+        return torch.cat(blocks)
+
+    def _ranked(self, rows: Tensor, scores: Tensor, coarse: Tensor, top: int, kind: str) -> list[Hit]:
+        """The ``top`` best of ``rows`` (ascending) by full score; ``torch.sort`` is stable, so ties keep index order."""
+        order = torch.sort(scores, descending=True, stable=True).indices[:top]
+        return [Hit(rank + 1, int(rows[j]), float(scores[j]), float(coarse[j]), int(rows[j]) if kind == "image" else -1)
+                for rank, j in enumerate(order.tolist())]
