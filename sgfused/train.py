@@ -240,12 +240,12 @@ class Trainer:
         if self.pairs_per_epoch == 0 and self.world.size > 1:
             raise ValueError(f"the training split has {len(train)} pairs, fewer than the {self.world.size} processes")
         self.batches_per_epoch = math.ceil(self.pairs_per_epoch / self.global_batch)
-        self._loss = self.model.loss
+        self._ddp: Optional[torch.nn.parallel.DistributedDataParallel] = None
         if self.world.size > 1:
             self.model.global_negatives = True
             # DDP averages the ranks' gradients; GlobalBatchLoss scales each share so the average is the
             # gradient of the global batch's loss. Some parameters get no gradient (SGRAF's graph_key_w.bias).
-            self._loss = torch.nn.parallel.DistributedDataParallel(
+            self._ddp = torch.nn.parallel.DistributedDataParallel(
                 GlobalBatchLoss(self.model, self.world),
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
@@ -401,7 +401,7 @@ class Trainer:
         self.model.max_violation = self.max_violation
         batch = batch.to(self.device)
         with self._autocast():
-            loss = self._loss(batch)
+            loss = self.model.loss(batch) if self._ddp is None else self._ddp(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.grad_clip > 0:
