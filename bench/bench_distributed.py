@@ -15,6 +15,7 @@ Usage: python bench/bench_distributed.py [--quick]   (CPU only; results in bench
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import statistics
 import sys
@@ -26,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, train_step, write  # noqa: E402
+from harness import RESULTS, Row, train_step  # noqa: E402
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch  # noqa: E402
 from sgfused.distributed import GlobalBatchLoss, World, shard_bounds  # noqa: E402
@@ -159,8 +160,19 @@ def run(quick: bool) -> list[Row]:
     return rows
 
 
+def write_csv(rows: list[Row], quick: bool) -> str:
+    """bench/results/distributed_cpu[_quick].csv (no plot: two rows per case, and no memory column to draw)."""
+    path = os.path.join(RESULTS, f"{OP}_cpu{'_quick' if quick else ''}.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(vars(rows[0])))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in vars(row).items()})
+    return path
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, two steps (smoke run)")
     args = parser.parse_args()
-    print("wrote", write(OP, run(args.quick), torch.device("cpu"), args.quick))
+    print("wrote", write_csv(run(args.quick), args.quick))
