@@ -327,3 +327,29 @@ def test_world_config_is_honoured(tmp_path):
 def test_invalid_arguments_raise(tmp_path, kwargs):
     with pytest.raises(ValueError):
         generate(tmp_path, 40, feature_dim=4, progress=False, **kwargs)
+
+
+def test_hard_setting_twins_share_region_features_and_differ_in_layout(tmp_path):
+    # relations only in boxes and graphs: a relation twin has its base's features bit for bit, an attribute
+    # twin differs in the changed object's region only; union-box features are the pair's mean
+    generate(tmp_path, 400, seed=0, feature_dim=16, world=WorldConfig(setting="hard", distractor_fraction=0.5), progress=False)
+    features, boxes = np.load(tmp_path / "test_ims.npy"), np.load(tmp_path / "test_ims_bbx.npy")
+    relation_features = np.load(tmp_path / "test_ims_rels.npy")
+    graphs = json.loads((tmp_path / "test_ims_graphs.json").read_text())
+    records = json.loads((tmp_path / "test_distractors.json").read_text())
+    assert {r["differs"] for r in records} == {"attribute", "direction", "predicate"}
+    for r in records:
+        twin, base, n = r["image"], r["twin_of"], len(graphs[r["image"]]["labels"])
+        changed = np.nonzero(np.abs(features[twin] - features[base]).sum(1))[0].tolist()
+        assert changed == ([r["object"]] if r["differs"] == "attribute" else [])
+        assert np.array_equal(boxes[twin, n:], boxes[base, n:])  # background boxes shared
+        if r["differs"] != "attribute":
+            assert not np.array_equal(boxes[twin, :n], boxes[base, :n])  # the objects laid out anew
+    for i, graph in enumerate(graphs):
+        for k, (s, _, o) in enumerate(graph["rels"]):
+            np.testing.assert_allclose(relation_features[i, k], (features[i, s] + features[i, o]) / 2, rtol=1e-6)
+
+
+def test_unknown_setting_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="setting must be one of"):
+        generate(tmp_path, 40, feature_dim=4, world=WorldConfig(setting="medium"), progress=False)

@@ -37,6 +37,19 @@ region is ``proto(predicate) + 0.5 * (proto(subject class) - proto(object class)
 noise, and a background region is unit-variance noise. Features are synthesised in chunks of
 images straight into a memory-mapped ``.npy``, so a split never has to fit in memory.
 
+Settings (``WorldConfig.setting``). ``"easy"`` (the default, what the demo recipes use) is
+the above. ``"hard"`` shows a relation only where a real detector would: in the boxes and
+in the visual scene graph. There are no relation regions (regions after the objects are
+background); the union-box features of ``{split}_ims_rels.npy`` are the mean of the two
+object regions (both objects' appearance, no predicate, the same either way round); and a
+twin has its base image's region features bit for bit (an attribute twin differs only in
+the changed object's attribute prototype, same noise) and its base's background boxes,
+while its objects are laid out anew for the changed relation. So a model that reads only
+region features (VSE++, SGRAF) gets the same image encoding for the two images of a
+relation twin: it scores them alike (ties count half in :mod:`sgfused.twins`) and sits at
+50% by construction; the attribute twins stay visible to it (the control). Boxes (MPSM,
+CMSEI) and scene graphs (SGFN, SGM, CMSEI) carry the relation.
+
 Captions. Lowercase alphabetic words separated by single spaces (so every tokenizer agrees
 with ``caption.split()``), built from a few templates over a subset of the scene ("a red dog
 to the left of a small car", "there is a man holding a blue cup", "the cat is below the big
@@ -67,6 +80,7 @@ from tqdm import tqdm
 from .vocab import Vocabulary
 
 SPLITS = ("train", "dev", "test")
+SETTINGS = ("easy", "hard")  # see the module docstring, "Settings"
 CAPTIONS_PER_IMAGE = 5
 
 Box = tuple[float, float, float, float]
@@ -159,6 +173,8 @@ class WorldConfig:
       (prototype elements have std 1).
     - ``distractor_fraction``: fraction of the images of each split that are twins of
       another image of the split (at most half of it).
+    - ``setting``: ``"easy"`` (relation regions carry the predicate) or ``"hard"`` (relations
+      only in boxes and the visual graph; twins share their region features); module doc.
     """
 
     n_classes: int = 30
@@ -170,6 +186,7 @@ class WorldConfig:
     attribute_weight: float = 0.5
     noise: float = 0.5
     distractor_fraction: float = 0.2
+    setting: str = "easy"
 
     def validate(self, n_regions: int) -> None:
         """Raise ValueError for parameters no world can satisfy."""
@@ -183,6 +200,7 @@ class WorldConfig:
             (high + min(rel_high, high - 1) <= n_regions, f"{n_regions} regions cannot hold the objects and relations"),
             (0.0 <= self.distractor_fraction <= 0.5, "distractor_fraction must be in [0, 0.5]"),
             (self.noise >= 0.0, "noise must be >= 0"),
+            (self.setting in SETTINGS, f"setting must be one of {SETTINGS}, got {self.setting!r}"),
         )
         for ok, message in checks:
             if not ok:
@@ -621,14 +639,15 @@ def _union(a: Box, b: Box) -> Box:
     return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
 
 
-def _region_boxes(scenes: list[_Scene], n_regions: int, rng: np.random.Generator) -> np.ndarray:
-    """(N, n_regions, 4) float32 pixel boxes: objects, relation unions, then random background boxes."""
+def _region_boxes(scenes: list[_Scene], n_regions: int, rng: np.random.Generator, relation_regions: bool = True) -> np.ndarray:
+    """(N, n_regions, 4) float32 pixel boxes: objects, relation unions (``relation_regions``), then random background boxes."""
     sizes = np.array([s.size for s in scenes], dtype=np.float64)[:, None, :]
     corner = rng.random((len(scenes), n_regions, 2)) * 0.8 * sizes
     extent = (0.1 + 0.5 * rng.random((len(scenes), n_regions, 2))) * sizes
     boxes = np.round(np.concatenate([corner, np.minimum(corner + extent, sizes)], axis=2), 1)
     for b, scene in enumerate(scenes):
-        structured = scene.boxes + [_union(scene.boxes[s], scene.boxes[o]) for s, _, o in scene.relations]
+        unions = [_union(scene.boxes[s], scene.boxes[o]) for s, _, o in scene.relations] if relation_regions else []
+        structured = scene.boxes + unions
         boxes[b, : len(structured)] = structured
     return boxes.astype(np.float32)
 
@@ -642,6 +661,9 @@ def _feature_recipe(world: _World, scenes: list[_Scene]) -> tuple[np.ndarray, np
         for i, (label, attrs) in enumerate(zip(scene.labels, scene.attributes)):
             entries.append((b, i, label, 1.0))
             entries.extend((b, i, n_classes + a, world.config.attribute_weight) for a in attrs)
+        if world.config.setting == "hard":  # no relation regions (module doc, "Settings")
+            used[b] = len(scene.labels)
+            continue
         for k, (s, p, o) in enumerate(scene.relations):
             region = len(scene.labels) + k
             entries.extend([(b, region, n_classes + n_attributes + p, 1.0), (b, region, scene.labels[s], 0.5), (b, region, scene.labels[o], -0.5)])
@@ -682,11 +704,34 @@ def _write_relation_features(path: Path, features_path: Path, scenes: list[_Scen
     for start in range(0, len(scenes), chunk):
         block = np.zeros((min(chunk, len(scenes) - start), width, features.shape[2]), dtype=np.float32)
         for b, scene in enumerate(scenes[start : start + chunk]):
+            if config.setting == "hard":  # what the pair's union box shows: both objects, no predicate
+                ends = np.array([[s, o] for s, _, o in scene.relations]).reshape(-1, 2)
+                block[b, : len(scene.relations)] = (features[start + b, ends[:, 0]] + features[start + b, ends[:, 1]]) / 2
+                continue
             first = len(scene.labels)
             block[b, : len(scene.relations)] = features[start + b, first : first + len(scene.relations)]
         out[start : start + len(block)] = block
     out.flush()
     del out
+
+
+def _share_twin_features(features_path: Path, world: _World, distractors: list[dict[str, Any]], prototypes: np.ndarray) -> None:
+    """Hard setting: every twin gets its base image's region features.
+
+    An attribute twin's changed object keeps the base's noise, with the new attribute's
+    prototype in place of the old one; every other region is the base's, bit for bit.
+    """
+    features = np.load(features_path, mmap_mode="r+")
+    names = [name for name, _ in world.attributes]
+    for record in distractors:
+        twin, base = record["image"], record["twin_of"]
+        features[twin] = features[base]
+        if record["differs"] == "attribute":
+            i, old, new = record["object"], names.index(record["before"]), names.index(record["after"])
+            shift = world.config.attribute_weight * (prototypes[len(world.classes) + new] - prototypes[len(world.classes) + old])
+            features[twin, i] += shift.astype(np.float32)
+    features.flush()
+    del features
 
 
 def _dump_json(path: Path, value: Any, indent: int | None = None) -> None:
@@ -719,9 +764,17 @@ def _write_split(
     _dump_json(out / f"{split}_ims_graphs.json", [_visual_graph(world, s) for s in scenes])
     _dump_json(out / f"{split}_distractors.json", distractors, indent=1)
     np.save(out / f"{split}_ims_size.npy", np.array([s.size for s in scenes], dtype=np.float32))
-    np.save(out / f"{split}_ims_bbx.npy", _region_boxes(scenes, n_regions, np.random.Generator(np.random.PCG64(box_seed))))
+    hard = world.config.setting == "hard"
+    boxes = _region_boxes(scenes, n_regions, np.random.Generator(np.random.PCG64(box_seed)), relation_regions=not hard)
+    if hard:  # a twin's background boxes are its base's: only the objects' layout differs
+        for record in distractors:
+            first = len(scenes[record["image"]].labels)
+            boxes[record["image"], first:] = boxes[record["twin_of"], first:]
+    np.save(out / f"{split}_ims_bbx.npy", boxes)
     feature_rng = np.random.Generator(np.random.PCG64(feature_seed))
     _write_features(out / f"{split}_ims.npy", world, scenes, prototypes, feature_rng, n_regions, bar)
+    if hard:
+        _share_twin_features(out / f"{split}_ims.npy", world, distractors, prototypes)
     _write_relation_features(out / f"{split}_ims_rels.npy", out / f"{split}_ims.npy", scenes, world.config)
     return texts, len(distractors)
 
