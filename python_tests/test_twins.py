@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sgfused.evaluate import retrieval_metrics
-from sgfused.twins import load_distractors, twin_accuracy, twin_results
+from sgfused.twins import load_distractors, twin_accuracy, twin_results, wilson_interval
 
 
 def _sims() -> torch.Tensor:
@@ -29,17 +29,31 @@ RECORDS = [
 ]
 
 
-def test_twin_accuracy_counts_strict_wins_both_ways():
+def test_twin_accuracy_counts_wins_and_half_ties_both_ways():
     relation = twin_accuracy(_sims(), torch.tensor([[1, 0]]), 2)
-    # text->image: image 0's captions won by image 0 (1.0 > 0.5); image 1's captions tie (0.9 = 0.9): lost
-    assert relation["t2i"] == pytest.approx(50.0)
+    # text->image: image 0's captions won by image 0 (1.0 > 0.5); image 1's captions tie (0.9 = 0.9): half each
+    assert relation["t2i"] == pytest.approx(75.0) and relation["t2i_trials"] == 4
     # image->text: image 1's best own caption (0.9) vs image 0's captions (0.5): won; image 0: 1.0 > 0.9 won
-    assert relation["i2t"] == pytest.approx(100.0) and relation["pairs"] == 1
+    assert relation["i2t"] == pytest.approx(100.0) and relation["pairs"] == 1 and relation["i2t_trials"] == 2
     attribute = twin_accuracy(_sims(), torch.tensor([[3, 2]]), 2)
     assert attribute["t2i"] == pytest.approx(50.0)  # image 3 wins its own captions, loses image 2's
     # image->text: image 2 scores its own best 0.2 > 0.0 on image 3's captions (won);
-    # image 3 scores 0.7 on its own captions and on image 2's (a tie: lost)
-    assert attribute["i2t"] == pytest.approx(50.0)
+    # image 3 scores 0.7 on its own captions and on image 2's (a tie: half)
+    assert attribute["i2t"] == pytest.approx(75.0)
+
+
+def test_identical_twin_images_score_chance():
+    sims = torch.tensor([[0.3, 0.8, 0.1, 0.4], [0.3, 0.8, 0.1, 0.4]])  # two images with one encoding
+    accuracy = twin_accuracy(sims, torch.tensor([[1, 0]]), 2)
+    assert accuracy["t2i"] == pytest.approx(50.0) and accuracy["i2t"] == pytest.approx(50.0)
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(50.0, 100)
+    assert low == pytest.approx(40.38, abs=0.01) and high == pytest.approx(59.62, abs=0.01)  # textbook values
+    assert wilson_interval(100.0, 10)[1] == pytest.approx(100.0) and wilson_interval(100.0, 10)[0] < 100.0
+    with pytest.raises(ValueError, match="trials must be >= 1, got 0"):
+        wilson_interval(50.0, 0)
 
 
 def test_twin_results_rows_are_metrics_of_the_subsets():
