@@ -58,11 +58,12 @@ def _load_json(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from .data.synthetic import generate
+    from .data.synthetic import WorldConfig, generate
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out {args.out} is an existing file; synth writes a dataset folder")
-    summary = generate(args.out, args.images, args.seed, feature_dim=args.feature_dim, progress=not args.quiet)
+    world = WorldConfig(setting=args.setting, distractor_fraction=args.twin_fraction)
+    summary = generate(args.out, args.images, args.seed, feature_dim=args.feature_dim, world=world, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
 
 
@@ -349,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--images", type=int, required=True, help="number of images (all splits)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--feature-dim", type=int, default=2048, help="region feature size (2048 like bottom-up features)")
+    synth.add_argument("--setting", choices=("easy", "hard"), default="easy",
+                       help="hard: relations only in boxes and visual graphs, twins share region features (README, Data)")
+    synth.add_argument("--twin-fraction", type=float, default=0.2, help="fraction of each split's images that are twins (<= 0.5)")
     vocab = _add(data_sub, "vocab", cmd_data_vocab, "build vocab.json from the captions of the given splits")
     vocab.add_argument("--data", required=True, help="dataset folder ({split}_caps.txt)")
     vocab.add_argument("--splits", nargs="+", default=["train", "dev"])
