@@ -70,7 +70,7 @@ def add_arguments(index: argparse.ArgumentParser, search: argparse.ArgumentParse
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--caption", help="text -> image: the images that best match this caption")
     query.add_argument("--image", type=int, help="image -> text: the captions that best match image N of the index")
-    search.add_argument("--top", type=int, default=10, help="hits to show (default 10)")
+    search.add_argument("--top", type=int, help="hits to show (default 10, or fewer when the gallery or K' is smaller)")
     search.add_argument("--shortlist", type=int, metavar="K'",
                         help="two stages: keep the K' best by the global vectors, re-rank them with the full score "
                              "(default: score the whole gallery)")

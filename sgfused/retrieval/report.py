@@ -1,9 +1,9 @@
 """Search results for people: a fixed-width table, JSON, and a self-contained HTML page.
 
 The HTML page has no external asset (no script, stylesheet, font or image link): one
-inline ``<style>`` and, per hit, an inline SVG drawing the image frame with the boxes of
-the regions each caption word attended to, in that word's colour, next to the list of
-words and their regions. It opens from a file, offline, in any browser.
+inline ``<style>`` and, per hit, an inline SVG drawing the image frame with the box of
+the region each caption word attended to most, in that word's colour (hover: word, region,
+weight), next to the list of words and all their listed regions. It opens from a file, offline, in any browser.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _svg(hit: Hit, size: tuple[float, float] | None) -> str:
     shapes = [f'<rect class="frame" x="0" y="0" width="{width}" height="{height}"/>']
     for number, word in enumerate(hit.alignment or []):
         colour = PALETTE[number % len(PALETTE)]
-        for region in word.regions:
+        for region in word.regions[:1]:  # the strongest region: more boxes per word would hide the image
             if region.box is None:
                 continue
             x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in region.box)
@@ -103,6 +103,7 @@ def _words(hit: Hit) -> str:
 _STYLE = """
 body { font: 14px sans-serif; margin: 1.5em; color: #222; }
 .hit { display: flex; gap: 1.5em; margin: 1em 0; padding: 1em; border: 1px solid #ccc; border-radius: 6px; }
+.hit svg { flex: none; }
 .frame { fill: #f4f4f4; stroke: #999; }
 .box { fill: none; stroke-width: 2.5; }
 svg text { font: 10px sans-serif; }

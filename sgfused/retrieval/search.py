@@ -30,6 +30,9 @@ from .index import GalleryIndex
 from . import pooled
 
 
+DEFAULT_TOP = 10
+
+
 @dataclass
 class Hit:
     """One result: ``item`` is an image index (text -> image) or a caption index (image -> text)."""
@@ -96,9 +99,9 @@ class Searcher:
             return self.model.encode_captions(batch.to(self.device)), tokens, known
 
     @torch.no_grad()
-    def by_caption(self, text: str, top: int = 10, shortlist: int | None = None, explain: bool = False) -> SearchResult:
-        """The ``top`` images for caption ``text``."""
-        self._check_counts(top, shortlist, self.index.n_images, "images")
+    def by_caption(self, text: str, top: int | None = None, shortlist: int | None = None, explain: bool = False) -> SearchResult:
+        """The ``top`` images for caption ``text`` (default :data:`DEFAULT_TOP`, or all when the gallery is smaller)."""
+        top = self._check_counts(top, shortlist, self.index.n_images, "images")
         encoding, tokens, known = self.encode_caption(text)
         vector = pooled.caption_vectors(self.model, self.index.model_name, encoding)[0].cpu()
         rows, coarse, stage = self._candidates(vector, "image", shortlist)
@@ -112,11 +115,11 @@ class Searcher:
         return SearchResult("t2i", {"caption": text, "tokens": tokens}, hits, stage, shortlist, self.index.n_images, unknown)
 
     @torch.no_grad()
-    def by_image(self, image: int, top: int = 10, shortlist: int | None = None, explain: bool = False) -> SearchResult:
-        """The ``top`` captions for image ``image`` of the index."""
+    def by_image(self, image: int, top: int | None = None, shortlist: int | None = None, explain: bool = False) -> SearchResult:
+        """The ``top`` captions for image ``image`` of the index (default as :meth:`by_caption`)."""
         if isinstance(image, bool) or not isinstance(image, int) or not 0 <= image < self.index.n_images:
             raise ValueError(f"--image must be an image index in [0, {self.index.n_images}) of the index, got {image!r}")
-        self._check_counts(top, shortlist, self.index.n_captions, "captions")
+        top = self._check_counts(top, shortlist, self.index.n_captions, "captions")
         encoding = self._stored("image", [image])
         vector = self.index.vectors["image"][image]
         rows, coarse, stage = self._candidates(vector, "caption", shortlist)
@@ -133,15 +136,20 @@ class Searcher:
         return SearchResult("i2t", {"image": image}, hits, stage, shortlist, self.index.n_captions)
 
     # ------------------------------------------------------------------ stages
-    def _check_counts(self, top: int, shortlist: int | None, size: int, what: str) -> None:
+    def _check_counts(self, top: int | None, shortlist: int | None, size: int, what: str) -> int:
+        """``top`` (its default filled in) after checking it and ``shortlist`` against a gallery of ``size``."""
+        if shortlist is not None and (isinstance(shortlist, bool) or not isinstance(shortlist, int)
+                                      or not 1 <= shortlist <= size):
+            raise ValueError(f"--shortlist must be in [1, {size}] (the index holds {size} {what}), got {shortlist!r}")
+        if top is None:
+            top = min(DEFAULT_TOP, size if shortlist is None else shortlist)
         if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= size:
             raise ValueError(f"--top must be in [1, {size}] (the index holds {size} {what}), got {top!r}")
         if shortlist is None:
-            return
-        if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist > size:
-            raise ValueError(f"--shortlist must be at most the {size} {what} of the index, got {shortlist!r}")
+            return top
         if shortlist < top:
             raise ValueError(f"--shortlist ({shortlist}) must be >= --top ({top}): the re-ranking only orders the shortlist")
+        return top
 
     def _candidates(self, vector: Tensor, kind: str, shortlist: int | None) -> tuple[Tensor, Tensor, str]:
         """Gallery rows to score fully (ascending) and their shortlist scores; all rows without a shortlist."""

@@ -1,0 +1,258 @@
+"""sgfused.retrieval: the index, one- and two-stage search, explanations, the report, and the CLI's errors.
+
+Tiny untrained models on a tiny synthetic split: what is tested is that search returns what
+the model's own full scores and global vectors say, not that the model is good.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sgfused.checkpoint import save_checkpoint
+from sgfused.cli import main
+from sgfused.data.precomp import PrecompSplit, caption_loader, image_loader
+from sgfused.data.synthetic import generate
+from sgfused.data.vocab import Vocabulary
+from sgfused.evaluate import similarity_matrix
+from sgfused.models import build_model
+from sgfused.reference import cross_attention, l2norm
+from sgfused.retrieval import GalleryIndex, Searcher, build_index, scan_attention_weights, write_html
+from sgfused.retrieval import pooled
+
+TINY = {
+    "sgraf": {"img_dim": 16, "embed_size": 16, "word_dim": 8, "sim_dim": 8},
+    "sgm": {"img_dim": 16, "embed_size": 16, "word_dim": 8},
+    "vsepp": {"img_dim": 16, "embed_size": 16, "word_dim": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieval_data")
+    generate(root, 60, seed=3, feature_dim=16, progress=False)  # test split: 6 images, 30 captions
+    return root
+
+
+def _checkpoint(path, name, vocab, seed):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model(name, len(vocab), TINY[name])
+    state = {"model_name": name, "model_config": model.build_config, "vocab": vocab.to_dict(), "model": model.state_dict()}
+    save_checkpoint(path, state)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(data, tmp_path_factory):
+    """``{model name: (checkpoint, index folder)}`` for the three supported models."""
+    root = tmp_path_factory.mktemp("retrieval_indexes")
+    vocab = Vocabulary.load(data / "vocab.json")
+    out = {}
+    for seed, name in enumerate(TINY):
+        checkpoint = _checkpoint(root / f"{name}.pt", name, vocab, seed)
+        build_index(checkpoint, data, "test", root / f"index_{name}", batch_size=4, progress=False)
+        out[name] = (checkpoint, root / f"index_{name}")
+    return out
+
+
+def _full_matrix(searcher, data):
+    needs = {part: True for part in type(searcher.model).data_requirements}
+    split = PrecompSplit(data, "test", searcher.vocab, **needs)
+    return similarity_matrix(searcher.model, image_loader(split, 4), caption_loader(split, 4), progress=False)
+
+
+@pytest.mark.parametrize("name", ["sgraf", "sgm"])
+def test_exhaustive_search_gives_the_models_full_scores(built, data, name):
+    """Image -> text from the stored encodings; text -> image from a typed caption (SGRAF: the same encoding as the
+    split's; SGM reads the split's gold caption graphs, a typed query has none, so only its image side is compared)."""
+    searcher = Searcher(built[name][1])
+    sims = _full_matrix(searcher, data)
+    if name == "sgraf":
+        caption = 7
+        result = searcher.by_caption(searcher.index.captions[caption], top=searcher.index.n_images)
+        scores = torch.tensor([hit.score for hit in result.hits])
+        items = [hit.item for hit in result.hits]
+        assert sorted(items) == list(range(searcher.index.n_images))
+        torch.testing.assert_close(scores, sims[items, caption], atol=1e-5, rtol=1e-5)
+        assert torch.all(scores[:-1] >= scores[1:])
+    result = searcher.by_image(2, top=searcher.index.n_captions)
+    items = [hit.item for hit in result.hits]
+    torch.testing.assert_close(torch.tensor([hit.score for hit in result.hits]), sims[2, items], atol=1e-5, rtol=1e-5)
+    assert [hit.image for hit in result.hits] == [item // 5 for item in items]
+
+
+def test_two_stage_reranks_the_global_top_k(built, data):
+    searcher = Searcher(built["sgraf"][1])
+    model = searcher.model
+    split = PrecompSplit(data, "test", searcher.vocab)
+    with torch.no_grad():
+        regions = model.encode_image(torch.stack([split.image(i).features for i in range(split.n_images)]))
+        image_global = model.sim_encoder.v_global_w(regions)
+        ids = split.caption(11).ids[None]
+        words = model.encode_text(ids, torch.tensor([ids.shape[1]]))
+        query_global = model.sim_encoder.t_global_w(words, torch.tensor([ids.shape[1]]))[0]
+    expected = set(torch.topk(image_global @ query_global, 3).indices.tolist())
+    text = searcher.index.captions[11]
+    exhaustive = {hit.item: hit.score for hit in searcher.by_caption(text, top=6).hits}
+    two_stage = searcher.by_caption(text, top=2, shortlist=3)
+    assert two_stage.stage == "two-stage (torch)"
+    assert {hit.item for hit in two_stage.hits} <= expected
+    best_of_shortlist = sorted(expected, key=lambda i: -exhaustive[i])[:2]
+    assert [hit.item for hit in two_stage.hits] == best_of_shortlist
+    for hit in two_stage.hits:
+        assert hit.score == pytest.approx(exhaustive[hit.item], abs=1e-6)
+        assert hit.shortlist_score == pytest.approx(float(image_global[hit.item] @ query_global), abs=1e-5)
+    whole = searcher.by_caption(text, top=6, shortlist=6)
+    assert [h.item for h in whole.hits] == list(exhaustive)
+
+
+def test_vsepp_two_stage_equals_exhaustive_and_is_not_explained(built):
+    searcher = Searcher(built["vsepp"][1])
+    text = searcher.index.captions[4]
+    exhaustive = searcher.by_caption(text, top=4)
+    two_stage = searcher.by_caption(text, top=4, shortlist=5)
+    assert [h.item for h in two_stage.hits] == [h.item for h in exhaustive.hits]
+    assert [h.score for h in exhaustive.hits] == pytest.approx([h.shortlist_score for h in exhaustive.hits], abs=1e-6)
+    with pytest.raises(ValueError, match="--explain needs a model with word-region alignment"):
+        searcher.by_caption(text, top=1, explain=True)
+
+
+def test_scan_attention_weights_give_the_reference_context():
+    generator = torch.Generator().manual_seed(5)
+    words, regions = torch.randn(6, 8, generator=generator), torch.randn(10, 8, generator=generator)
+    weights = scan_attention_weights(words, regions, smooth=9.0)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(6))
+    context = cross_attention(words[None], regions[None], torch.tensor([6]), torch.tensor([10]), smooth=9.0)[0, 0]
+    torch.testing.assert_close(l2norm(weights @ regions), context, atol=1e-5, rtol=1e-5)
+
+
+def test_sgraf_explanation_names_the_attended_regions_with_boxes_and_labels(built, data):
+    searcher = Searcher(built["sgraf"][1])
+    text = searcher.index.captions[0] + " qqqq"
+    result = searcher.by_caption(text, top=1, explain=True)
+    assert result.unknown_words == ["qqqq"]
+    hit = result.hits[0]
+    words = [w.word for w in hit.alignment]
+    assert words == text.split()
+    assert [w.known for w in hit.alignment] == [True] * (len(words) - 1) + [False]
+    with torch.no_grad():
+        regions = searcher.index.encoding("image", [hit.image])[0]
+        encoding, _, _ = searcher.encode_caption(text)
+        weights = scan_attention_weights(encoding[0][0], regions, searcher.model.lambda_softmax)
+    graphs = json.loads((data / "test_ims_graphs.json").read_text())
+    boxes, sizes = np.load(data / "test_ims_bbx.npy"), np.load(data / "test_ims_size.npy")
+    for p, word in enumerate(hit.alignment):
+        assert [r.region for r in word.regions] == torch.topk(weights[p + 1], 3).indices.tolist()
+        for region in word.regions:
+            assert region.weight == pytest.approx(float(weights[p + 1, region.region]), abs=1e-6)
+            w, h = sizes[hit.image]
+            np.testing.assert_allclose(region.box, boxes[hit.image, region.region] / [w, h, w, h], rtol=1e-6)
+            labels = graphs[hit.image]["labels"]
+            assert region.label == (labels[region.region] if region.region < len(labels) else None)
+
+
+def test_sgm_explanation_is_each_words_best_object_node(built):
+    searcher = Searcher(built["sgm"][1])
+    result = searcher.by_image(1, top=2, explain=True)
+    objects, n_objects = searcher.index.encoding("image", [1])[:2]
+    for hit in result.hits:
+        words, n_words = searcher.index.encoding("caption", [hit.item])[:2]
+        cosines = words[0, : int(n_words[0])] @ objects[0, : int(n_objects[0])].t()  # (L, objects)
+        best = cosines.max(dim=1)
+        assert [w.regions[0].region for w in hit.alignment] == best.indices[1:-1].tolist()
+        assert [w.regions[0].weight for w in hit.alignment] == pytest.approx(best.values[1:-1].tolist(), abs=1e-5)
+
+
+class _Tags(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.append(dict(attrs))
+
+
+def test_html_report_is_self_contained_and_draws_each_words_region(built, tmp_path):
+    searcher = Searcher(built["sgraf"][1])
+    result = searcher.by_caption(searcher.index.captions[3] + " <b>", top=2, explain=True)
+    page = tmp_path / "report.html"
+    write_html(page, result, searcher.index.sizes)
+    text = page.read_text()
+    parser = _Tags()
+    parser.feed(text)
+    assert not {"script", "link", "img", "iframe"} & set(parser.tags)
+    assert not any(key in ("src", "href") for attrs in parser.attrs for key in attrs)
+    assert "url(" not in text and "@import" not in text
+    heading = text.split("<h1>")[1].split("</h1>")[0]
+    assert "&lt;b&gt;" in heading and "<b>" not in heading  # the query is escaped
+    drawn = [attrs for tag, attrs in zip(parser.tags, parser.attrs) if tag == "rect" and attrs.get("class") == "box"]
+    assert len(drawn) == sum(len(hit.alignment) for hit in result.hits)  # the strongest region of every word
+
+
+def test_index_refuses_changed_data(built, data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    checkpoint = built["vsepp"][0]
+    build_index(checkpoint, copy, "test", tmp_path / "index", progress=False)
+    lines = (copy / "test_caps.txt").read_text().splitlines()
+    (copy / "test_caps.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match="was built from other data"):
+        GalleryIndex.open(tmp_path / "index")
+
+
+def test_unsupported_model_is_named():
+    with pytest.raises(ValueError, match="retrieval supports the models sgraf, sgm, vsepp; .* 'mpsm'"):
+        pooled.check_supported("mpsm")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _one_line_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"sgfused {argv[0]}: error:"), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_cli_index_and_search_write_table_json_and_html(built, data, tmp_path, capsys):
+    checkpoint, _ = built["sgraf"]
+    index = tmp_path / "index"
+    assert main(["index", str(checkpoint), "--data", str(data), "--split", "test", "--out", str(index), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_images"] == 6
+    out_json, out_html = tmp_path / "hits.json", tmp_path / "hits.html"
+    argv = ["search", str(index), "--caption", "a red cup zzz", "--top", "3", "--shortlist", "4",
+            "--json", str(out_json), "--html", str(out_html)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "two-stage (torch), K' = 4" in printed and "unknown words (read as <unk>): zzz" in printed
+    saved = json.loads(out_json.read_text())
+    assert [hit["rank"] for hit in saved["hits"]] == [1, 2, 3] and saved["unknown_words"] == ["zzz"]
+    assert all(hit["alignment"] for hit in saved["hits"]) and out_html.read_text().startswith("<!DOCTYPE html>")
+    assert main(["search", str(index), "--image", "5", "--top", "2"]) == 0
+    assert "image 5 -> captions (exhaustive, gallery 30)" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line_exit_2(built, data, tmp_path, capsys):
+    checkpoint, index = built["sgraf"]
+    other = _checkpoint(tmp_path / "other.pt", "sgraf", Vocabulary.load(data / "vocab.json"), seed=99)
+    search = ["search", str(index)]
+    _one_line_error(capsys, [*search, "--caption", "a cup", "--checkpoint", str(other)], "built by another checkpoint")
+    _one_line_error(capsys, [*search, "--caption", "qqq zzzz"], "--caption", "none of its words", "qqq zzzz")
+    _one_line_error(capsys, [*search, "--image", "6"], "--image", "[0, 6)", "got 6")
+    _one_line_error(capsys, [*search, "--image", "-1"], "--image", "got -1")
+    _one_line_error(capsys, [*search, "--caption", "a cup", "--top", "5", "--shortlist", "3"],
+                    "--shortlist (3) must be >= --top (5)")
+    _one_line_error(capsys, [*search, "--caption", "a cup", "--top", "7"], "--top must be in [1, 6]", "got 7")
+    _one_line_error(capsys, ["search", str(tmp_path), "--caption", "a cup"], "has no manifest.json")
+    _one_line_error(capsys, ["index", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "x"), "--batch-size", "0"],
+                    "--batch-size must be >= 1, got 0")
