@@ -55,14 +55,7 @@ def global_batch(n: int, regions: int, img_dim: int) -> PairBatch:
 
 
 def shard(batch: PairBatch, world: World) -> PairBatch:
-    start, stop = shard_bounds(batch.images.index.numel(), world)
-    images, captions = batch.images, batch.captions
-    lengths = captions.lengths[start:stop]
-    return PairBatch(
-        ImageBatch(images.features[start:stop], images.index[start:stop]),
-        CaptionBatch(captions.ids[start:stop, : int(lengths.max())], lengths, captions.index[start:stop],
-                     captions.image_index[start:stop]),
-    )
+    return batch.rows(*shard_bounds(batch.images.index.numel(), world))
 
 
 def model_for(case: str, quick: bool) -> torch.nn.Module:

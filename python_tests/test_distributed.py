@@ -133,17 +133,6 @@ def _global_batch(name: str) -> PairBatch:
     return PairBatch(ImageBatch(per_image[ids], ids), CaptionBatch(tokens, lengths, torch.arange(len(ids)), ids))
 
 
-def _shard(batch: PairBatch, start: int, stop: int) -> PairBatch:
-    """Rows start:stop, captions padded to the shard's own longest (as the loader pads them)."""
-    images, captions = batch.images, batch.captions
-    lengths = captions.lengths[start:stop]
-    return PairBatch(
-        ImageBatch(images.features[start:stop], images.index[start:stop]),
-        CaptionBatch(captions.ids[start:stop, : int(lengths.max())], lengths, captions.index[start:stop],
-                     captions.image_index[start:stop]),
-    )
-
-
 def _step_job(rank: int, name: str, raw_images: bool) -> dict:
     model = _model(name)
     world = World(rank, WORLD)
@@ -151,7 +140,7 @@ def _step_job(rank: int, name: str, raw_images: bool) -> dict:
     model.image_batch_statistics = raw_images  # True: the image batches are gathered, every rank encodes all
     ddp = nn.parallel.DistributedDataParallel(GlobalBatchLoss(model, world), find_unused_parameters=True)
     batch = _global_batch(name)
-    share = ddp(_shard(batch, *shard_bounds(len(IMAGE_IDS), world)))
+    share = ddp(batch.rows(*shard_bounds(len(IMAGE_IDS), world)))
     share.backward()
     total = share.detach() / WORLD
     dist.all_reduce(total)

@@ -21,6 +21,13 @@ def _moved(batch: Any, device: torch.device | str) -> Any:
     return replace(batch, **changes)
 
 
+def _rows(batch: Any, start: int, stop: int) -> Any:
+    """A copy of ``batch`` holding its rows ``start:stop`` (every tensor and per-item list field)."""
+    changes = {f.name: getattr(batch, f.name)[start:stop] for f in fields(batch)
+               if isinstance(getattr(batch, f.name), (Tensor, list))}
+    return replace(batch, **changes)
+
+
 @dataclass
 class ImageBatch:
     """Region features of a batch of images.
@@ -41,6 +48,10 @@ class ImageBatch:
 
     def to(self, device: torch.device | str) -> "ImageBatch":
         return _moved(self, device)
+
+    def rows(self, start: int, stop: int) -> "ImageBatch":
+        """Images ``start:stop`` of the batch."""
+        return _rows(self, start, stop)
 
 
 @dataclass
@@ -64,6 +75,11 @@ class CaptionBatch:
     def to(self, device: torch.device | str) -> "CaptionBatch":
         return _moved(self, device)
 
+    def rows(self, start: int, stop: int) -> "CaptionBatch":
+        """Captions ``start:stop``, padded to their own longest (as the loader pads a batch)."""
+        part = _rows(self, start, stop)
+        return replace(part, ids=part.ids[:, : int(part.lengths.max())])
+
 
 @dataclass
 class PairBatch:
@@ -74,3 +90,7 @@ class PairBatch:
 
     def to(self, device: torch.device | str) -> "PairBatch":
         return PairBatch(self.images.to(device), self.captions.to(device))
+
+    def rows(self, start: int, stop: int) -> "PairBatch":
+        """Pairs ``start:stop`` (a rank's shard of a global batch)."""
+        return PairBatch(self.images.rows(start, stop), self.captions.rows(start, stop))
