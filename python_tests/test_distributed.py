@@ -265,14 +265,14 @@ def test_torchrun_runs_the_train_and_eval_commands(dataset, tmp_path, capsys):
     train = subprocess.run(
         torchrun + ["train", "--model", "vsepp", "--data", str(dataset), "--out", str(tmp_path / "run"), "--epochs", "1",
                     "--batch-size", "8", "--device", "cpu", "--quiet", *model],
-        capture_output=True, text=True, timeout=TIMEOUT,
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path,  # not the source tree: the installed package
     )
     assert train.returncode == 0, train.stderr
     assert train.stdout.count("starting: epoch 1/1") == 1  # rank 0 alone speaks
     assert "global batch 16 (8 per process x 2 processes)" in train.stdout
     evaluate = ["eval", str(tmp_path / "run" / "best.pt"), "--data", str(dataset), "--device", "cpu", "--quiet"]
     sharded = subprocess.run(torchrun + evaluate + ["--save-sims", str(tmp_path / "two")],
-                             capture_output=True, text=True, timeout=TIMEOUT)
+                             capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert sharded.returncode == 0, sharded.stderr
     capsys.readouterr()
     assert main(evaluate + ["--save-sims", str(tmp_path / "one")]) == 0
