@@ -152,7 +152,10 @@ def test_gradcheck_float64(backend, epilogue, norm):
         return cross_attention(args[0], args[1], query_lens=q_lens, context_lens=c_lens, norm=norm,
                                epilogue=epilogue, weight=w, bias=b, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-5)
+    # The Triton interpreter runs one forward per Jacobian column; fast mode checks a random
+    # projection of the Jacobian instead (it still fails on any wrong gradient), the C++ backend
+    # keeps the full check.
+    assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-5, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
