@@ -88,7 +88,7 @@ def test_exhaustive_search_gives_the_models_full_scores(built, data, name):
 
 
 def test_two_stage_reranks_the_global_top_k(built, data):
-    searcher = Searcher(built["sgraf"][1])
+    searcher = Searcher(built["sgraf"][1], use_faiss=False)
     model = searcher.model
     split = PrecompSplit(data, "test", searcher.vocab)
     with torch.no_grad():
@@ -110,6 +110,33 @@ def test_two_stage_reranks_the_global_top_k(built, data):
         assert hit.shortlist_score == pytest.approx(float(image_global[hit.item] @ query_global), abs=1e-5)
     whole = searcher.by_caption(text, top=6, shortlist=6)
     assert [h.item for h in whole.hits] == list(exhaustive)
+
+
+@pytest.mark.parametrize("name", ["sgraf", "sgm"])
+def test_indexed_caption_query_gives_the_evaluation_column(built, data, name):
+    """A stored caption (SGM: with its gold caption graph) scores every image exactly as evaluation does."""
+    searcher = Searcher(built[name][1])
+    sims = _full_matrix(searcher, data)
+    for caption in (0, 13, searcher.index.n_captions - 1):
+        result = searcher.by_indexed_caption(caption, top=searcher.index.n_images)
+        items = [hit.item for hit in result.hits]
+        assert sorted(items) == list(range(searcher.index.n_images))
+        torch.testing.assert_close(torch.tensor([hit.score for hit in result.hits]), sims[items, caption], atol=1e-5, rtol=1e-5)
+        assert result.query["caption"] == searcher.index.captions[caption]
+    with pytest.raises(ValueError, match=r"caption must be a caption index in \[0, 30\) of the index, got 30"):
+        searcher.by_indexed_caption(30)
+
+
+def test_faiss_and_torch_shortlists_agree():
+    """Both are exact inner-product top-k: the same rows and scores (the faiss extra, which scripts/test.sh installs)."""
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(0)
+    gallery = l2norm(torch.randn(500, 24, generator=generator))
+    by_faiss, by_torch = pooled.Shortlister(gallery, use_faiss=True), pooled.Shortlister(gallery, use_faiss=False)
+    for query in l2norm(torch.randn(5, 24, generator=generator)):
+        (faiss_scores, faiss_rows), (torch_scores, torch_rows) = by_faiss(query, 20), by_torch(query, 20)
+        assert faiss_rows.tolist() == torch_rows.tolist()
+        torch.testing.assert_close(faiss_scores, torch_scores, atol=1e-5, rtol=1e-5)
 
 
 def test_vsepp_two_stage_equals_exhaustive_and_is_not_explained(built):
@@ -234,7 +261,8 @@ def test_cli_index_and_search_write_table_json_and_html(built, data, tmp_path, c
             "--json", str(out_json), "--html", str(out_html)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "two-stage (torch), K' = 4" in printed and "unknown words (read as <unk>): zzz" in printed
+    shortlister = "faiss" if pooled.faiss_available() else "torch"  # the CLI uses faiss when it is installed
+    assert f"two-stage ({shortlister}), K' = 4" in printed and "unknown words (read as <unk>): zzz" in printed
     saved = json.loads(out_json.read_text())
     assert [hit["rank"] for hit in saved["hits"]] == [1, 2, 3] and saved["unknown_words"] == ["zzz"]
     assert all(hit["alignment"] for hit in saved["hits"]) and out_html.read_text().startswith("<!DOCTYPE html>")

@@ -65,25 +65,31 @@ def caption_vectors(model: Any, model_name: str, encoding: Any) -> Tensor:
     return encoding.float()
 
 
-@torch.no_grad()
-def shortlist(query: Tensor, gallery: Tensor, k: int, use_faiss: bool | None = None) -> tuple[Tensor, Tensor]:
-    """The ``k`` gallery rows with the highest dot product with ``query (d,)``: ``(scores, rows)``, best first.
+class Shortlister:
+    """Exact inner-product top-k over one gallery of global vectors, its search structure built once.
 
     ``gallery (n, d)`` float32. ``use_faiss``: None uses faiss when it is importable, True
-    requires it, False uses exact ``torch.topk``. Both are exact inner-product searches.
+    requires it, False uses ``torch.topk`` over ``gallery @ query``. Both are exact searches,
+    so they return the same rows up to ties.
     """
-    if use_faiss is None:
-        use_faiss = faiss_available()
-    if use_faiss:
-        import faiss
 
-        index = faiss.IndexFlatIP(gallery.shape[1])
-        index.add(gallery.contiguous().numpy())
-        scores, rows = index.search(query.reshape(1, -1).contiguous().numpy(), k)
-        return torch.from_numpy(scores[0]), torch.from_numpy(rows[0]).to(torch.int64)
-    scores = gallery @ query
-    top = torch.topk(scores, k)
-    return top.values, top.indices
+    def __init__(self, gallery: Tensor, use_faiss: bool | None = None) -> None:
+        self.use_faiss = faiss_available() if use_faiss is None else use_faiss
+        self.gallery = gallery
+        if self.use_faiss:
+            import faiss
+
+            self._faiss = faiss.IndexFlatIP(gallery.shape[1])
+            self._faiss.add(gallery.float().contiguous().numpy())
+
+    @torch.no_grad()
+    def __call__(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` rows with the highest dot product with ``query (d,)``: ``(scores, rows)``, best first."""
+        if self.use_faiss:
+            scores, rows = self._faiss.search(query.float().reshape(1, -1).contiguous().numpy(), k)
+            return torch.from_numpy(scores[0]), torch.from_numpy(rows[0]).to(torch.int64)
+        top = torch.topk(self.gallery @ query, k)
+        return top.values, top.indices
 
 
 def faiss_available() -> bool:

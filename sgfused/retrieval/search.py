@@ -79,6 +79,7 @@ class Searcher:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.use_faiss, self.chunk = use_faiss, chunk
+        self._shortlisters: dict[str, pooled.Shortlister] = {}  # per kind, built on first two-stage use
 
     # ------------------------------------------------------------------ queries
     def encode_caption(self, text: str) -> tuple[Any, list[str], list[bool]]:
@@ -104,6 +105,29 @@ class Searcher:
         top = self._check_counts(top, shortlist, self.index.n_images, "images")
         encoding, tokens, known = self.encode_caption(text)
         vector = pooled.caption_vectors(self.model, self.index.model_name, encoding)[0].cpu()
+        return self._images_for(encoding, vector, tokens, known, {"caption": text, "tokens": tokens}, top, shortlist, explain)
+
+    @torch.no_grad()
+    def by_indexed_caption(self, caption: int, top: int | None = None, shortlist: int | None = None,
+                           explain: bool = False) -> SearchResult:
+        """The ``top`` images for caption ``caption`` of the index, scored from its stored encoding.
+
+        This is the query evaluation makes (for SGM with the split's caption graph, which a
+        typed caption lacks); benchmarks and recall checks use it.
+        """
+        if isinstance(caption, bool) or not isinstance(caption, int) or not 0 <= caption < self.index.n_captions:
+            raise ValueError(f"caption must be a caption index in [0, {self.index.n_captions}) of the index, got {caption!r}")
+        top = self._check_counts(top, shortlist, self.index.n_images, "images")
+        encoding = self._stored("caption", [caption])
+        tokens = tokenize(self.index.captions[caption])
+        known = [token in self.vocab.word2idx for token in tokens]
+        return self._images_for(encoding, self.index.vectors["caption"][caption], tokens, known,
+                                {"caption": self.index.captions[caption], "tokens": tokens, "index": caption},
+                                top, shortlist, explain)
+
+    def _images_for(self, encoding: Any, vector: Tensor, tokens: list[str], known: list[bool], query: dict[str, Any],
+                    top: int, shortlist: int | None, explain: bool) -> SearchResult:
+        """Text -> image search for one encoded caption (its global ``vector``), in one or two stages."""
         rows, coarse, stage = self._candidates(vector, "image", shortlist)
         scores = self._score_images(rows, encoding)
         hits = self._ranked(rows, scores, coarse, top, "image")
@@ -112,7 +136,7 @@ class Searcher:
                 hit.alignment = explain_pair(self.model, self.index, hit.image, self._stored("image", [hit.image]),
                                              encoding, tokens, known)
         unknown = [t for t, k in zip(tokens, known) if not k]
-        return SearchResult("t2i", {"caption": text, "tokens": tokens}, hits, stage, shortlist, self.index.n_images, unknown)
+        return SearchResult("t2i", query, hits, stage, shortlist, self.index.n_images, unknown)
 
     @torch.no_grad()
     def by_image(self, image: int, top: int | None = None, shortlist: int | None = None, explain: bool = False) -> SearchResult:
@@ -156,10 +180,12 @@ class Searcher:
         gallery = self.index.vectors[kind]
         if shortlist is None:
             return torch.arange(gallery.shape[0]), gallery @ vector, "exhaustive"
-        use_faiss = pooled.faiss_available() if self.use_faiss is None else self.use_faiss
-        coarse, rows = pooled.shortlist(vector, gallery, shortlist, use_faiss)
+        if kind not in self._shortlisters:
+            self._shortlisters[kind] = pooled.Shortlister(gallery, self.use_faiss)
+        shortlister = self._shortlisters[kind]
+        coarse, rows = shortlister(vector, shortlist)
         order = torch.argsort(rows)
-        return rows[order], coarse[order], f"two-stage ({'faiss' if use_faiss else 'torch'})"
+        return rows[order], coarse[order], f"two-stage ({'faiss' if shortlister.use_faiss else 'torch'})"
 
     def _stored(self, kind: str, rows: Any) -> Any:
         encoding = self.index.encoding(kind, rows)
