@@ -9,6 +9,7 @@ from __future__ import annotations
 import html.parser
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +222,37 @@ def test_html_report_is_self_contained_and_draws_each_words_region(built, tmp_pa
     assert "&lt;b&gt;" in heading and "<b>" not in heading  # the query is escaped
     drawn = [attrs for tag, attrs in zip(parser.tags, parser.attrs) if tag == "rect" and attrs.get("class") == "box"]
     assert len(drawn) == sum(len(hit.alignment) for hit in result.hits)  # the strongest region of every word
+
+
+BROWSER = next((name for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="scripts/render_report.sh needs a Chromium-family browser")
+def test_html_report_renders_in_a_headless_browser_with_its_boxes(built, tmp_path):
+    """The page as a browser draws it (scripts/render_report.sh): every hit's word colours appear as box pixels."""
+    import subprocess
+
+    from matplotlib import image as mpimg
+
+    from sgfused.retrieval.report import FRAME, PALETTE
+
+    searcher = Searcher(built["sgraf"][1])
+    result = searcher.by_caption(searcher.index.captions[3], top=1, explain=True)
+    page, shot = tmp_path / "report.html", tmp_path / "shot.png"
+    write_html(page, result, searcher.index.sizes)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "render_report.sh"
+    done = subprocess.run(["sh", str(script), str(page), str(shot), "900x700"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pixels = (mpimg.imread(shot)[..., :3] * 255).round().astype(int)
+    assert pixels.shape == (700, 900, 3)
+    pixels = pixels[:, : int(FRAME) + 40]  # the drawing (page margin + frame); the word list with its colour chips is right of it
+    on_top = {}  # region -> the colour of the last word drawn on it (words sharing a region share one box outline)
+    for number, word in enumerate(result.hits[0].alignment):
+        on_top[word.regions[0].region] = PALETTE[number % len(PALETTE)]
+    assert len(on_top) >= 2
+    for region, colour in on_top.items():
+        rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+        assert (np.abs(pixels - rgb).max(axis=-1) <= 8).sum() > 20, f"region {region}'s box ({colour}) is not drawn"
 
 
 def test_index_refuses_changed_data(built, data, tmp_path):

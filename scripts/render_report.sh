@@ -3,7 +3,8 @@
 #
 #   scripts/render_report.sh REPORT.html OUT.png [WIDTHxHEIGHT]
 #
-# Why: the report is checked by rendering it as a browser does (run by hand; no test calls it yet). Needs Chromium (Debian/Ubuntu: apt-get install -y chromium); set BROWSER to use
+# Why: the report is checked by rendering it as a browser does (python_tests/test_retrieval.py runs it where a
+# browser is installed and checks the boxes are drawn). Needs Chromium (Debian/Ubuntu: apt-get install -y chromium); set BROWSER to use
 # another Chromium-family binary. The page loads offline: it has no external assets.
 set -eu
 if [ $# -lt 2 ]; then

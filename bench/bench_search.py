@@ -1,0 +1,171 @@
+"""Benchmark search: two-stage (shortlist + fused re-rank) against exhaustive scoring on large galleries.
+
+What it measures, per model and gallery size: text -> image recall@1/5/10 of the same
+caption queries searched exhaustively (the model's full score against every image) and in
+two stages (the ``--shortlist`` K' images with the best global-vector score, then the full
+score on those), the shortlist's own recall@K' (is the true image in it), and queries per
+second of each, with the speed-up of two stages over exhaustive in the same run.
+
+How: one synthetic world (``sgfused.data.synthetic.generate``, seed 0, ``--feature-dim``-d
+region features) is written once per gallery size G, with the same ``--train-images`` /
+``--dev-images`` and a test split of G images; the same seed gives every dataset the same
+world (classes, attributes, predicates and their feature prototypes). Each model is
+trained once with ``sgfused train`` on the smallest dataset (its recipe below), and
+``sgfused.retrieval.build_index`` indexes the test split of every dataset with that
+checkpoint. The queries are ``--queries`` captions drawn at random (seed 0) from the
+gallery's own captions and searched from their stored encodings
+(:meth:`Searcher.by_indexed_caption`, exactly the query evaluation scores; SGM with its
+caption graph). The true image of a caption is the one it describes; note that a 100K
+synthetic gallery holds many scenes that match a short caption equally well, so absolute
+recall falls with the gallery size: the comparison that matters is two-stage vs exhaustive
+on the same queries.
+
+Every step is cached in ``--work`` (datasets, runs, indexes), so a rerun only searches.
+Rows go to ``bench/results/search_cpu.csv`` (the CPU: the machine this was written for).
+Usage: python bench/bench_search.py [--galleries 5000 100000] [--queries 300] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import RESULTS, commit, device_name  # noqa: E402
+
+from sgfused.data.synthetic import generate  # noqa: E402
+from sgfused.retrieval import Searcher, build_index  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# model key -> (recipe file, model option overrides, epochs): small sizes so both train in minutes on 2 cores
+MODELS = {
+    "sgraf": ("configs/demo_sgraf_sgr.json", {}, 4),
+    "sgm": ("configs/sgm_synthetic.json", {"embed_size": 128, "word_dim": 64}, 4),
+}
+TOPS = (1, 5, 10)
+
+
+def dataset(work: Path, gallery: int, args: argparse.Namespace) -> Path:
+    """The dataset with a test split of ``gallery`` images (generated once)."""
+    folder = work / f"data_{gallery}"
+    if not (folder / "world.json").is_file():
+        counts = (args.train_images, args.dev_images, gallery)
+        total = sum(counts)
+        print(f"generating {folder} ({total} images)", flush=True)
+        generate(folder, total, seed=0, feature_dim=args.feature_dim, splits=[c / total for c in counts])
+    return folder
+
+
+def trained(work: Path, key: str, data: Path, args: argparse.Namespace) -> Path:
+    """The dev-best checkpoint of model ``key`` trained on ``data`` with ``sgfused train`` (resumes or skips)."""
+    recipe, overrides, epochs = MODELS[key]
+    out = work / "runs" / key
+    options = {"img_dim": args.feature_dim, **overrides}
+    command = [sys.executable, "-m", "sgfused", "train", "--config", str(REPO / recipe), "--data", str(data),
+               "--out", str(out), "--epochs", str(1 if args.quick else epochs), "--quiet",
+               "--set", *[f"{k}={json.dumps(v)}" for k, v in options.items()]]
+    subprocess.run(command, check=True, cwd=work)  # outside the source tree: the installed package runs
+    return out / "best.pt"
+
+
+def indexed(work: Path, key: str, checkpoint: Path, data: Path, gallery: int) -> Path:
+    folder = work / f"index_{key}_{gallery}"
+    if not (folder / "manifest.json").is_file():
+        started = time.perf_counter()
+        build_index(checkpoint, data, "test", folder, batch_size=256)
+        print(f"indexed {folder} in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder
+
+
+def search_all(searcher: Searcher, queries: list[int], shortlist: int | None) -> tuple[list[int | None], float]:
+    """The 1-based rank of each query's true image within the top 10 (None when outside), and the seconds taken."""
+    per_image = searcher.index.manifest["captions_per_image"]
+    ranks: list[int | None] = []
+    started = time.perf_counter()
+    for caption in queries:
+        hits = searcher.by_indexed_caption(caption, top=max(TOPS), shortlist=shortlist).hits
+        found = [hit.rank for hit in hits if hit.image == caption // per_image]
+        ranks.append(found[0] if found else None)
+    return ranks, time.perf_counter() - started
+
+
+def shortlist_recall(searcher: Searcher, queries: list[int], shortlist: int) -> float:
+    """Percent of the queries whose true image is among the ``shortlist`` best global-vector scores."""
+    per_image = searcher.index.manifest["captions_per_image"]
+    images = searcher.index.vectors["image"]
+    found = 0
+    for caption in queries:
+        rows = torch.topk(images @ searcher.index.vectors["caption"][caption], shortlist).indices
+        found += int(caption // per_image in rows.tolist())
+    return 100.0 * found / len(queries)
+
+
+def recalls(ranks: list[int | None]) -> dict[str, float]:
+    return {f"r{k}": 100.0 * sum(r is not None and r <= k for r in ranks) / len(ranks) for k in TOPS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/sgfused_bench_search", help="cache folder: datasets, runs, indexes")
+    parser.add_argument("--galleries", type=int, nargs="+", default=[5000, 100000], help="test-split images")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--queries", type=int, default=300, help="caption queries per gallery (the same for both stages)")
+    parser.add_argument("--shortlist", type=int, default=100, help="K': images the second stage re-ranks")
+    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--dev-images", type=int, default=200)
+    parser.add_argument("--feature-dim", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="galleries of 300 and 1000, 20 queries, one epoch")
+    args = parser.parse_args()
+    if args.quick:
+        args.galleries, args.queries, args.train_images, args.dev_images = [300, 1000], 20, 300, 100
+        args.work = args.work + "_quick"
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    datasets = {gallery: dataset(work, gallery, args) for gallery in sorted(args.galleries)}
+    smallest = datasets[min(datasets)]
+    rows = []
+    for key in args.models:
+        checkpoint = trained(work, key, smallest, args)
+        for gallery, data in datasets.items():
+            searcher = Searcher(indexed(work, key, checkpoint, data, gallery))
+            generator = torch.Generator().manual_seed(0)
+            queries = torch.randperm(searcher.index.n_captions, generator=generator)[: args.queries].tolist()
+            exhaustive, exhaustive_s = search_all(searcher, queries, None)
+            two_stage, two_stage_s = search_all(searcher, queries, args.shortlist)
+            stage = searcher.by_indexed_caption(queries[0], top=1, shortlist=args.shortlist).stage
+            row = {"model": key, "gallery": gallery, "queries": len(queries), "shortlist": args.shortlist,
+                   "shortlist_recall": round(shortlist_recall(searcher, queries, args.shortlist), 2), "stage": stage}
+            for mode, ranks, seconds in (("exhaustive", exhaustive, exhaustive_s), ("two_stage", two_stage, two_stage_s)):
+                row |= {f"{mode}_{name}": round(value, 2) for name, value in recalls(ranks).items()}
+                row[f"{mode}_qps"] = round(len(queries) / seconds, 2)
+            row["speedup"] = round(row["two_stage_qps"] / row["exhaustive_qps"], 1)
+            row |= {"device": device_name(torch.device("cpu")), "commit": commit()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "search_cpu_quick.csv" if args.quick else "search_cpu.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"rows -> {path}")
+    print("| model | gallery | R@1 / 5 / 10 exhaustive | R@1 / 5 / 10 two-stage | shortlist recall@K' | queries/s exh. | two-stage | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['gallery']} | {r['exhaustive_r1']} / {r['exhaustive_r5']} / {r['exhaustive_r10']} | "
+              f"{r['two_stage_r1']} / {r['two_stage_r5']} / {r['two_stage_r10']} | {r['shortlist_recall']} | "
+              f"{r['exhaustive_qps']} | {r['two_stage_qps']} | {r['speedup']}x |")
+
+
+if __name__ == "__main__":
+    main()
