@@ -22,7 +22,7 @@ on the same queries.
 
 Every step is cached in ``--work`` (datasets, runs, indexes), so a rerun only searches.
 Rows go to ``bench/results/search_cpu.csv`` (the CPU: the machine this was written for).
-Usage: python bench/bench_search.py [--galleries 5000 100000] [--queries 300] [--quick]
+Usage: python bench/bench_search.py [--galleries 5000 100000] [--queries 100] [--quick]
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from sgfused.retrieval import Searcher, build_index  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # model key -> (recipe file, model option overrides, epochs): small sizes so both train in minutes on 2 cores
 MODELS = {
-    "sgraf": ("configs/demo_sgraf_sgr.json", {}, 4),
-    "sgm": ("configs/sgm_synthetic.json", {"embed_size": 128, "word_dim": 64}, 4),
+    "sgraf": ("configs/demo_sgraf_sgr.json", {}, 5),
+    "sgm": ("configs/sgm_synthetic.json", {"embed_size": 128, "word_dim": 64}, 3),
 }
 TOPS = (1, 5, 10)
 
@@ -117,10 +117,10 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/sgfused_bench_search", help="cache folder: datasets, runs, indexes")
     parser.add_argument("--galleries", type=int, nargs="+", default=[5000, 100000], help="test-split images")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--queries", type=int, default=300, help="caption queries per gallery (the same for both stages)")
+    parser.add_argument("--queries", type=int, default=100, help="caption queries per gallery (the same for both stages)")
     parser.add_argument("--shortlist", type=int, default=100, help="K': images the second stage re-ranks")
-    parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--dev-images", type=int, default=200)
+    parser.add_argument("--train-images", type=int, default=1000)
+    parser.add_argument("--dev-images", type=int, default=100)
     parser.add_argument("--feature-dim", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="galleries of 300 and 1000, 20 queries, one epoch")
