@@ -22,7 +22,7 @@ on the same queries.
 
 Every step is cached in ``--work`` (datasets, runs, indexes), so a rerun only searches.
 Rows go to ``bench/results/search_cpu.csv`` (the CPU: the machine this was written for).
-Usage: python bench/bench_search.py [--galleries 5000 100000] [--queries 100] [--quick]
+Usage: python bench/bench_search.py [--galleries 5000 100000] [--queries 300 50] [--prepare-only] [--quick]
 """
 
 from __future__ import annotations
@@ -117,7 +117,10 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/sgfused_bench_search", help="cache folder: datasets, runs, indexes")
     parser.add_argument("--galleries", type=int, nargs="+", default=[5000, 100000], help="test-split images")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--queries", type=int, default=100, help="caption queries per gallery (the same for both stages)")
+    parser.add_argument("--queries", type=int, nargs="+", default=[300, 50],
+                        help="caption queries per gallery, one value or one per --galleries entry (the same for both stages)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="generate, train and index, then stop: the searches can then be timed on a quiet machine")
     parser.add_argument("--shortlist", type=int, default=100, help="K': images the second stage re-ranks")
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--dev-images", type=int, default=100)
@@ -126,8 +129,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="galleries of 300 and 1000, 20 queries, one epoch")
     args = parser.parse_args()
     if args.quick:
-        args.galleries, args.queries, args.train_images, args.dev_images = [300, 1000], 20, 300, 100
+        args.galleries, args.queries, args.train_images, args.dev_images = [300, 1000], [20], 300, 100
         args.work = args.work + "_quick"
+    if len(args.queries) not in (1, len(args.galleries)):
+        parser.error(f"--queries takes one value or one per gallery ({len(args.galleries)}), got {len(args.queries)}")
+    queries_for = dict(zip(args.galleries, args.queries * len(args.galleries) if len(args.queries) == 1 else args.queries))
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -137,9 +143,12 @@ def main() -> None:
     for key in args.models:
         checkpoint = trained(work, key, smallest, args)
         for gallery, data in datasets.items():
-            searcher = Searcher(indexed(work, key, checkpoint, data, gallery))
+            index = indexed(work, key, checkpoint, data, gallery)
+            if args.prepare_only:
+                continue
+            searcher = Searcher(index)
             generator = torch.Generator().manual_seed(0)
-            queries = torch.randperm(searcher.index.n_captions, generator=generator)[: args.queries].tolist()
+            queries = torch.randperm(searcher.index.n_captions, generator=generator)[: queries_for[gallery]].tolist()
             exhaustive, exhaustive_s = search_all(searcher, queries, None)
             two_stage, two_stage_s = search_all(searcher, queries, args.shortlist)
             stage = searcher.by_indexed_caption(queries[0], top=1, shortlist=args.shortlist).stage
@@ -152,6 +161,9 @@ def main() -> None:
             row |= {"device": device_name(torch.device("cpu")), "commit": commit()}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.prepare_only:
+        print(f"prepared {work}: datasets, checkpoints and indexes; run again without --prepare-only to search")
+        return
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "search_cpu_quick.csv" if args.quick else "search_cpu.csv")
     with open(path, "w", newline="") as handle:
