@@ -65,8 +65,10 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float 
     first = _seconds(fn)
     if first > min_run_time:
         # long calls (training steps): the median of five, since one call's time swings with the
-        # allocator's page faults (SGRAF's reference training step: 8.9 to 10.4 s in one process)
-        return statistics.median([first] + [_seconds(fn) for _ in range(4)]) * 1e3
+        # allocator's page faults (SGRAF's reference training step: 8.9 to 10.4 s in one process);
+        # the median of three for calls over 20 s (full-size reference evaluations), where that swing is small
+        more = 2 if first > 20.0 else 4
+        return statistics.median([first] + [_seconds(fn) for _ in range(more)]) * 1e3
     # Timer runs on one thread unless told otherwise: time with every thread the process has
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
