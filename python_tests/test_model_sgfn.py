@@ -349,9 +349,11 @@ def test_learns_on_synthetic_scenes(tmp_path_factory, tmp_path):
     model = build_model("sgfn", len(vocab), dict(img_dim=32, embed_size=32, word_dim=16, heads=2))
     model.set_vocabulary(vocab)
     before = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
-    config = TrainConfig(epochs=5, batch_size=32, lr=2e-3, lr_decay_epochs=10)
+    # two epochs of summed hinges before max violation (VSE-infinity's warm-up, as the other models' tests):
+    # under max violation from the first step this cross-encoder collapses, as SGRAF does
+    config = TrainConfig(epochs=5, batch_size=32, lr=2e-3, lr_decay_epochs=10, sum_warmup_epochs=2)
     Trainer(model, train, test, vocab, config, tmp_path, progress=False).fit()
     after = evaluate_model(model, test, progress=False)[0]["full"]["rsum"]
-    # measured after issue 20's normalisation (1 thread): seed 0 136 -> 165 (passes), but seeds 1 and 2 of the
-    # model fell (139 -> 122, 164 -> 124): learning at this tiny budget is NOT robust over seeds (open)
-    assert after > before + 25, (before, after)
+    # measured (init seeds 0, 1, 2; 1 thread): 136 -> 332, 139 -> 292, 164 -> 275. Without the warm-up the
+    # same seeds gave 136 -> 165, 139 -> 122, 164 -> 124 (max violation from the start collapsed them)
+    assert after > before + 80, (before, after)
