@@ -279,7 +279,8 @@ def test_vsepp_learns_the_hard_setting_but_cannot_see_its_relations(tmp_path_fac
     scores the two images of every relation twin alike, so its relation-twin accuracy is 50% exactly (ties
     count half). A leak of the relation into the region features would move it off 50.
 
-    Measured (init seeds 0-2; 1 and 2 threads): see the issue note; relation twins 50.0 / 50.0 in every run.
+    Measured (init seeds 0-2; 1 and 2 threads alike): rSum gains 80.0, 74.7, 118.7 over 57-92 before;
+    relation twins (11 pairs) 50.0 / 50.0 in every run.
     """
     root = tmp_path_factory.mktemp("learn_hard")
     generate(root, 300, seed=0, feature_dim=64, world=WorldConfig(setting="hard", distractor_fraction=0.5), progress=False)
