@@ -17,7 +17,11 @@ Same seed, same thread count (``--threads``) and a stop that is not "budget": sa
 
 Resumable: everything lives in ``DATA/runs/<model>`` (``last.pt``, ``best.pt``, ``log.csv``,
 ``progress.json``, cached test similarities); run the same command again after a kill and
-each model continues from its last finished epoch; finished models are only re-scored.
+each model continues from its last finished epoch; finished models are only re-scored. The
+stop is decided afresh on every run, so a model stopped by its budget continues when the
+command is run again with a larger ``--budget-minutes`` (and a run with ``--budget-minutes 0``
+only re-scores); training an epoch drops the cached test similarities, and each row reports
+the budget its model last trained under.
 
 Ablations (test time, on the trained dev-best weights): MPSM with ``spatial_prior`` /
 ``dependency_prior`` off; SGFN, SGM and CMSEI with the visual graphs' relations removed;
@@ -145,12 +149,15 @@ def train_to_plateau(key: str, args: argparse.Namespace, splits: dict, vocab: Vo
     name, registry, options, _ = MODELS[key]
     out_dir = os.path.join(args.data, "runs", key)
     progress_path = os.path.join(out_dir, "progress.json")
-    progress = json.load(open(progress_path)) if os.path.exists(progress_path) else {"seconds": 0.0, "stopped": None}
+    progress = json.load(open(progress_path)) if os.path.exists(progress_path) else {"seconds": 0.0}
+    progress["stopped"] = None  # decided afresh: a larger budget continues a budget-stopped model
     while progress["stopped"] is None:
         history = dev_history(out_dir)
         progress["stopped"] = stop_reason(history, progress["seconds"], args)
         if progress["stopped"] is not None:
             break
+        drop_cached_similarities(out_dir)
+        progress["budget_minutes"] = args.budget_minutes
         torch.manual_seed(args.seed)
         model = build_model(registry, len(vocab), sizes(registry, args, splits["test"].features) | options)
         started = time.time()
@@ -165,6 +172,14 @@ def train_to_plateau(key: str, args: argparse.Namespace, splits: dict, vocab: Vo
     with open(progress_path, "w") as handle:
         json.dump(progress, handle)
     return progress | {"out_dir": out_dir, "history": dev_history(out_dir)}
+
+
+def drop_cached_similarities(out_dir: str) -> None:
+    """Remove the cached test similarities of a run whose dev-best checkpoint may be about to change."""
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            if name.startswith("test_sims") and name.endswith(".pt"):
+                os.remove(os.path.join(out_dir, name))
 
 
 def test_similarities(key: str, suffix: str, out_dir: str, test: PrecompSplit, model_change: Any, image_change: Any) -> torch.Tensor:
@@ -196,7 +211,8 @@ def row(name: str, sims: torch.Tensor, records: list, captions_per_image: int, p
                 f"{a[way]:.1f}" if a else "", f"{low:.1f}", f"{high:.1f}")
     history = (progress or {}).get("history", [])
     out |= {"stopped": (progress or {}).get("stopped") or "", "epochs": len(history),
-            "steps": history[-1][0] if history else "", "train_min": f"{progress['seconds'] / 60:.1f}" if progress else ""}
+            "steps": history[-1][0] if history else "", "train_min": f"{progress['seconds'] / 60:.1f}" if progress else "",
+            "budget_min": (progress or {}).get("budget_minutes", "")}
     return out
 
 
@@ -299,7 +315,7 @@ def main() -> None:
     settings = {"setting": "hard", "images": "/".join(map(str, (splits[s].n_images for s in ("train", "dev", "test")))),
                 "feature_dim": args.feature_dim, "lr": args.lr, "batch": args.batch_size, "embed": args.embed_size,
                 "sim": args.sim_dim, "patience": args.patience, "min_delta": args.min_delta,
-                "budget_min": args.budget_minutes, "threads": args.threads, "seed": args.seed}
+                "threads": args.threads, "seed": args.seed}
     with open(os.path.join(args.results, "synthetic_comparison.csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) + list(settings))
         writer.writeheader()
