@@ -1,10 +1,13 @@
 """Benchmark search: two-stage (shortlist + fused re-rank) against exhaustive scoring on large galleries.
 
-What it measures, per model and gallery size: text -> image recall@1/5/10 of the same
-caption queries searched exhaustively (the model's full score against every image) and in
-two stages (the ``--shortlist`` K' images with the best global-vector score, then the full
-score on those), the shortlist's own recall@K' (is the true image in it), and queries per
-second of each, with the speed-up of two stages over exhaustive in the same run.
+What it measures, per model, shortlist key and gallery size: text -> image recall@1/5/10 of
+the same caption queries searched exhaustively (the model's full score against every image)
+and in two stages (the ``--shortlist`` K' images with the best global-vector score, then the
+full score on those), the shortlist's own recall@K' (is the true image in it), and queries per
+second of each, with the speed-up of two stages over exhaustive in the same run. Two keys:
+the model's own pooled vectors ("own"), and a VSE++ checkpoint trained on the same data
+("vsepp", ``sgfused index --shortlist-checkpoint``), a dual encoder trained for exactly this
+cosine.
 
 How: one synthetic world (``sgfused.data.synthetic.generate``, seed 0, ``--feature-dim``-d
 region features) is written once per gallery size G, with the same ``--train-images`` /
@@ -50,6 +53,8 @@ MODELS = {
     "sgraf": ("configs/demo_sgraf_sgr.json", {}, 5),
     "sgm": ("configs/sgm_synthetic.json", {"embed_size": 128, "word_dim": 64}, 3),
 }
+KEY_MODEL = ("configs/demo_vsepp.json", {}, 6)  # the trained shortlist key
+KEYS = ("own", "vsepp")
 TOPS = (1, 5, 10)
 
 
@@ -65,8 +70,8 @@ def dataset(work: Path, gallery: int, args: argparse.Namespace) -> Path:
 
 
 def trained(work: Path, key: str, data: Path, args: argparse.Namespace) -> Path:
-    """The dev-best checkpoint of model ``key`` trained on ``data`` with ``sgfused train`` (resumes or skips)."""
-    recipe, overrides, epochs = MODELS[key]
+    """The dev-best checkpoint of model ``key`` (or of the shortlist key, "vsepp") trained on ``data`` (resumes or skips)."""
+    recipe, overrides, epochs = KEY_MODEL if key == "vsepp" else MODELS[key]
     out = work / "runs" / key
     options = {"img_dim": args.feature_dim, **overrides}
     command = [sys.executable, "-m", "sgfused", "train", "--config", str(REPO / recipe), "--data", str(data),
@@ -76,11 +81,11 @@ def trained(work: Path, key: str, data: Path, args: argparse.Namespace) -> Path:
     return out / "best.pt"
 
 
-def indexed(work: Path, key: str, checkpoint: Path, data: Path, gallery: int) -> Path:
-    folder = work / f"index_{key}_{gallery}"
+def indexed(work: Path, key: str, checkpoint: Path, data: Path, gallery: int, shortlist_key: Path | None) -> Path:
+    folder = work / f"index_{key}_{gallery}" if shortlist_key is None else work / f"index_{key}_{gallery}_vsepp_key"
     if not (folder / "manifest.json").is_file():
         started = time.perf_counter()
-        build_index(checkpoint, data, "test", folder, batch_size=256)
+        build_index(checkpoint, data, "test", folder, batch_size=256, shortlist_checkpoint=shortlist_key)
         print(f"indexed {folder} in {time.perf_counter() - started:.0f} s", flush=True)
     return folder
 
@@ -117,6 +122,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/sgfused_bench_search", help="cache folder: datasets, runs, indexes")
     parser.add_argument("--galleries", type=int, nargs="+", default=[5000, 100000], help="test-split images")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--keys", nargs="+", default=list(KEYS), choices=list(KEYS), help="shortlist keys")
     parser.add_argument("--queries", type=int, nargs="+", default=[300, 50],
                         help="caption queries per gallery, one value or one per --galleries entry (the same for both stages)")
     parser.add_argument("--prepare-only", action="store_true",
@@ -140,27 +146,31 @@ def main() -> None:
     datasets = {gallery: dataset(work, gallery, args) for gallery in sorted(args.galleries)}
     smallest = datasets[min(datasets)]
     rows = []
+    key_checkpoint = trained(work, "vsepp", smallest, args) if "vsepp" in args.keys else None
     for key in args.models:
         checkpoint = trained(work, key, smallest, args)
         for gallery, data in datasets.items():
-            index = indexed(work, key, checkpoint, data, gallery)
-            if args.prepare_only:
-                continue
-            searcher = Searcher(index)
-            generator = torch.Generator().manual_seed(0)
-            queries = torch.randperm(searcher.index.n_captions, generator=generator)[: queries_for[gallery]].tolist()
-            exhaustive, exhaustive_s = search_all(searcher, queries, None)
-            two_stage, two_stage_s = search_all(searcher, queries, args.shortlist)
-            stage = searcher.by_indexed_caption(queries[0], top=1, shortlist=args.shortlist).stage
-            row = {"model": key, "gallery": gallery, "queries": len(queries), "shortlist": args.shortlist,
-                   "shortlist_recall": round(shortlist_recall(searcher, queries, args.shortlist), 2), "stage": stage}
-            for mode, ranks, seconds in (("exhaustive", exhaustive, exhaustive_s), ("two_stage", two_stage, two_stage_s)):
-                row |= {f"{mode}_{name}": round(value, 2) for name, value in recalls(ranks).items()}
-                row[f"{mode}_qps"] = round(len(queries) / seconds, 2)
-            row["speedup"] = round(row["two_stage_qps"] / row["exhaustive_qps"], 1)
-            row |= {"device": device_name(torch.device("cpu")), "commit": commit()}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            exhaustive: tuple[list[int | None], float] | None = None  # the same for every key: searched once
+            for shortlist_key in args.keys:
+                index = indexed(work, key, checkpoint, data, gallery, key_checkpoint if shortlist_key == "vsepp" else None)
+                if args.prepare_only:
+                    continue
+                searcher = Searcher(index)
+                generator = torch.Generator().manual_seed(0)
+                queries = torch.randperm(searcher.index.n_captions, generator=generator)[: queries_for[gallery]].tolist()
+                exhaustive = exhaustive or search_all(searcher, queries, None)
+                two_stage, two_stage_s = search_all(searcher, queries, args.shortlist)
+                stage = searcher.by_indexed_caption(queries[0], top=1, shortlist=args.shortlist).stage
+                row = {"model": key, "key": shortlist_key, "gallery": gallery, "queries": len(queries),
+                       "shortlist": args.shortlist,
+                       "shortlist_recall": round(shortlist_recall(searcher, queries, args.shortlist), 2), "stage": stage}
+                for mode, (ranks, seconds) in (("exhaustive", exhaustive), ("two_stage", (two_stage, two_stage_s))):
+                    row |= {f"{mode}_{name}": round(value, 2) for name, value in recalls(ranks).items()}
+                    row[f"{mode}_qps"] = round(len(queries) / seconds, 2)
+                row["speedup"] = round(row["two_stage_qps"] / row["exhaustive_qps"], 1)
+                row |= {"device": device_name(torch.device("cpu")), "commit": commit()}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     if args.prepare_only:
         print(f"prepared {work}: datasets, checkpoints and indexes; run again without --prepare-only to search")
         return
@@ -171,10 +181,10 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"rows -> {path}")
-    print("| model | gallery | R@1 / 5 / 10 exhaustive | R@1 / 5 / 10 two-stage | shortlist recall@K' | queries/s exh. | two-stage | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | key | gallery | R@1 / 5 / 10 exhaustive | R@1 / 5 / 10 two-stage | shortlist recall@K' | queries/s exh. | two-stage | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['gallery']} | {r['exhaustive_r1']} / {r['exhaustive_r5']} / {r['exhaustive_r10']} | "
+        print(f"| {r['model']} | {r['key']} | {r['gallery']} | {r['exhaustive_r1']} / {r['exhaustive_r5']} / {r['exhaustive_r10']} | "
               f"{r['two_stage_r1']} / {r['two_stage_r5']} / {r['two_stage_r10']} | {r['shortlist_recall']} | "
               f"{r['exhaustive_qps']} | {r['two_stage_qps']} | {r['speedup']}x |")
 

@@ -113,6 +113,43 @@ def test_two_stage_reranks_the_global_top_k(built, data):
     assert [h.item for h in whole.hits] == list(exhaustive)
 
 
+def test_shortlist_key_from_a_second_checkpoint_shortlists_by_its_vectors(built, data, tmp_path):
+    """An SGRAF index keyed by a VSE++ checkpoint: VSE++'s vectors pick the shortlist, SGRAF's full score ranks it."""
+    (sgraf, own_index), (vsepp, vsepp_index) = built["sgraf"], built["vsepp"]
+    manifest = build_index(sgraf, data, "test", tmp_path / "keyed", batch_size=4, progress=False, shortlist_checkpoint=vsepp)
+    assert manifest["shortlist"]["model"] == "vsepp" and manifest["shortlist"]["checkpoint"] == str(vsepp.resolve())
+    keyed, by_vsepp = Searcher(tmp_path / "keyed", use_faiss=False), Searcher(vsepp_index, use_faiss=False)
+    for kind in ("image", "caption"):  # VSE++'s encodings are its global vectors
+        torch.testing.assert_close(keyed.index.vectors[kind], by_vsepp.index.vectors[kind])
+    text = keyed.index.captions[11]
+    exhaustive = {hit.item: hit.score for hit in Searcher(own_index).by_caption(text, top=6).hits}
+    vsepp_key = {hit.item: hit.score for hit in by_vsepp.by_caption(text, top=6).hits}
+    shortlist = set(sorted(vsepp_key, key=lambda i: -vsepp_key[i])[:3])
+    two_stage = keyed.by_caption(text, top=2, shortlist=3)
+    assert [hit.item for hit in two_stage.hits] == sorted(shortlist, key=lambda i: -exhaustive[i])[:2]
+    for hit in two_stage.hits:
+        assert hit.score == pytest.approx(exhaustive[hit.item], abs=1e-6)
+        assert hit.shortlist_score == pytest.approx(vsepp_key[hit.item], abs=1e-5)
+    stored = keyed.by_indexed_caption(11, top=2, shortlist=3)
+    assert [hit.item for hit in stored.hits] == [hit.item for hit in two_stage.hits]
+
+
+def test_shortlist_checkpoint_is_checked_like_the_model_checkpoint(built, data, tmp_path):
+    sgraf, own_index = built["sgraf"]
+    build_index(sgraf, data, "test", tmp_path / "keyed", batch_size=4, progress=False, shortlist_checkpoint=built["vsepp"][0])
+    other = _checkpoint(tmp_path / "other_vsepp.pt", "vsepp", Vocabulary.load(data / "vocab.json"), seed=42)
+    with pytest.raises(ValueError, match="was built by another shortlist checkpoint: .*other_vsepp.pt"):
+        Searcher(tmp_path / "keyed", shortlist_checkpoint=other)
+    with pytest.raises(ValueError, match="--shortlist-checkpoint: index .* was built without one"):
+        Searcher(own_index, shortlist_checkpoint=built["vsepp"][0])
+    vocab, mpsm = Vocabulary.load(data / "vocab.json"), tmp_path / "mpsm.pt"
+    model = build_model("mpsm", len(vocab), {"img_dim": 16, "embed_size": 16, "word_dim": 8, "sim_dim": 8})
+    save_checkpoint(mpsm, {"model_name": "mpsm", "model_config": model.build_config, "vocab": vocab.to_dict(),
+                           "model": model.state_dict()})
+    with pytest.raises(ValueError, match="retrieval supports the models .* 'mpsm'"):
+        build_index(sgraf, data, "test", tmp_path / "bad", progress=False, shortlist_checkpoint=mpsm)
+
+
 @pytest.mark.parametrize("name", ["sgraf", "sgm"])
 def test_indexed_caption_query_gives_the_evaluation_column(built, data, name):
     """A stored caption (SGM: with its gold caption graph) scores every image exactly as evaluation does."""
@@ -300,6 +337,12 @@ def test_cli_index_and_search_write_table_json_and_html(built, data, tmp_path, c
     assert all(hit["alignment"] for hit in saved["hits"]) and out_html.read_text().startswith("<!DOCTYPE html>")
     assert main(["search", str(index), "--image", "5", "--top", "2"]) == 0
     assert "image 5 -> captions (exhaustive, gallery 30)" in capsys.readouterr().out
+    keyed = tmp_path / "keyed"
+    assert main(["index", str(checkpoint), "--data", str(data), "--out", str(keyed), "--quiet",
+                 "--shortlist-checkpoint", str(built["vsepp"][0])]) == 0
+    assert json.loads(capsys.readouterr().out)["shortlist"]["model"] == "vsepp"
+    assert main(["search", str(keyed), "--caption", "a red cup", "--top", "2", "--shortlist", "3"]) == 0
+    assert "K' = 3" in capsys.readouterr().out
 
 
 def test_cli_bad_input_is_one_line_exit_2(built, data, tmp_path, capsys):
@@ -307,6 +350,8 @@ def test_cli_bad_input_is_one_line_exit_2(built, data, tmp_path, capsys):
     other = _checkpoint(tmp_path / "other.pt", "sgraf", Vocabulary.load(data / "vocab.json"), seed=99)
     search = ["search", str(index)]
     _one_line_error(capsys, [*search, "--caption", "a cup", "--checkpoint", str(other)], "built by another checkpoint")
+    _one_line_error(capsys, [*search, "--caption", "a cup", "--shortlist-checkpoint", str(other)],
+                    "--shortlist-checkpoint", "was built without one")
     _one_line_error(capsys, [*search, "--caption", "qqq zzzz"], "--caption", "none of its words", "qqq zzzz")
     _one_line_error(capsys, [*search, "--image", "6"], "--image", "[0, 6)", "got 6")
     _one_line_error(capsys, [*search, "--image", "-1"], "--image", "got -1")

@@ -27,8 +27,9 @@ def run_index(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     manifest = build_index(args.checkpoint, args.data, args.split, args.out, batch_size=args.batch_size,
-                           device=_device(args.device), captions_per_image=args.captions_per_image, progress=not args.quiet)
-    keys = ("model", "checkpoint", "data", "split", "n_images", "n_captions")
+                           device=_device(args.device), captions_per_image=args.captions_per_image, progress=not args.quiet,
+                           shortlist_checkpoint=args.shortlist_checkpoint)
+    keys = ("model", "checkpoint", "shortlist", "data", "split", "n_images", "n_captions")
     print(json.dumps({"index": str(args.out), **{key: manifest[key] for key in keys}}, indent=2))
 
 
@@ -42,7 +43,8 @@ def run_search(args: argparse.Namespace) -> None:
 
         if not faiss_available():
             raise ImportError("--faiss: the faiss package is not installed (pip install 'sgfused[faiss]')")
-    searcher = Searcher(args.index, args.checkpoint, device=_device(args.device), use_faiss=use_faiss)
+    searcher = Searcher(args.index, args.checkpoint, device=_device(args.device), use_faiss=use_faiss,
+                        shortlist_checkpoint=args.shortlist_checkpoint)
     explain = args.explain or bool(args.html)
     if args.caption is not None:
         result = searcher.by_caption(args.caption, args.top, args.shortlist, explain)
@@ -65,6 +67,9 @@ def add_arguments(index: argparse.ArgumentParser, search: argparse.ArgumentParse
     index.add_argument("--batch-size", type=int, default=128, help="images or captions encoded at once (default 128)")
     index.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     index.add_argument("--captions-per-image", type=int, default=5, help="captions per image in SPLIT_caps.txt (default 5)")
+    index.add_argument("--shortlist-checkpoint", metavar="CKPT",
+                       help="take the shortlist's global vectors from this trained checkpoint (e.g. VSE++) instead of "
+                            "the model's own pooled vectors")
 
     search.add_argument("index", help="index folder written by `sgfused index`")
     query = search.add_mutually_exclusive_group(required=True)
@@ -76,6 +81,8 @@ def add_arguments(index: argparse.ArgumentParser, search: argparse.ArgumentParse
                              "(default: score the whole gallery)")
     search.add_argument("--faiss", action="store_true", help="require faiss for the shortlist (default: faiss when installed)")
     search.add_argument("--checkpoint", help="the checkpoint (default: the one recorded in the index; it must have built it)")
+    search.add_argument("--shortlist-checkpoint", metavar="CKPT",
+                        help="the shortlist key's checkpoint (default: the one recorded in the index; it must have built it)")
     search.add_argument("--explain", action="store_true", help="show each word's most attended regions for every hit")
     search.add_argument("--html", help="write a self-contained HTML report (implies the alignment)")
     search.add_argument("--json", help="write the results as JSON")

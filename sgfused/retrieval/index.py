@@ -10,16 +10,22 @@ writes, in folder ``OUT``:
   batch along it (their lengths, stored in a part of their own, keep padding out of
   every score);
 * ``image_global.npy`` / ``caption_global.npy``: the unit global vectors of
-  :mod:`sgfused.retrieval.pooled` (the shortlist's key);
+  :mod:`sgfused.retrieval.pooled` (the shortlist's key): the model's own pooled
+  vectors, or, with ``shortlist_checkpoint``, those of a second, trained checkpoint
+  (a dual encoder such as VSE++, whose score *is* this cosine: the usual first stage
+  of a retrieve-then-re-rank pipeline, since a cross-attention model's pooled vectors
+  are not trained to retrieve on their own);
 * ``captions.json`` (the caption texts), and, when the split has them, ``boxes.npy``
   (region boxes as fractions of the image size), ``sizes.npy`` (image width, height)
   and ``region_labels.json`` (the visual graph's object label of each region);
 * ``manifest.json``: the format, model name, the checkpoint's path and fingerprint
-  (a hash of its model name, config, vocabulary and weights), the data folder, split
-  and a fingerprint of the split's files, and the shapes.
+  (a hash of its model name, config, vocabulary and weights), the shortlist key's
+  checkpoint likewise (``shortlist``, null for the model's own vectors), the data
+  folder, split and a fingerprint of the split's files, and the shapes.
 
-:meth:`GalleryIndex.open` memory-maps the arrays; :meth:`GalleryIndex.load_model`
-refuses a checkpoint whose fingerprint differs from the recorded one, and opening
+:meth:`GalleryIndex.open` memory-maps the arrays; :meth:`GalleryIndex.load_model` and
+:meth:`GalleryIndex.load_shortlist_model` refuse a checkpoint whose fingerprint differs
+from the recorded one, and opening
 refuses an index whose data folder still exists but holds other captions or features
 than it was built from. Item ``i`` of the index is item ``i`` of the split.
 """
@@ -145,6 +151,37 @@ def _split_options(data: Path, split: str, model_name: str) -> dict[str, bool]:
     return options
 
 
+def _encodings(model: RetrievalModel, dataset: PrecompSplit, kind: str, batch_size: int, device: Any,
+               progress: bool, label: str = "") -> Any:
+    """``(batch, encoding)`` for every batch of ``kind`` ("image" / "caption") of the split, in split order."""
+    from tqdm import tqdm
+
+    loader = image_loader(dataset, batch_size) if kind == "image" else caption_loader(dataset, batch_size)
+    for batch in tqdm(loader, desc=f"index {label}{kind}s", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        yield batch, model.encode_images(batch) if kind == "image" else model.encode_captions(batch)
+
+
+def _shortlist_key(checkpoint: str | os.PathLike, data: Path, split: str, captions_per_image: int, batch_size: int,
+                   device: Any, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The global vectors of a second checkpoint's model over the split, and its manifest record."""
+    state = load_checkpoint(checkpoint)
+    model, vocab = model_from_checkpoint(state, str(checkpoint))
+    name = state["model_name"]
+    pooled.check_supported(name)
+    dataset = PrecompSplit(data, split, vocab, captions_per_image=captions_per_image,
+                           **{part: True for part in model_class(name).data_requirements})
+    model.to(device).eval()
+    vectors = {}
+    for kind in KINDS:
+        take = pooled.image_vectors if kind == "image" else pooled.caption_vectors
+        blocks = [take(model, name, encoding).cpu().numpy()
+                  for _, encoding in _encodings(model, dataset, kind, batch_size, device, progress, "shortlist ")]
+        vectors[kind] = np.concatenate(blocks)
+    record = {"model": name, "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": checkpoint_fingerprint(state)}
+    return vectors, record
+
+
 @torch.no_grad()
 def build_index(
     checkpoint: str | os.PathLike,
@@ -156,10 +193,14 @@ def build_index(
     device: str | torch.device = "cpu",
     captions_per_image: int = 5,
     progress: bool = True,
+    shortlist_checkpoint: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Encode split ``split`` of ``data`` with the model of ``checkpoint`` into index folder ``out``; returns the manifest."""
-    from tqdm import tqdm
+    """Encode split ``split`` of ``data`` with the model of ``checkpoint`` into index folder ``out``; returns the manifest.
 
+    ``shortlist_checkpoint``: take the shortlist's global vectors from this checkpoint's model
+    (trained on the same vocabulary's captions or not: it tokenises with its own) instead of
+    the model's own pooled vectors (module doc).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out, data = Path(out), Path(data)
@@ -180,25 +221,24 @@ def build_index(
         writers = {kind: _PartWriter(scratch, kind) for kind in KINDS}
         vectors: dict[str, list[np.ndarray]] = {kind: [] for kind in KINDS}
         is_tuple: dict[str, bool] = {}
-        loaders = {"image": image_loader(dataset, batch_size), "caption": caption_loader(dataset, batch_size)}
         for kind in KINDS:
-            for batch in tqdm(loaders[kind], desc=f"index {kind}s", unit="batch", disable=not progress):
-                batch = batch.to(device)
+            for batch, encoding in _encodings(model, dataset, kind, batch_size, device, progress):
                 if kind == "image":
-                    encoding = model.encode_images(batch)
                     vectors[kind].append(pooled.image_vectors(model, name, encoding).cpu().numpy())
                     if batch.boxes is not None:
                         boxes.append(batch.boxes.cpu().numpy())
                     if batch.graphs is not None:
                         labels.extend([[str(label) for label in graph["labels"]] for graph in batch.graphs])
                 else:
-                    encoding = model.encode_captions(batch)
                     vectors[kind].append(pooled.caption_vectors(model, name, encoding).cpu().numpy())
                 is_tuple[kind] = isinstance(encoding, tuple)
                 writers[kind].add(_parts(encoding))
         layout = {kind: writers[kind].write(out) for kind in KINDS}
+    keys, shortlist = {kind: np.concatenate(vectors[kind]) for kind in KINDS}, None
+    if shortlist_checkpoint is not None:
+        keys, shortlist = _shortlist_key(shortlist_checkpoint, data, split, captions_per_image, batch_size, device, progress)
     for kind in KINDS:
-        np.save(out / f"{kind}_global.npy", np.concatenate(vectors[kind]).astype(np.float32))
+        np.save(out / f"{kind}_global.npy", keys[kind].astype(np.float32))
     if boxes:
         np.save(out / "boxes.npy", np.concatenate(boxes).astype(np.float32))
         np.save(out / "sizes.npy", np.load(data / f"{split}_ims_size.npy")[: dataset.n_images].astype(np.float32))
@@ -210,6 +250,7 @@ def build_index(
         "model": name,
         "checkpoint": str(Path(checkpoint).resolve()),
         "checkpoint_sha256": checkpoint_fingerprint(state),
+        "shortlist": shortlist,
         "data": str(data.resolve()),
         "split": split,
         "data_fingerprint": data_fingerprint(data, split),
@@ -282,14 +323,34 @@ class GalleryIndex:
 
     def load_model(self, checkpoint: str | os.PathLike | None = None) -> tuple[RetrievalModel, Vocabulary]:
         """The model and vocabulary of ``checkpoint`` (default: the recorded one), refused unless it built this index."""
-        source = Path(checkpoint) if checkpoint is not None else Path(self.manifest["checkpoint"])
+        return self._recorded_model(self.manifest, checkpoint, "checkpoint")
+
+    @property
+    def shortlist_model_name(self) -> str | None:
+        """The model whose global vectors are the shortlist key, None for this index's own model."""
+        record = self.manifest.get("shortlist")
+        return record["model"] if record else None
+
+    def load_shortlist_model(self, checkpoint: str | os.PathLike | None = None) -> tuple[RetrievalModel, Vocabulary] | None:
+        """The shortlist key's model and vocabulary (None when the key is the index model's own vectors)."""
+        record = self.manifest.get("shortlist")
+        if record is None:
+            if checkpoint is not None:
+                raise ValueError(f"--shortlist-checkpoint: index {self.path} was built without one "
+                                 "(its shortlist key is its own model's vectors)")
+            return None
+        return self._recorded_model(record, checkpoint, "shortlist checkpoint")
+
+    def _recorded_model(self, record: dict[str, Any], checkpoint: str | os.PathLike | None,
+                        what: str) -> tuple[RetrievalModel, Vocabulary]:
+        source = Path(checkpoint) if checkpoint is not None else Path(record["checkpoint"])
         state = load_checkpoint(source)
         fingerprint = checkpoint_fingerprint(state)
-        if fingerprint != self.manifest["checkpoint_sha256"]:
+        if fingerprint != record["checkpoint_sha256"]:
             raise ValueError(
-                f"index {self.path} was built by another checkpoint: {source} has fingerprint {fingerprint[:12]}, "
-                f"the index records {self.manifest['checkpoint_sha256'][:12]} ({self.manifest['checkpoint']}); "
-                "rebuild the index with this checkpoint"
+                f"index {self.path} was built by another {what}: {source} has fingerprint {fingerprint[:12]}, "
+                f"the index records {record['checkpoint_sha256'][:12]} ({record['checkpoint']}); "
+                f"rebuild the index with this {what}"
             )
         return model_from_checkpoint(state, str(source))
 

@@ -4,6 +4,9 @@ Exhaustive search scores the query against every gallery item with the model's f
 (fused) similarity, in chunks of ``chunk`` items. Two-stage search first keeps the
 ``shortlist`` items whose global vectors (:mod:`sgfused.retrieval.pooled`) have the
 highest dot product with the query's, then re-ranks only those with the full score.
+The global vectors are the index's shortlist key: the model's own, or a second
+checkpoint's (``sgfused index --shortlist-checkpoint``), which then also encodes a
+typed caption's vector.
 Either way the hits are ordered by the full score, ties by item index, and each carries
 its shortlist score too.
 
@@ -71,40 +74,51 @@ class Searcher:
     """Queries one index with the checkpoint that built it (checked on construction)."""
 
     def __init__(self, index: GalleryIndex | str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-                 *, device: str | torch.device = "cpu", use_faiss: bool | None = None, chunk: int = 1024) -> None:
+                 *, device: str | torch.device = "cpu", use_faiss: bool | None = None, chunk: int = 1024,
+                 shortlist_checkpoint: str | os.PathLike | None = None) -> None:
         self.index = index if isinstance(index, GalleryIndex) else GalleryIndex.open(index)
         self.model, self.vocab = self.index.load_model(checkpoint)
         self.device = torch.device(device)
         self.model.to(self.device).eval()
+        # the model and vocabulary that encode a typed caption's shortlist vector (the index's own by default)
+        self.key_name = self.index.shortlist_model_name or self.index.model_name
+        self.key_model, self.key_vocab = self.index.load_shortlist_model(shortlist_checkpoint) or (self.model, self.vocab)
+        self.key_model.to(self.device).eval()
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.use_faiss, self.chunk = use_faiss, chunk
         self._shortlisters: dict[str, pooled.Shortlister] = {}  # per kind, built on first two-stage use
 
     # ------------------------------------------------------------------ queries
-    def encode_caption(self, text: str) -> tuple[Any, list[str], list[bool]]:
-        """The encoding of a typed caption, its tokens and which of them the vocabulary knows."""
+    def encode_caption(self, text: str, shortlist_key: bool = False) -> tuple[Any, list[str], list[bool]]:
+        """The encoding of a typed caption, its tokens and which of them the vocabulary knows.
+
+        ``shortlist_key``: encode it with the shortlist key's model and vocabulary instead.
+        """
+        model, vocab = (self.key_model, self.key_vocab) if shortlist_key else (self.model, self.vocab)
         tokens = tokenize(text)
-        known = [token in self.vocab.word2idx for token in tokens]
+        known = [token in vocab.word2idx for token in tokens]
         if not any(known):
             shown = " ".join(tokens) if tokens else "(no words)"
+            whose = "shortlist checkpoint's" if shortlist_key else "checkpoint's"
             raise ValueError(
-                f"--caption {text!r}: none of its words is in the checkpoint's vocabulary of {len(self.vocab)} words "
+                f"--caption {text!r}: none of its words is in the {whose} vocabulary of {len(vocab)} words "
                 f"(unknown: {shown})"
             )
-        ids = torch.tensor([self.vocab.encode(tokens)], dtype=torch.int64)
-        needs_graph = "caption_graphs" in type(self.model).data_requirements
+        ids = torch.tensor([vocab.encode(tokens)], dtype=torch.int64)
+        needs_graph = "caption_graphs" in type(model).data_requirements
         batch = CaptionBatch(ids, torch.tensor([ids.shape[1]]), torch.zeros(1, dtype=torch.int64),
                              torch.zeros(1, dtype=torch.int64), [_bare_caption_graph(tokens)] if needs_graph else None)
         with torch.no_grad():
-            return self.model.encode_captions(batch.to(self.device)), tokens, known
+            return model.encode_captions(batch.to(self.device)), tokens, known
 
     @torch.no_grad()
     def by_caption(self, text: str, top: int | None = None, shortlist: int | None = None, explain: bool = False) -> SearchResult:
         """The ``top`` images for caption ``text`` (default :data:`DEFAULT_TOP`, or all when the gallery is smaller)."""
         top = self._check_counts(top, shortlist, self.index.n_images, "images")
         encoding, tokens, known = self.encode_caption(text)
-        vector = pooled.caption_vectors(self.model, self.index.model_name, encoding)[0].cpu()
+        key = encoding if self.key_model is self.model else self.encode_caption(text, shortlist_key=True)[0]
+        vector = pooled.caption_vectors(self.key_model, self.key_name, key)[0].cpu()
         return self._images_for(encoding, vector, tokens, known, {"caption": text, "tokens": tokens}, top, shortlist, explain)
 
     @torch.no_grad()
