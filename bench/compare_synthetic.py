@@ -209,6 +209,7 @@ def row(name: str, sims: torch.Tensor, records: list, captions_per_image: int, p
             low, high = wilson_interval(a[way], a[f"{way}_trials"]) if a else (float("nan"),) * 2
             out[f"{tag}_{way}"], out[f"{tag}_{way}_low"], out[f"{tag}_{way}_high"] = (
                 f"{a[way]:.1f}" if a else "", f"{low:.1f}", f"{high:.1f}")
+        out[f"{tag}_response"] = f"{a['response']:.3f}" if a else ""
     history = (progress or {}).get("history", [])
     out |= {"stopped": (progress or {}).get("stopped") or "", "epochs": len(history),
             "steps": history[-1][0] if history else "", "train_min": f"{progress['seconds'] / 60:.1f}" if progress else "",

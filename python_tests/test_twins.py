@@ -46,6 +46,16 @@ def test_identical_twin_images_score_chance():
     sims = torch.tensor([[0.3, 0.8, 0.1, 0.4], [0.3, 0.8, 0.1, 0.4]])  # two images with one encoding
     accuracy = twin_accuracy(sims, torch.tensor([[1, 0]]), 2)
     assert accuracy["t2i"] == pytest.approx(50.0) and accuracy["i2t"] == pytest.approx(50.0)
+    assert accuracy["response"] == 0.0  # the score does not move at all
+
+
+def test_score_response_is_the_twin_gap_over_the_spread_of_scores():
+    # images 0 and 1 are twins, 1 caption per image; every caption's column is a permutation of one set
+    sims = torch.tensor([[3.0, 2.5, 0.0, 1.0], [2.5, 3.0, 1.0, 0.0], [0.0, 1.0, 3.0, 2.5], [1.0, 0.0, 2.5, 3.0]])
+    spread = torch.tensor([0.0, 1.0, 2.5, 3.0]).std().item()  # so the spread over images is this set's std
+    accuracy = twin_accuracy(sims, torch.tensor([[0, 1]]), 1)
+    assert accuracy["t2i"] == pytest.approx(100.0)
+    assert accuracy["response"] == pytest.approx(0.5 / spread)
 
 
 def test_wilson_interval():

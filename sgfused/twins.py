@@ -16,7 +16,15 @@ attributes does not. Two views of that, per kind of difference:
   higher than the best of the twin's (image->text). A tie counts half a win:
   a model that cannot tell the two apart (on the hard synthetic setting a
   bag-of-regions model gets identical encodings for a relation twin) scores
-  50%, chance, not 0%. :func:`wilson_interval` gives the 95% interval of a rate.
+  50%, chance, not 0%. :func:`wilson_interval` gives the 95% interval of a rate;
+- **score response** (``"response"``): how far the score moves when a caption's
+  image is replaced by its twin, ``median |s(a, c) - s(b, c)|`` over the
+  text->image comparisons, divided by the median over captions of the standard
+  deviation of a caption's scores over all images. 0 means the model cannot see
+  the difference at all; a value near 1 means the twin change moves the score as
+  much as swapping in an unrelated image does. It separates "blind to the
+  difference" (0, accuracy 50%) from "sees it but does not use it" (> 0,
+  accuracy still near 50%).
 """
 
 from __future__ import annotations
@@ -62,8 +70,11 @@ def twin_accuracy(sims: Tensor, pairs: Tensor, captions_per_image: int) -> dict[
     t2i = _wins(sims[own[:, None], own_caps], sims[twin[:, None], own_caps])
     twin_caps = twin[:, None] * captions_per_image + torch.arange(captions_per_image)
     i2t = _wins(sims[own[:, None], own_caps].amax(1), sims[own[:, None], twin_caps].amax(1))
+    gap = (sims[own[:, None], own_caps] - sims[twin[:, None], own_caps]).abs().double().median()
+    spread = sims.double().std(0).median()
+    response = (gap / spread).item() if spread > 0 else 0.0
     return {"i2t": 100.0 * i2t.mean().item(), "t2i": 100.0 * t2i.mean().item(), "pairs": len(pairs),
-            "i2t_trials": i2t.numel(), "t2i_trials": t2i.numel()}
+            "i2t_trials": i2t.numel(), "t2i_trials": t2i.numel(), "response": response}
 
 
 def _wins(own: Tensor, other: Tensor) -> Tensor:
@@ -99,8 +110,9 @@ def twin_results(
 
 
 def format_twin_accuracy(accuracy: dict[str, dict[str, float]]) -> str:
-    """One line per kind: ``relation twins: image->text 81.2%, text->image 77.0% (40 pairs)``."""
+    """One line per kind: ``relation twins: image->text 81.2%, text->image 77.0% (40 pairs; ...)``."""
     return "\n".join(
-        f"{name}: image->text {a['i2t']:.1f}%, text->image {a['t2i']:.1f}% ({a['pairs']} pairs; chance 50%)"
+        f"{name}: image->text {a['i2t']:.1f}%, text->image {a['t2i']:.1f}% ({a['pairs']} pairs; chance 50%), "
+        f"score response {a['response']:.3f}"
         for name, a in accuracy.items()
     )
