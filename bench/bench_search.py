@@ -3,7 +3,7 @@
 What it measures, per model, shortlist key and gallery size: text -> image recall@1/5/10 of
 the same caption queries searched exhaustively (the model's full score against every image)
 and in two stages (the ``--shortlist`` K' images with the best global-vector score, then the
-full score on those), the shortlist's own recall@K' (is the true image in it), and queries per
+full score on those; one row per K' given), the shortlist's own recall@K' (is the true image in it), and queries per
 second of each, with the speed-up of two stages over exhaustive in the same run. Two keys:
 the model's own pooled vectors ("own"), and a VSE++ checkpoint trained on the same data
 ("vsepp", ``sgfused index --shortlist-checkpoint``), a dual encoder trained for exactly this
@@ -117,6 +117,19 @@ def recalls(ranks: list[int | None]) -> dict[str, float]:
     return {f"r{k}": 100.0 * sum(r is not None and r <= k for r in ranks) / len(ranks) for k in TOPS}
 
 
+def measured(searcher: Searcher, queries: list[int], exhaustive: tuple[list[int | None], float], shortlist: int) -> dict:
+    """One row: recalls and queries/s of exhaustive search and of two stages with a shortlist of ``shortlist``."""
+    two_stage = search_all(searcher, queries, shortlist)
+    row = {"gallery": searcher.index.n_images, "queries": len(queries), "shortlist": shortlist,
+           "shortlist_recall": round(shortlist_recall(searcher, queries, shortlist), 2),
+           "stage": searcher.by_indexed_caption(queries[0], top=1, shortlist=shortlist).stage}
+    for mode, (ranks, seconds) in (("exhaustive", exhaustive), ("two_stage", two_stage)):
+        row |= {f"{mode}_{name}": round(value, 2) for name, value in recalls(ranks).items()}
+        row[f"{mode}_qps"] = round(len(queries) / seconds, 2)
+    row["speedup"] = round(row["two_stage_qps"] / row["exhaustive_qps"], 1)
+    return row | {"device": device_name(torch.device("cpu")), "commit": commit()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/sgfused_bench_search", help="cache folder: datasets, runs, indexes")
@@ -127,7 +140,8 @@ def main() -> None:
                         help="caption queries per gallery, one value or one per --galleries entry (the same for both stages)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="generate, train and index, then stop: the searches can then be timed on a quiet machine")
-    parser.add_argument("--shortlist", type=int, default=100, help="K': images the second stage re-ranks")
+    parser.add_argument("--shortlist", type=int, nargs="+", default=[100, 1000],
+                        help="K': images the second stage re-ranks (one row each)")
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--dev-images", type=int, default=100)
     parser.add_argument("--feature-dim", type=int, default=256)
@@ -159,18 +173,9 @@ def main() -> None:
                 generator = torch.Generator().manual_seed(0)
                 queries = torch.randperm(searcher.index.n_captions, generator=generator)[: queries_for[gallery]].tolist()
                 exhaustive = exhaustive or search_all(searcher, queries, None)
-                two_stage, two_stage_s = search_all(searcher, queries, args.shortlist)
-                stage = searcher.by_indexed_caption(queries[0], top=1, shortlist=args.shortlist).stage
-                row = {"model": key, "key": shortlist_key, "gallery": gallery, "queries": len(queries),
-                       "shortlist": args.shortlist,
-                       "shortlist_recall": round(shortlist_recall(searcher, queries, args.shortlist), 2), "stage": stage}
-                for mode, (ranks, seconds) in (("exhaustive", exhaustive), ("two_stage", (two_stage, two_stage_s))):
-                    row |= {f"{mode}_{name}": round(value, 2) for name, value in recalls(ranks).items()}
-                    row[f"{mode}_qps"] = round(len(queries) / seconds, 2)
-                row["speedup"] = round(row["two_stage_qps"] / row["exhaustive_qps"], 1)
-                row |= {"device": device_name(torch.device("cpu")), "commit": commit()}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for shortlist in [k for k in args.shortlist if k < gallery]:  # K' >= G is exhaustive search
+                    rows.append({"model": key, "key": shortlist_key} | measured(searcher, queries, exhaustive, shortlist))
+                    print(json.dumps(rows[-1]), flush=True)
     if args.prepare_only:
         print(f"prepared {work}: datasets, checkpoints and indexes; run again without --prepare-only to search")
         return

@@ -213,3 +213,50 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# TF32 products round both operands to 10 mantissa bits (unit roundoff 2^-11 ~ 4.9e-4); relative to
+# the largest magnitude, sums of them stay well inside this where the kernels' intermediates
+# (softmax weights, upstream gradients) are rounded too.
+TF32_TOL = 1e-2
+
+
+def tf32_rounded(t: torch.Tensor) -> torch.Tensor:
+    """fp32 ``t`` rounded to nearest even at TF32's 10 mantissa bits: inputs whose TF32 products are exact.
+
+    With such inputs a TF32 kernel differs from the fp64 reference only through its rounded
+    intermediates, so no near-tie (argmax, hinge) flips between the two, on a GPU or in the
+    interpreter (which computes every product in full precision).
+    """
+    bits = t.float().contiguous().view(torch.int32)
+    rounded = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+@pytest.fixture
+def tf32_launches(monkeypatch):
+    """TF32 allowed for fp32 matmuls (``torch.set_float32_matmul_precision("high")``) during the test.
+
+    Yields the list of the ``PRECISION`` constexpr of every Triton kernel launched meanwhile
+    (None for kernels without a ``tl.dot``), so a test can check that the setting reached them.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    seen: list = []
+    for kind in (JITFunction, InterpretedFunction):
+        def spy(self, *args, _run=kind.run, **kwargs):
+            seen.append(kwargs.get("PRECISION"))
+            return _run(self, *args, **kwargs)
+
+        monkeypatch.setattr(kind, "run", spy)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield seen
+    torch.set_float32_matmul_precision(saved)
+
+
+def assert_tf32_reached_the_kernels(backend: str, seen: list) -> None:
+    """On the Triton backend, every launched kernel with a ``tl.dot`` ran its TF32 specialisation."""
+    if backend == "triton":
+        assert "tf32" in seen and "ieee" not in seen, f"PRECISION of the launched kernels: {seen}"

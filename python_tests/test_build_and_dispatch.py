@@ -71,3 +71,21 @@ def test_every_op_in_the_op_list_registers_and_has_a_test_file():
     for name in sgfused.ops.OPS:
         assert callable(importlib.import_module(f"sgfused.ops.{name}").register), name
         assert (tests / f"test_{name}.py").is_file(), f"op {name} has no python_tests/test_{name}.py"
+
+
+def test_triton_dot_precision_follows_torch_matmul():
+    """fp32 products go to TF32 exactly when torch.matmul's setting allows it; other dtypes never."""
+    from sgfused.triton._common import dot_precision
+
+    saved = torch.get_float32_matmul_precision()
+    try:
+        assert [dot_precision(t) for t in (torch.float32, torch.float64, torch.bfloat16)] == ["ieee"] * 3
+        for allowing in ("high", "medium"):
+            torch.set_float32_matmul_precision(allowing)
+            assert dot_precision(torch.float32) == "tf32"
+            assert dot_precision(torch.float64) == dot_precision(torch.float16) == "ieee"
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = True  # the older switch says the same
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(saved)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KERNEL_BACKENDS, SCALED_TOL, assert_scaled_close, backend_device
+from conftest import (KERNEL_BACKENDS, SCALED_TOL, TF32_TOL, assert_scaled_close, assert_tf32_reached_the_kernels,
+                      backend_device, tf32_rounded)
 
 from sgfused import reference
 from sgfused.nn import CrossAttentionSimilarity
@@ -88,6 +89,26 @@ def test_matches_reference_fp32(backend, shape, norm, epilogue, lengths):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(backend, epilogue, dtype):
     check(backend, (3, 6, 2, 5, 16, 8), "clipped_l2", epilogue, "mixed", dtype)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("epilogue", ["context", "distance"])
+def test_tf32_when_allowed(backend, epilogue, tf32_launches):
+    """Under torch.set_float32_matmul_precision("high") the GPU backends may take TF32 products, as
+    torch.matmul does: values and gradients stay within TF32's error of the fp64 reference."""
+    device = backend_device(backend)
+    tensors = make(4, 12, 3, 9, 32, 16, epilogue, "mixed", torch.device("cpu"), torch.float32)
+    tensors = tuple(None if t is None else (tf32_rounded(t) if t.is_floating_point() else t).to(device) for t in tensors)
+    wide = tuple(t.double() if t is not None and t.is_floating_point() else t for t in tensors)
+    with torch.no_grad():
+        upstream = tf32_rounded(torch.randn(ref("clipped_l2", epilogue)(*wide).shape)).to(device)
+    got, got_grads = run(ours(backend, "clipped_l2", epilogue), tensors, upstream)
+    want, want_grads = run(ref("clipped_l2", epilogue), wide, upstream.double())
+    assert_tf32_reached_the_kernels(backend, tf32_launches)
+    assert got.dtype == torch.float32
+    assert_scaled_close(got, want, TF32_TOL)
+    for g, w in zip(got_grads, want_grads):
+        assert_scaled_close(g, w, TF32_TOL)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

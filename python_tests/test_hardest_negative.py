@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KERNEL_BACKENDS, TOLERANCE, backend_device
+from conftest import (KERNEL_BACKENDS, TF32_TOL, TOLERANCE, assert_scaled_close, assert_tf32_reached_the_kernels,
+                      backend_device, tf32_rounded)
 
 import sgfused
 from sgfused import reference
@@ -185,6 +186,31 @@ def test_embeddings_match_reference(backend, max_violation, n, d, captions_per_i
     tol = TOLERANCE[dtype] if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float() if g.is_floating_point() else g, w.float() if w.is_floating_point() else w, **tol)
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_embeddings_tf32_when_allowed(max_violation, tf32_launches):
+    """Under torch.set_float32_matmul_precision("high") the Triton kernels take TF32 products, as torch.matmul
+    does: on TF32-exact embeddings the losses, hardest negatives and gradients match the fp64 reference."""
+    device = backend_device("triton")
+    img = tf32_rounded(torch.nn.functional.normalize(torch.randn(64, 48), dim=1)).to(device)
+    cap = tf32_rounded(torch.nn.functional.normalize(torch.randn(64, 48), dim=1)).to(device)
+    ids = torch.arange(64, device=device)
+    upstream = tf32_rounded(torch.rand(64) + 0.5).to(device)
+
+    def losses(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (img, cap)]
+        per_caption, hard_cap, hard_img = fn(*leaves)
+        return per_caption, hard_cap, hard_img, *torch.autograd.grad((per_caption * upstream.to(dtype)).sum(), leaves)
+
+    got = losses(lambda i, c: hardest_negative_loss_from_embeddings(
+        i, c, 0.2, img_ids=ids, cap_img_ids=ids, max_violation=max_violation, reduction="none",
+        return_indices=True, backend="triton"), torch.float32)
+    want = losses(lambda i, c: reference.hardest_negative_embed_terms(i, c, ids, ids, 0.2, max_violation), torch.float64)
+    assert_tf32_reached_the_kernels("triton", tf32_launches)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    for g, w in zip(got[:1] + got[3:], want[:1] + want[3:]):
+        assert_scaled_close(g, w, TF32_TOL)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SCALED_TOL, assert_scaled_close, backend_device
+from conftest import SCALED_TOL, TF32_TOL, assert_scaled_close, assert_tf32_reached_the_kernels, backend_device, tf32_rounded
 
 from sgfused import reference
 from sgfused.nn import MaxSim
@@ -102,6 +102,23 @@ def test_reference_chunks_give_the_same_result(monkeypatch):
 def test_matches_reference_fp32(backend, shape, lengths):
     device = device_for(backend)
     check_against_reference(backend, *make(*shape, lengths, device))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_tf32_when_allowed(backend, tf32_launches):
+    """Under torch.set_float32_matmul_precision("high") the Triton kernels take TF32 products, as torch.matmul
+    does: on TF32-exact inputs the scores, argmaxes and gradients match the fp64 reference within TF32's error."""
+    device = device_for(backend)
+    x, y, x_lens, y_lens = make(5, 36, 7, 12, 64, "mixed", torch.device("cpu"))
+    x, y = tf32_rounded(x).to(device), tf32_rounded(y).to(device)
+    x_lens, y_lens = x_lens.to(device), y_lens.to(device)
+    upstream = tf32_rounded(torch.rand(5, 7) + 0.5).to(device)
+    got = run(backend, x, y, x_lens, y_lens, upstream)
+    want = run("reference_op", x.double(), y.double(), x_lens, y_lens, upstream.double())
+    assert_tf32_reached_the_kernels(backend, tf32_launches)
+    assert torch.equal(got[1], want[1])
+    for g, w in zip(got[:1] + got[2:], want[:1] + want[2:]):
+        assert_scaled_close(g, w, TF32_TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KERNEL_BACKENDS, SCALED_TOL, assert_scaled_close, backend_device
+from conftest import (KERNEL_BACKENDS, SCALED_TOL, TF32_TOL, assert_scaled_close, assert_tf32_reached_the_kernels,
+                      backend_device, tf32_rounded)
 
 from sgfused import reference
 from sgfused.nn import VectorSimilarity
@@ -91,6 +92,24 @@ def test_low_precision(backend, mode, dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_aligned_pairs(backend, mode, dtype):
     check_against_reference(backend, (33, 33, 17, 256), mode, True, True, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("mode", ["distance", "direction"])
+def test_tf32_when_allowed(backend, mode, tf32_launches):
+    """Under torch.set_float32_matmul_precision("high") the GPU backends may take TF32 products, as
+    torch.matmul does: values and gradients stay within TF32's error of the fp64 reference."""
+    device = backend_device(backend)
+    inputs = [tf32_rounded(t).to(device) for t in make_inputs(3, 64, 17, 256, True, "cpu", torch.float32)]
+    upstream = tf32_rounded(torch.randn(3, 64, 256)).to(device)
+    got, got_grads = values_and_grads(lambda *t: pairwise_similarity(*t, mode, backend=backend), inputs, upstream)
+    want, want_grads = values_and_grads(lambda *t: reference.pairwise_similarity(*t, mode, 1e-8, False),
+                                        [t.double() for t in inputs], upstream.double())
+    assert_tf32_reached_the_kernels(backend, tf32_launches)
+    assert got.dtype == torch.float32
+    assert_scaled_close(got, want, TF32_TOL)
+    for g, w in zip(got_grads, want_grads):
+        assert_scaled_close(g, w, TF32_TOL)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

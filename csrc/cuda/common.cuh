@@ -3,7 +3,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -49,16 +48,6 @@ inline unsigned int grid_stride_blocks(int64_t items, int64_t per_block) {
 
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// The fp32 GEMMs run under at::NoTF32Guard, which the default cuBLAS path honours;
-// cublasLt does not, so say so once when it is preferred and TF32 is allowed.
-inline void warn_if_tf32_possible(const char* op, at::ScalarType acc) {
-  if (acc == at::kFloat && at::globalContext().allowTF32CuBLAS() &&
-      at::globalContext().blasPreferredBackend() == at::BlasBackend::Cublaslt) {
-    TORCH_WARN_ONCE(op, " (CUDA): the preferred BLAS library is cublasLt and TF32 matmuls are allowed; the fp32 "
-                    "GEMMs of this operator may then run in TF32 (the default cuBLAS library computes them in fp32).");
-  }
 }
 
 }  // namespace cuda_common

@@ -52,12 +52,12 @@
 // read-modify-writes ordered by the stream; grad_bias uses at::sum. No
 // floating-point atomics anywhere.
 //
-// Precision: fp32 GEMMs run under at::NoTF32Guard (true fp32 on the default
-// cuBLAS path; if cublasLt is preferred and TF32 allowed we warn once, as
-// pairwise_similarity does). fp16 / bf16 inputs are computed in fp32 throughout.
+// Precision: the fp32 GEMMs are at::mm / bmm calls, so they follow torch's TF32
+// setting as torch.matmul does: full fp32 by default, TF32 tensor-core products
+// when the user allows them (torch.set_float32_matmul_precision("high") or
+// torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs are computed in fp32
+// throughout.
 #include <ATen/ATen.h>
-#include <ATen/BlasBackend.h>
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -842,8 +842,6 @@ void forward_impl(const Config& cfg, const Tensor& queries, const Tensor& contex
     z_buf = at::empty({plan.na * plan.nb * cfg.lq * cfg.m}, ws.qa.options());
   }
 
-  warn_if_tf32_possible("cross_attention", acc);
-  const at::NoTF32Guard no_tf32;
   with_epilogue(cfg.epilogue, [&](auto tag) {
     constexpr int kEpi = decltype(tag)::value;
     for_each_block(plan, cfg, [&](const Block& blk) {
@@ -930,8 +928,6 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
       gq_buf = at::empty({max_rows * cfg.d}, acc_options);
     }
 
-    warn_if_tf32_possible("cross_attention", acc);
-    const at::NoTF32Guard no_tf32;
     with_epilogue(cfg.epilogue, [&](auto tag) {
       constexpr int kEpi = decltype(tag)::value;
       constexpr bool kLinear = kEpi == kDistance || kEpi == kDirection;

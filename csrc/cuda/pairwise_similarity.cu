@@ -35,14 +35,11 @@
 // single stream) and grad_bias uses at::sum (fixed-order, no atomics). No
 // floating-point atomics anywhere.
 //
-// Precision: fp32 GEMMs run with at::NoTF32Guard, so the default cuBLAS path
-// (the one at::mm takes unless torch.backends.cuda.preferred_blas_library is set
-// to cublaslt) computes in true fp32 whatever torch.backends.cuda.matmul.
-// allow_tf32 / set_float32_matmul_precision say. The cublasLt path ignores the
-// guard; if it is preferred and TF32 is allowed we warn once.
+// Precision: the fp32 GEMMs are at::mm calls, so they follow torch's TF32
+// setting as torch.matmul does: full fp32 by default, TF32 tensor-core products
+// when the user allows them (torch.set_float32_matmul_precision("high") or
+// torch.backends.cuda.matmul.allow_tf32).
 #include <ATen/ATen.h>
-#include <ATen/BlasBackend.h>
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -453,8 +450,6 @@ void forward_impl(const Tensor& x, const Tensor& y, const Tensor& weight, const 
   const Tensor w_t = wa.t();
   const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
-  warn_if_tf32_possible("pairwise_similarity", acc);
-  const at::NoTF32Guard no_tf32;
   for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t, int64_t, int64_t np) {
     Tensor e_block = e.narrow(0, 0, np), z_block = z.narrow(0, 0, np);
     build_e<acc_t>(distance, a, b, pb, np, d, e_block, stream);
@@ -517,8 +512,6 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
     const Tensor w_t = wa.t();
     const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
-    warn_if_tf32_possible("pairwise_similarity", acc);
-    const at::NoTF32Guard no_tf32;
     for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t ni, int64_t nj, int64_t np) {
       Tensor e_block = e.narrow(0, 0, np), dz_block = dz.narrow(0, 0, np), de_block = de.narrow(0, 0, np);
       build_e<acc_t>(distance, a, b, pb, np, d, e_block, stream);

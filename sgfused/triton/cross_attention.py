@@ -41,8 +41,9 @@ the projected form of ``_norm_grad``, which has no cancellation: where the true 
 (m = 1, a single valid query position under clipped_l2, d = 1) the kernels give it to working
 precision, while the reference's autograd in fp32 gives rounding noise there (compare in fp64).
 
-All arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input; ``tl.dot`` with
-input_precision="ieee"); on CUDA the score product of fp16 / bf16 inputs runs on the matrix unit
+All arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input); ``tl.dot`` runs in full
+precision, or TF32 for fp32 inputs when the user allows it (``_common.dot_precision``); on CUDA
+the score product of fp16 / bf16 inputs runs on the matrix unit
 (exact products, fp32 accumulation). No atomics; results are deterministic. Stores to bf16 round to
 nearest even by hand (``_cast``), as the interpreter's conversion truncates.
 
@@ -58,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rounded
+from ._common import cast_rounded, dot_precision
 
 BLOCK_D_FWD = 64  # d-chunk of the forward passes
 BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles)
@@ -96,7 +97,7 @@ def _norm_grad(dy, unit, proj, r, eps):
 
 @triton.jit
 def _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
-            ACC: tl.constexpr, NATIVE_DOT: tl.constexpr,
+            ACC: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
             BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """s0[j, k] = <Q[a, j], C[b, k]> (BLOCK_J, BLOCK_C) in ACC, 0 at padded j or k."""
     s = tl.zeros((BLOCK_J, BLOCK_C), ACC)
@@ -108,7 +109,7 @@ def _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
         if not NATIVE_DOT:
             q = q.to(ACC)
             ct = ct.to(ACC)
-        s = tl.dot(q, ct, s, input_precision="ieee", out_dtype=ACC)
+        s = tl.dot(q, ct, s, input_precision=PRECISION, out_dtype=ACC)
     return s
 
 
@@ -142,7 +143,7 @@ def _features(u, q, ru, rc, rq, EPI: tl.constexpr):
 
 @triton.jit
 def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
-                ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+                ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """Row sums of u*u, u*q and q*q over d, with u = P C_b (BLOCK_J,) each."""
     uu = tl.zeros((BLOCK_J,), ACC)
     uq = tl.zeros((BLOCK_J,), ACC)
@@ -152,7 +153,7 @@ def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
         dm = ds < D
         c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
         q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
-        u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+        u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
         uu += tl.sum(u * u, axis=1)
         uq += tl.sum(u * q, axis=1)
         qq += tl.sum(q * q, axis=1)
@@ -161,7 +162,7 @@ def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
 
 @triton.jit
 def _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
-                  ACC: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """z = e W^T + bias (BLOCK_J, BLOCK_M), e built chunk by chunk in registers."""
     z = tl.zeros((BLOCK_J, BLOCK_M), ACC)
@@ -170,10 +171,10 @@ def _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, 
         dm = ds < D
         c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
         q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
-        u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+        u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
         e = _features(u, q, ru, rc, rq, EPI)
         wt = tl.load(w_ptr + ms[None, :] * D + ds[:, None], mask=dm[:, None] & mm[None, :], other=0.0).to(ACC)
-        z = tl.dot(e, wt, z, input_precision="ieee", out_dtype=ACC)
+        z = tl.dot(e, wt, z, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         z += tl.load(bias_ptr + ms, mask=mm, other=0.0).to(ACC)[None, :]
     return z
@@ -209,8 +210,8 @@ def _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI: tl.co
 @triton.jit
 def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_ptr, stats_ptr,
                     Nc, Lq, Lc, D, M,
-                    ACC: tl.constexpr, CLIPPED: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    NATIVE_DOT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                    ACC: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr, EPI: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """out and stats of pair (a, b) = divmod(program, Nc), all query positions."""
     pair = tl.program_id(0).to(tl.int64)
@@ -230,7 +231,7 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
     cb = b * Lc * D
     row = pair * Lq + js  # (a, b, j) as a row of out / stats
 
-    s0 = _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, NATIVE_DOT, BLOCK_J, BLOCK_C, BLOCK_D)
+    s0 = _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, NATIVE_DOT, BLOCK_J, BLOCK_C, BLOCK_D)
     t, r, x = _logits(s0, jv, kv, smooth, leaky, eps, CLIPPED)
     mx = tl.max(x, axis=1)
     ex = tl.exp(x - mx[:, None])
@@ -238,7 +239,7 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
     p = ex / se[:, None]
     lse = mx + tl.log(se)
 
-    uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, BLOCK_J, BLOCK_D)
+    uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, BLOCK_J, BLOCK_D)
     nu = tl.sqrt(uu)
     ru = nu + eps
     nz = tl.zeros((BLOCK_J,), ACC)
@@ -247,7 +248,7 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
             c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
-            u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+            u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
             val = tl.where(jv[:, None], u / ru[:, None], 0.0)
             tl.store(out_ptr + row[:, None] * D + ds[None, :], cast_rounded(val, out_ptr.dtype.element_ty),
                      mask=jin[:, None] & dm[None, :])
@@ -263,7 +264,7 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
         ms = tl.arange(0, BLOCK_M)
         mm = ms < M
         z = _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
-                          ACC, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
+                          ACC, PRECISION, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
         nz = tl.sqrt(tl.sum(z * z, axis=1))
         val = tl.where(jv[:, None], z / (nz + eps)[:, None], 0.0)
         tl.store(out_ptr + row[:, None] * M + ms[None, :], cast_rounded(val, out_ptr.dtype.element_ty),
@@ -274,17 +275,18 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
 
 @triton.jit
 def _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm, ds, dm, D,
-                 ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI: tl.constexpr, ACC: tl.constexpr):
+                 ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI: tl.constexpr, ACC: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """One d-chunk of the backward: context and query rows, u = p C, and the epilogue's gradients."""
     c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
     q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
-    u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
+    u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
     if EPI == 0:
         g = _rows(g_ptr, 0, row, jv, ds, dm, D, ACC)
     else:
         g = u
     if EPI >= 2:
-        de = tl.dot(dz, _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC), input_precision="ieee", out_dtype=ACC)
+        de = tl.dot(dz, _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC), input_precision=PRECISION, out_dtype=ACC)
     else:
         de = u
     d_ctx, d_q = _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI)
@@ -295,8 +297,8 @@ def _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr,
 def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, stats_ptr,
                      acc_ptr, dw_ptr, db_ptr,
                      Nq, Nc, Lq, Lc, D, M, partners_per_split,
-                     ACC: tl.constexpr, CLIPPED: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     NATIVE_DOT: tl.constexpr, FOR_Q: tl.constexpr,
+                     ACC: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr, EPI: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, FOR_Q: tl.constexpr,
                      BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr):
     """FOR_Q: acc[split, a] += dQ_a over the context sets b of the split (and dW / dbias partials of a).
@@ -339,11 +341,11 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
         row = (a * Nc + b) * Lq + js
 
         # ---- recompute the attention (P from the saved log-sum-exp)
-        s0 = _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, NATIVE_DOT, BLOCK_J, BLOCK_C, BLOCK_D)
+        s0 = _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, NATIVE_DOT, BLOCK_J, BLOCK_C, BLOCK_D)
         t, r, x = _logits(s0, jv, kv, smooth, leaky, eps, CLIPPED)
         lse = tl.load(stats_ptr + row * 2 + 1, mask=jv, other=0.0).to(ACC)
         p = tl.where(pm, tl.exp(x - lse[:, None]), 0.0)
-        uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, BLOCK_J, BLOCK_D)
+        uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, BLOCK_J, BLOCK_D)
         nu = tl.sqrt(uu)
         ru = nu + eps
         nc = nu / ru
@@ -367,7 +369,7 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             k3 = tl.where(nq > 0, d_den * nc / tl.where(nq > 0, nq, 1.0), 0.0)  # through ||q||
         if EPI >= 2:
             z = _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
-                              ACC, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
+                              ACC, PRECISION, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
             gz = tl.load(g_ptr + row[:, None] * M + ms[None, :], mask=jv[:, None] & mm[None, :], other=0.0).to(ACC)
             nz = tl.sqrt(tl.sum(z * z, axis=1))
             rz = nz + eps
@@ -384,8 +386,8 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
                 c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
                 q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
                 w = _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC)
-                u = tl.dot(p, c, input_precision="ieee", out_dtype=ACC)
-                de = tl.dot(dz, w, input_precision="ieee", out_dtype=ACC)
+                u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
+                de = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
                 k2 += tl.sum(_unit(u, nu) * de * (q / rq[:, None]), axis=1)
                 k3 += tl.sum(_unit(q, nq) * de * ((u / ru[:, None]) / rc[:, None]), axis=1)
 
@@ -398,11 +400,11 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
             c, q, u, d_ctx, d_q = _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm,
-                                               ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC)
+                                               ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC, PRECISION)
             ct = tl.trans(c)
             uu_ = _unit(u, nu)
-            d1 = tl.dot(d_ctx, ct, d1, input_precision="ieee", out_dtype=ACC)
-            d2 = tl.dot(uu_, ct, d2, input_precision="ieee", out_dtype=ACC)
+            d1 = tl.dot(d_ctx, ct, d1, input_precision=PRECISION, out_dtype=ACC)
+            d2 = tl.dot(uu_, ct, d2, input_precision=PRECISION, out_dtype=ACC)
             a_u += tl.sum(uu_ * d_ctx, axis=1)
         dp = (d1 - d2 * a_u[:, None]) / ru[:, None] + d2 * (a_u * eps / (ru * ru))[:, None]
 
@@ -424,22 +426,22 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
             c, q, u, d_ctx, d_q = _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm,
-                                               ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC)
+                                               ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC, PRECISION)
             if FOR_Q:
-                val = d_q + tl.dot(ds0, c, input_precision="ieee", out_dtype=ACC)
+                val = d_q + tl.dot(ds0, c, input_precision=PRECISION, out_dtype=ACC)
                 ptrs = acc_ptr + (slot * Lq + js[:, None]) * D + ds[None, :]
                 msk = jin[:, None] & dm[None, :]
                 tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + val, mask=msk)
                 if EPI >= 2:
                     e = _features(u, q, ru, rc, rq, EPI)
-                    dwc = tl.dot(tl.trans(dz), e, input_precision="ieee", out_dtype=ACC)
+                    dwc = tl.dot(tl.trans(dz), e, input_precision=PRECISION, out_dtype=ACC)
                     wptrs = dw_ptr + (slot * M + ms[:, None]) * D + ds[None, :]
                     wmsk = mm[:, None] & dm[None, :]
                     tl.store(wptrs, tl.load(wptrs, mask=wmsk, other=0.0) + dwc, mask=wmsk)
             else:
                 du = _norm_grad(d_ctx, _unit(u, nu), a_u, ru, eps)
-                val = tl.dot(tl.trans(p), du, input_precision="ieee", out_dtype=ACC)
-                val = tl.dot(tl.trans(ds0), q, val, input_precision="ieee", out_dtype=ACC)
+                val = tl.dot(tl.trans(p), du, input_precision=PRECISION, out_dtype=ACC)
+                val = tl.dot(tl.trans(ds0), q, val, input_precision=PRECISION, out_dtype=ACC)
                 ptrs = acc_ptr + (slot * Lc + ks[:, None]) * D + ds[None, :]
                 msk = kin[:, None] & dm[None, :]
                 tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + val, mask=msk)
@@ -498,10 +500,12 @@ class _Setup:
         self.num_warps = 8 if tiles >= 8192 else 4
         # native fp16 / bf16 tl.dot (fp32 accumulation) for the scores on the GPU; the interpreter needs fp32
         self.native_dot = self.dtype in (torch.float16, torch.bfloat16) and self.device.type == "cuda"
+        self.precision = dot_precision(self.dtype)
 
     def const(self, block_d: int) -> dict:
         return dict(
-            ACC=_tl(self.acc), CLIPPED=self.clipped, EPI=self.epi, HAS_BIAS=self.bias is not None,
+            ACC=_tl(self.acc), PRECISION=self.precision, CLIPPED=self.clipped, EPI=self.epi,
+            HAS_BIAS=self.bias is not None,
             NATIVE_DOT=self.native_dot, BLOCK_J=self.block_j, BLOCK_C=self.block_c,
             BLOCK_D=min(block_d, _pow2(self.d)), BLOCK_M=self.block_m, num_warps=self.num_warps,
         )

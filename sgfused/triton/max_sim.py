@@ -30,7 +30,8 @@ Precision: all accumulation in fp32 (fp64 for fp64 input). On CUDA, fp16 / bf16 
 natively on the tensor cores; the one-hot matrix is exact in those dtypes, and where weights
 enter a product (grad_x) they are split into a high and a low part in the input dtype, so the
 weights keep about twice the input's mantissa. fp32 products use TF32 only when the user allows
-it (``torch.get_float32_matmul_precision() != "highest"``, as for torch.matmul), else full fp32;
+it for torch.matmul (``torch.set_float32_matmul_precision("high")``; ``_common.dot_precision``),
+else full fp32;
 fp64 runs in fp64. The interpreter (no GPU) computes every product on fp32 (fp64) operands.
 
 Block sizes: a heuristic from the shapes (``_Layout``), every one a constexpr parameter, so an
@@ -44,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rounded
+from ._common import cast_rounded, dot_precision
 
 BLOCK_R = 64  # caption-node rows per program (forward, grad_y) and per step of grad_x
 MAX_BLOCK_O = 64  # image nodes per tile
@@ -53,15 +54,6 @@ MAX_BLOCK_DO = 128  # embedding columns of the gradient per program
 
 
 # ----------------------------------------------------------------------------- helpers
-@triton.jit
-def _mm(a, b, acc, TF32: tl.constexpr):
-    """``acc + a @ b`` with fp32 accumulation (TF32 products when allowed)."""
-    if TF32:
-        return tl.dot(a, b, acc, input_precision="tf32", out_dtype=acc.dtype)
-    else:
-        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
-
-
 @triton.jit
 def _caption_rows(b0, y_lens_ptr, NY, LY, CAPS: tl.constexpr, BLOCK_R: tl.constexpr):
     """For the rows of a caption block starting at caption ``b0``: (local caption, caption, in block, valid)."""
@@ -86,7 +78,7 @@ def _row_weights(grad_ptr, y_lens_ptr, a, b, valid, NY, ACC: tl.constexpr):
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, x_lens_ptr, y_lens_ptr, scores_ptr, idx_ptr,
                     NY, LX, LY, D, n_cap_blocks,
-                    ACC: tl.constexpr, CAST_DOT: tl.constexpr, TF32: tl.constexpr, WITH_INDICES: tl.constexpr,
+                    ACC: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr, WITH_INDICES: tl.constexpr,
                     CAPS: tl.constexpr, BLOCK_CAPS: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -110,7 +102,7 @@ def _forward_kernel(x_ptr, y_ptr, x_lens_ptr, y_lens_ptr, scores_ptr, idx_ptr,
             if CAST_DOT:
                 yt = yt.to(ACC)
                 xt = xt.to(ACC)
-            s = _mm(yt, xt, s, TF32)
+            s = tl.dot(yt, xt, s, input_precision=PRECISION, out_dtype=ACC)
         s = tl.where(node_valid[None, :], s, float("-inf"))
         tile_max = tl.max(s, axis=1)
         tile_idx = tl.min(tl.where(s == tile_max[:, None], nodes[None, :], LX), axis=1)
@@ -130,7 +122,7 @@ def _forward_kernel(x_ptr, y_ptr, x_lens_ptr, y_lens_ptr, scores_ptr, idx_ptr,
 @triton.jit
 def _grad_y_kernel(grad_ptr, x_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
                    NX, NY, LX, LY, D,
-                   ACC: tl.constexpr, CAST_DOT: tl.constexpr, TF32: tl.constexpr,
+                   ACC: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
                    CAPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_DO: tl.constexpr):
     b0 = tl.program_id(0).to(tl.int64) * CAPS
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -151,7 +143,7 @@ def _grad_y_kernel(grad_ptr, x_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
             if CAST_DOT:
                 xt = xt.to(ACC)
             onehot = (idx[:, None] == nodes[None, :]).to(xt.dtype)  # exact in every dtype
-            picked = _mm(onehot, xt, tl.zeros((BLOCK_R, BLOCK_DO), ACC), TF32)  # x[a, idx[r]] per row
+            picked = tl.dot(onehot, xt, input_precision=PRECISION, out_dtype=ACC)  # x[a, idx[r]] per row
             out += w[:, None] * picked
         x_set += LX * D
         idx_set += NY * LY
@@ -162,7 +154,7 @@ def _grad_y_kernel(grad_ptr, x_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
 @triton.jit
 def _grad_x_kernel(grad_ptr, y_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
                    NY, LX, LY, D, n_node_tiles, n_cap_blocks,
-                   ACC: tl.constexpr, CAST_DOT: tl.constexpr, TF32: tl.constexpr,
+                   ACC: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
                    CAPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid = tl.program_id(0)
     a = (pid // n_node_tiles).to(tl.int64)
@@ -181,13 +173,13 @@ def _grad_x_kernel(grad_ptr, y_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
         yt = tl.load(y_ptr + rows[:, None] * D + dcols[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
         q = tl.where(node_valid[:, None] & (nodes[:, None] == idx[None, :]), w[None, :], 0.0)  # (nodes, rows)
         if CAST_DOT:
-            out = _mm(q, yt.to(ACC), out, TF32)
+            out = tl.dot(q, yt.to(ACC), out, input_precision=PRECISION, out_dtype=ACC)
         else:
             # fp16 / bf16 tensor cores: the weights as a high and a low part in the input dtype
             q_hi = q.to(yt.dtype)
             q_lo = (q - q_hi.to(ACC)).to(yt.dtype)
-            out = _mm(q_hi, yt, out, TF32)
-            out = _mm(q_lo, yt, out, TF32)
+            out = tl.dot(q_hi, yt, out, input_precision=PRECISION, out_dtype=ACC)
+            out = tl.dot(q_lo, yt, out, input_precision=PRECISION, out_dtype=ACC)
     ptrs = out_ptr + (a * LX + nodes[:, None]) * D + dcols[None, :]
     tl.store(ptrs, cast_rounded(out, out_ptr.dtype.element_ty), mask=(nodes < LX)[:, None] & dmask[None, :])
 
@@ -211,13 +203,14 @@ class _Layout:
         on_gpu = x.device.type == "cuda"
         # native fp16 / bf16 tl.dot on the GPU; the interpreter needs fp32 (fp64) operands
         self.cast_dot = x.dtype in (torch.float32, torch.float64) or not on_gpu
-        self.tf32 = on_gpu and x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+        self.precision = dot_precision(x.dtype)
 
     @property
     def constants(self) -> dict:
         return dict(
             ACC=tl.float64 if self.acc == torch.float64 else tl.float32,
-            CAST_DOT=self.cast_dot, TF32=self.tf32, CAPS=self.caps, BLOCK_R=self.block_r, BLOCK_O=self.block_o,
+            CAST_DOT=self.cast_dot, PRECISION=self.precision, CAPS=self.caps, BLOCK_R=self.block_r,
+            BLOCK_O=self.block_o,
         )
 
 

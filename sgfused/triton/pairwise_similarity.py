@@ -35,9 +35,9 @@ for l2norm(x), l2norm(y) (direction) and the row-gradient buffers.
 Stores to bf16 go through ``_cast``, which rounds to nearest even by hand: the interpreter's
 fp32 -> bf16 conversion truncates, the GPU's rounds; this gives the same bits on both.
 
-All arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input; tl.dot with
-input_precision="ieee"); no atomics, every output element is written by one program in a fixed
-order, so results are deterministic.
+All arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input); tl.dot runs in full
+precision, or TF32 for fp32 inputs when the user allows it (``_common.dot_precision``); no
+atomics, every output element is written by one program in a fixed order, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rounded
+from ._common import cast_rounded, dot_precision
 
 BLOCK_K = 32  # d-chunk of one tl.dot
 BLOCK_KW = 64  # d columns of grad_weight per program
@@ -88,7 +88,7 @@ def _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC: tl.constexpr, DISTANCE
 @triton.jit
 def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_ptr,
                   P, Ny, D, M,
-                  ACC: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
                   HAS_BIAS: tl.constexpr, GRAD: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """z of BLOCK_P pairs (all m); forward: out = z / (||z|| + eps), norm = ||z||; GRAD: out = dz."""
@@ -103,7 +103,7 @@ def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_p
         kmask = ks < D
         e = _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC, DISTANCE)
         wt = tl.load(w_ptr + ms[None, :] * D + ks[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0).to(ACC)
-        z = tl.dot(e, wt, z, input_precision="ieee", out_dtype=ACC)
+        z = tl.dot(e, wt, z, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         z += tl.load(bias_ptr + ms, mask=mmask, other=0.0).to(ACC)[None, :]
     eps = tl.load(eps_ptr)
@@ -124,7 +124,7 @@ def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_p
 
 @triton.jit
 def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c,
-                      ACC: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
+                      ACC: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[r, ks] = sum over the partners c of r of dE_rc * (2 (a_r - b_c) | b_c), dE_rc = W^T dz_rc.
 
@@ -140,7 +140,7 @@ def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         rmask = rows < R
         dz = tl.load(dz_ptr + rows[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
-        de = tl.dot(dz, w, input_precision="ieee", out_dtype=ACC)
+        de = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
         msk = rmask[:, None] & kmask[None, :]
         a = tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
         b = tl.load(b_ptr + rows[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
@@ -158,7 +158,7 @@ def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c
             cmask = cols < C
             dz = tl.load(dz_ptr + row * s_r + cols[:, None] * s_c + ms[None, :],
                          mask=cmask[:, None] & mmask[None, :], other=0.0)
-            de = tl.dot(dz, w, input_precision="ieee", out_dtype=ACC)
+            de = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
             b = tl.load(b_ptr + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :],
                         other=0.0).to(ACC)
             if DISTANCE:
@@ -171,7 +171,7 @@ def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c
 
 @triton.jit
 def _grad_weight_kernel(a_ptr, b_ptr, dz_ptr, part_ptr, P, Ny, D, M, pairs_per_split,
-                        ACC: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_MW: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, ms, ks] = sum over the pairs p of split s (in order) of dz[p, ms] e[p, ks]."""
     ms = tl.program_id(0) * BLOCK_MW + tl.arange(0, BLOCK_MW)
@@ -189,7 +189,7 @@ def _grad_weight_kernel(a_ptr, b_ptr, dz_ptr, part_ptr, P, Ny, D, M, pairs_per_s
         dzt = tl.load(dz_ptr + p.to(tl.int64)[None, :] * M + ms[:, None],
                       mask=mmask[:, None] & pmask[None, :], other=0.0)
         e = _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC, DISTANCE)
-        acc = tl.dot(dzt, e, acc, input_precision="ieee", out_dtype=ACC)
+        acc = tl.dot(dzt, e, acc, input_precision=PRECISION, out_dtype=ACC)
     ptrs = part_ptr + (s.to(tl.int64) * M + ms[:, None]) * D + ks[None, :]
     tl.store(ptrs, acc, mask=mmask[:, None] & kmask[None, :])
 
@@ -256,6 +256,7 @@ class _Setup:
             raise ValueError(f"pairwise_similarity: aligned needs x and y of equal length, got {self.nx} and {self.ny}")
         self.p = self.nx if self.aligned else self.nx * self.ny
         self.acc = _acc_dtype(x.dtype)
+        self.precision = dot_precision(x.dtype)
         self.eps = float(eps)
         if self.distance:
             self.a, self.b, self.xn, self.yn = self.x, self.y, None, None
@@ -278,7 +279,7 @@ class _Setup:
             self.a, self.b, w, w if self.bias is None else self.bias, self.eps_t,
             out if g is None else g, out, out if norm is None else norm,
             self.p, self.ny, self.d, self.m,
-            ACC=_tl(self.acc), DISTANCE=self.distance, ALIGNED=self.aligned,
+            ACC=_tl(self.acc), PRECISION=self.precision, DISTANCE=self.distance, ALIGNED=self.aligned,
             HAS_BIAS=self.bias is not None, GRAD=g is not None,
             BLOCK_P=self.block_p, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
         )
@@ -295,7 +296,7 @@ def _grad_rows(s: _Setup, a: Tensor, b: Tensor, dz: Tensor, n_rows: int, n_cols:
         grid = (n_rows, triton.cdiv(s.d, s.block_k))
     _grad_rows_kernel[grid](
         a, b, s.w, dz, out, n_rows, n_cols, s.d, s.m, s_r, s_c,
-        ACC=_tl(s.acc), DISTANCE=s.distance, ALIGNED=s.aligned,
+        ACC=_tl(s.acc), PRECISION=s.precision, DISTANCE=s.distance, ALIGNED=s.aligned,
         BLOCK_R=s.block_p, BLOCK_M=s.block_m, BLOCK_K=s.block_k,
     )
     return out
@@ -318,7 +319,7 @@ def _grad_weight(s: _Setup, dz: Tensor) -> Tensor:
     part = torch.empty((split, s.m, s.d), dtype=s.acc, device=device)
     _grad_weight_kernel[(triton.cdiv(s.m, block_mw), triton.cdiv(s.d, block_kw), split)](
         s.a, s.b, dz, part, s.p, s.ny, s.d, s.m, pairs_per_split,
-        ACC=_tl(s.acc), DISTANCE=s.distance, ALIGNED=s.aligned,
+        ACC=_tl(s.acc), PRECISION=s.precision, DISTANCE=s.distance, ALIGNED=s.aligned,
         BLOCK_P=BLOCK_PW, BLOCK_MW=block_mw, BLOCK_K=block_kw,
     )
     gw = part[0] if split == 1 else part.sum(0)
