@@ -283,7 +283,7 @@ def _grad_scores_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, 
     cmask = cols < C
     rid = tl.load(row_ids_ptr + rows, mask=rmask, other=0)
     cid = tl.load(col_ids_ptr + cols, mask=cmask, other=0)
-    s = _tile(x_ptr, a_ptr, b_ptr, rows, cols, rmask, cmask, D, sxr, sxc, ACC, False, False, 16)
+    s = _tile(x_ptr, a_ptr, b_ptr, rows, cols, rmask, cmask, D, sxr, sxc, ACC, False, False, "ieee", 16)  # a score tile: no tl.dot
     inside = rmask[:, None] & cmask[None, :]
     pos = rid[:, None] == cid[None, :]
     neg = inside & ~pos
