@@ -188,11 +188,12 @@ def test_embeddings_match_reference(backend, max_violation, n, d, captions_per_i
         torch.testing.assert_close(g.float() if g.is_floating_point() else g, w.float() if w.is_floating_point() else w, **tol)
 
 
+@pytest.mark.parametrize("backend", ["triton"])  # in the test id: the sm_90 compile check selects by it
 @pytest.mark.parametrize("max_violation", [True, False])
-def test_embeddings_tf32_when_allowed(max_violation, tf32_launches):
+def test_embeddings_tf32_when_allowed(backend, max_violation, tf32_launches):
     """Under torch.set_float32_matmul_precision("high") the Triton kernels take TF32 products, as torch.matmul
     does: on TF32-exact embeddings the losses, hardest negatives and gradients match the fp64 reference."""
-    device = backend_device("triton")
+    device = backend_device(backend)
     img = tf32_rounded(torch.nn.functional.normalize(torch.randn(64, 48), dim=1)).to(device)
     cap = tf32_rounded(torch.nn.functional.normalize(torch.randn(64, 48), dim=1)).to(device)
     ids = torch.arange(64, device=device)
@@ -205,9 +206,9 @@ def test_embeddings_tf32_when_allowed(max_violation, tf32_launches):
 
     got = losses(lambda i, c: hardest_negative_loss_from_embeddings(
         i, c, 0.2, img_ids=ids, cap_img_ids=ids, max_violation=max_violation, reduction="none",
-        return_indices=True, backend="triton"), torch.float32)
+        return_indices=True, backend=backend), torch.float32)
     want = losses(lambda i, c: reference.hardest_negative_embed_terms(i, c, ids, ids, 0.2, max_violation), torch.float64)
-    assert_tf32_reached_the_kernels("triton", tf32_launches)
+    assert_tf32_reached_the_kernels(backend, tf32_launches)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     for g, w in zip(got[:1] + got[3:], want[:1] + want[3:]):
         assert_scaled_close(g, w, TF32_TOL)
