@@ -59,10 +59,10 @@ def _worker(rank: int, rendezvous: str, out_dir: str, job: str, args: tuple) -> 
     try:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
         try:
-            result = JOBS[job](rank, *args)
+            torch.save(JOBS[job](rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+            dist.barrier()  # neither rank tears the group down while the other is in a collective
         finally:
             dist.destroy_process_group()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
             f.write(traceback.format_exc())

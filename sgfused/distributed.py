@@ -102,7 +102,7 @@ def process_group_from_env(device: torch.device) -> Iterator[World]:
     """Inside torchrun (``WORLD_SIZE > 1``), the default process group for ``device``'s kind; else one process.
 
     NCCL for a CUDA device (and ``torch.cuda.set_device(LOCAL_RANK)``), gloo otherwise. The group
-    is destroyed on exit. An already initialised group is used as it is.
+    is destroyed on exit, after a barrier when the body succeeded. An already initialised group is used as it is.
     """
     size = _env_int("WORLD_SIZE", 1)
     if size <= 1 or dist.is_initialized():
@@ -118,6 +118,9 @@ def process_group_from_env(device: torch.device) -> Iterator[World]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield current_world()
+        # every rank done before any tears the group down: a rank leaving while another is still in
+        # its last collective can abort gloo's worker threads ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
