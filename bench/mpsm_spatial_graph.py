@@ -32,7 +32,9 @@ def direction_ratio(graph: torch.nn.Module, distance: float, directions: int = 7
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         model, _ = model_from_checkpoint(load_checkpoint(path), None)
-        graph = model.spatial_graph
+        graph = getattr(model, "spatial_graph", None)
+        if graph is None:
+            sys.exit(f"{path}: expected an MPSM checkpoint (a model with a polar spatial graph), got {type(model).__name__}")
         ratios = ", ".join(f"r={r}: {direction_ratio(graph, r):.3f}" for r in (0.1, 0.3, 0.5))
         print(f"{path}: weight max/min over directions {ratios}; |mixture| <= {graph.mixture.abs().max():.3f}, "
               f"|log concentration| <= {graph.angle_log_concentration.abs().max():.3f} (both start at 0)")
