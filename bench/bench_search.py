@@ -5,7 +5,7 @@ the same caption queries searched exhaustively (the model's full score against e
 and in two stages (the ``--shortlist`` K' images with the best global-vector score, then the
 full score on those; one row per K' given), the shortlist's own recall@K' (is the true image in it), and queries per
 second of each, with the speed-up of two stages over exhaustive in the same run. Two keys:
-the model's own pooled vectors ("own"), and a VSE++ checkpoint trained on the same data
+the model's own pooled vectors ("own"), and a VSE++ checkpoint trained on the same world
 ("vsepp", ``sgfused index --shortlist-checkpoint``), a dual encoder trained for exactly this
 cosine. The key trains on ``--key-train-images`` images of the same world (default 20,000; the
 models on ``--train-images``): a dual encoder is cheap to train (about a minute an epoch at
