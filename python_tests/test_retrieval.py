@@ -22,6 +22,7 @@ from sgfused.data.synthetic import generate
 from sgfused.data.vocab import Vocabulary
 from sgfused.evaluate import similarity_matrix
 from sgfused.models import build_model
+from sgfused import reference
 from sgfused.reference import cross_attention, l2norm
 from sgfused.retrieval import GalleryIndex, Searcher, build_index, scan_attention_weights, write_html
 from sgfused.retrieval import pooled
@@ -111,6 +112,44 @@ def test_two_stage_reranks_the_global_top_k(built, data):
         assert hit.shortlist_score == pytest.approx(float(image_global[hit.item] @ query_global), abs=1e-5)
     whole = searcher.by_caption(text, top=6, shortlist=6)
     assert [h.item for h in whole.hits] == list(exhaustive)
+
+
+def _sgm_object_scores(searcher, data):
+    """``S_o`` of every (image, caption) of the test split: the reference max_sim over encodings made here, batch by batch."""
+    split = PrecompSplit(data, "test", searcher.vocab, **{part: True for part in type(searcher.model).data_requirements})
+    with torch.no_grad():
+        images = [searcher.model.encode_images(batch) for batch in image_loader(split, 4)]
+        captions = [searcher.model.encode_captions(batch) for batch in caption_loader(split, 7)]
+    return torch.cat([torch.cat([reference.max_sim(im[0], cap[0], im[1], cap[1], False)[0] for cap in captions], dim=1)
+                      for im in images])
+
+
+def test_sgm_shortlist_by_objects_reranks_the_top_k_of_its_object_level_score(built, data):
+    """Both directions: the shortlist is the top K' by S_o, the hits its best by the full score, each with its S_o."""
+    searcher = Searcher(built["sgm"][1], shortlist_by="objects")
+    s_o, full = _sgm_object_scores(searcher, data), _full_matrix(searcher, data)
+    assert searcher.index.parts["image"][0].shape[1] > int(searcher.index.parts["image"][1].max())  # stored padded
+    for caption in (3, 22):
+        result = searcher.by_indexed_caption(caption, top=2, shortlist=3)
+        assert result.stage == "two-stage (objects)"
+        shortlist = torch.topk(s_o[:, caption], 3).indices.tolist()
+        assert [hit.item for hit in result.hits] == sorted(shortlist, key=lambda i: -full[i, caption])[:2]
+        for hit in result.hits:
+            assert hit.score == pytest.approx(float(full[hit.item, caption]), abs=1e-5)
+            assert hit.shortlist_score == pytest.approx(float(s_o[hit.item, caption]), abs=1e-5)
+    result = searcher.by_image(4, top=3, shortlist=8)
+    shortlist = torch.topk(s_o[4], 8).indices.tolist()
+    assert [hit.item for hit in result.hits] == sorted(shortlist, key=lambda i: -full[4, i])[:3]
+    assert [hit.shortlist_score for hit in result.hits] == pytest.approx([float(s_o[4, hit.item]) for hit in result.hits], abs=1e-5)
+    typed = searcher.by_caption("a red cup on a table", top=6, shortlist=6)  # the whole gallery: exhaustive's order
+    assert [hit.item for hit in typed.hits] == [hit.item for hit in searcher.by_caption("a red cup on a table", top=6).hits]
+
+
+def test_shortlist_by_objects_is_refused_for_other_models_and_unknown_stages(built):
+    with pytest.raises(ValueError, match="--shortlist-by objects needs an SGM index .* holds a 'sgraf' model"):
+        Searcher(built["sgraf"][1], shortlist_by="objects")
+    with pytest.raises(ValueError, match="--shortlist-by must be one of vectors, objects, got 'words'"):
+        Searcher(built["sgm"][1], shortlist_by="words")
 
 
 def test_shortlist_key_from_a_second_checkpoint_shortlists_by_its_vectors(built, data, tmp_path):
@@ -358,6 +397,11 @@ def test_cli_bad_input_is_one_line_exit_2(built, data, tmp_path, capsys):
     _one_line_error(capsys, [*search, "--caption", "a cup", "--top", "5", "--shortlist", "3"],
                     "--shortlist (3) must be >= --top (5)")
     _one_line_error(capsys, [*search, "--caption", "a cup", "--top", "7"], "--top must be in [1, 6]", "got 7")
+    _one_line_error(capsys, [*search, "--caption", "a cup", "--shortlist-by", "objects", "--shortlist", "3"],
+                    "--shortlist-by objects needs an SGM index", "'sgraf'")
+    sgm = ["search", str(built["sgm"][1]), "--caption", "a cup", "--shortlist-by", "objects"]
+    _one_line_error(capsys, sgm, "--shortlist-by objects needs --shortlist K'")
+    _one_line_error(capsys, [*sgm, "--shortlist", "3", "--faiss"], "--faiss searches global vectors")
     _one_line_error(capsys, ["search", str(tmp_path), "--caption", "a cup"], "has no manifest.json")
     _one_line_error(capsys, ["index", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "x"), "--batch-size", "0"],
                     "--batch-size must be >= 1, got 0")

@@ -8,6 +8,7 @@ import json
 import torch
 
 from .index import build_index
+from .late import SHORTLIST_BY
 from .report import format_results, write_html, write_json
 from .search import Searcher
 
@@ -37,6 +38,10 @@ def run_search(args: argparse.Namespace) -> None:
     """Run one query; print the table (with the alignment under --explain or --html), write JSON / HTML when asked."""
     if args.faiss and args.shortlist is None:
         raise ValueError("--faiss needs --shortlist K': faiss only builds the shortlist")
+    if args.shortlist_by != "vectors" and args.shortlist is None:
+        raise ValueError(f"--shortlist-by {args.shortlist_by} needs --shortlist K': it only picks the shortlist")
+    if args.faiss and args.shortlist_by == "objects":
+        raise ValueError("--faiss searches global vectors; --shortlist-by objects scores every item with max_sim instead")
     use_faiss = True if args.faiss else None
     if args.faiss:
         from .pooled import faiss_available
@@ -44,7 +49,7 @@ def run_search(args: argparse.Namespace) -> None:
         if not faiss_available():
             raise ImportError("--faiss: the faiss package is not installed (pip install 'sgfused[faiss]')")
     searcher = Searcher(args.index, args.checkpoint, device=_device(args.device), use_faiss=use_faiss,
-                        shortlist_checkpoint=args.shortlist_checkpoint)
+                        shortlist_checkpoint=args.shortlist_checkpoint, shortlist_by=args.shortlist_by)
     explain = args.explain or bool(args.html)
     if args.caption is not None:
         result = searcher.by_caption(args.caption, args.top, args.shortlist, explain)
@@ -77,8 +82,11 @@ def add_arguments(index: argparse.ArgumentParser, search: argparse.ArgumentParse
     query.add_argument("--image", type=int, help="image -> text: the captions that best match image N of the index")
     search.add_argument("--top", type=int, help="hits to show (default 10, or fewer when the gallery or K' is smaller)")
     search.add_argument("--shortlist", type=int, metavar="K'",
-                        help="two stages: keep the K' best by the global vectors, re-rank them with the full score "
+                        help="two stages: keep the K' best by the first stage (--shortlist-by), re-rank them with the full score "
                              "(default: score the whole gallery)")
+    search.add_argument("--shortlist-by", choices=SHORTLIST_BY, default="vectors",
+                        help="the first stage: the global vectors (default), or, for SGM, its object-level score S_o "
+                             "(every word node against every object node, exact)")
     search.add_argument("--faiss", action="store_true", help="require faiss for the shortlist (default: faiss when installed)")
     search.add_argument("--checkpoint", help="the checkpoint (default: the one recorded in the index; it must have built it)")
     search.add_argument("--shortlist-checkpoint", metavar="CKPT",

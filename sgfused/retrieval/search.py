@@ -7,6 +7,8 @@ highest dot product with the query's, then re-ranks only those with the full sco
 The global vectors are the index's shortlist key: the model's own, or a second
 checkpoint's (``sgfused index --shortlist-checkpoint``), which then also encodes a
 typed caption's vector.
+For SGM, ``shortlist_by="objects"`` shortlists by the model's own object-level score
+``S_o`` instead (:mod:`sgfused.retrieval.late`: every node kept, not one vector per item).
 Either way the hits are ordered by the full score, ties by item index, and each carries
 its shortlist score too.
 
@@ -30,7 +32,7 @@ from ..data.batch import CaptionBatch
 from ..data.vocab import tokenize
 from .explain import WordAlignment, explain_pair
 from .index import GalleryIndex
-from . import pooled
+from . import late, pooled
 
 
 DEFAULT_TOP = 10
@@ -71,12 +73,19 @@ def _bare_caption_graph(tokens: list[str]) -> dict[str, list]:
 
 
 class Searcher:
-    """Queries one index with the checkpoint that built it (checked on construction)."""
+    """Queries one index with the checkpoint that built it (checked on construction).
+
+    ``shortlist_by``: the first stage, "vectors" (the index's global vectors; faiss per
+    ``use_faiss``) or "objects" (SGM indexes: the object-level score ``S_o``, exact, with
+    ``max_sim``; the shortlist score of every hit is then its ``S_o``).
+    """
 
     def __init__(self, index: GalleryIndex | str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                  *, device: str | torch.device = "cpu", use_faiss: bool | None = None, chunk: int = 1024,
-                 shortlist_checkpoint: str | os.PathLike | None = None) -> None:
+                 shortlist_checkpoint: str | os.PathLike | None = None, shortlist_by: str = "vectors") -> None:
         self.index = index if isinstance(index, GalleryIndex) else GalleryIndex.open(index)
+        late.check_shortlist_by(shortlist_by, self.index.model_name)
+        self.shortlist_by = shortlist_by
         self.model, self.vocab = self.index.load_model(checkpoint)
         self.device = torch.device(device)
         self.model.to(self.device).eval()
@@ -87,7 +96,7 @@ class Searcher:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.use_faiss, self.chunk = use_faiss, chunk
-        self._shortlisters: dict[str, pooled.Shortlister] = {}  # per kind, built on first two-stage use
+        self._shortlisters: dict[str, pooled.Shortlister | late.NodeShortlister] = {}  # per kind, built on first use
 
     # ------------------------------------------------------------------ queries
     def encode_caption(self, text: str, shortlist_key: bool = False) -> tuple[Any, list[str], list[bool]]:
@@ -142,7 +151,7 @@ class Searcher:
     def _images_for(self, encoding: Any, vector: Tensor, tokens: list[str], known: list[bool], query: dict[str, Any],
                     top: int, shortlist: int | None, explain: bool) -> SearchResult:
         """Text -> image search for one encoded caption (its global ``vector``), in one or two stages."""
-        rows, coarse, stage = self._candidates(vector, "image", shortlist)
+        rows, coarse, stage = self._candidates("image", shortlist, vector, encoding)
         scores = self._score_images(rows, encoding)
         hits = self._ranked(rows, scores, coarse, top, "image")
         if explain:
@@ -160,7 +169,7 @@ class Searcher:
         top = self._check_counts(top, shortlist, self.index.n_captions, "captions")
         encoding = self._stored("image", [image])
         vector = self.index.vectors["image"][image]
-        rows, coarse, stage = self._candidates(vector, "caption", shortlist)
+        rows, coarse, stage = self._candidates("caption", shortlist, vector, encoding)
         scores = self._score_captions(rows, encoding)
         hits = self._ranked(rows, scores, coarse, top, "caption")
         cpi = self.index.manifest["captions_per_image"]
@@ -189,17 +198,37 @@ class Searcher:
             raise ValueError(f"--shortlist ({shortlist}) must be >= --top ({top}): the re-ranking only orders the shortlist")
         return top
 
-    def _candidates(self, vector: Tensor, kind: str, shortlist: int | None) -> tuple[Tensor, Tensor, str]:
-        """Gallery rows to score fully (ascending) and their shortlist scores; all rows without a shortlist."""
-        gallery = self.index.vectors[kind]
-        if shortlist is None:
-            return torch.arange(gallery.shape[0]), gallery @ vector, "exhaustive"
-        if kind not in self._shortlisters:
-            self._shortlisters[kind] = pooled.Shortlister(gallery, self.use_faiss)
-        shortlister = self._shortlisters[kind]
-        coarse, rows = shortlister(vector, shortlist)
+    def _candidates(self, kind: str, shortlist: int | None, vector: Tensor, encoding: Any) -> tuple[Tensor, Tensor, str]:
+        """Gallery ``kind`` rows to score fully (ascending) and their shortlist scores; all rows without a shortlist.
+
+        The query is its global ``vector`` or, shortlisting by objects, its SGM ``encoding``.
+        """
+        if self.shortlist_by == "objects":
+            shortlister = self.shortlister(kind)
+            nodes, count = late.query_nodes(encoding)
+            if shortlist is None:
+                return torch.arange(self.index.manifest[f"n_{kind}s"]), shortlister.scores(nodes, count), "exhaustive"
+            coarse, rows = shortlister(nodes, count, shortlist)
+            stage = "two-stage (objects)"
+        else:
+            gallery = self.index.vectors[kind]
+            if shortlist is None:
+                return torch.arange(gallery.shape[0]), gallery @ vector, "exhaustive"
+            shortlister = self.shortlister(kind)
+            coarse, rows = shortlister(vector, shortlist)
+            stage = f"two-stage ({'faiss' if shortlister.use_faiss else 'torch'})"
         order = torch.argsort(rows)
-        return rows[order], coarse[order], f"two-stage ({'faiss' if shortlister.use_faiss else 'torch'})"
+        return rows[order], coarse[order], stage
+
+    def shortlister(self, kind: str) -> pooled.Shortlister | late.NodeShortlister:
+        """The first stage over gallery side ``kind`` ("image" / "caption"), built on first use and kept."""
+        if kind not in self._shortlisters:
+            if self.shortlist_by == "objects":
+                nodes, counts = self.index.parts[kind][:2]
+                self._shortlisters[kind] = late.NodeShortlister(nodes, counts, gallery_is_image=kind == "image")
+            else:
+                self._shortlisters[kind] = pooled.Shortlister(self.index.vectors[kind], self.use_faiss)
+        return self._shortlisters[kind]
 
     def _stored(self, kind: str, rows: Any) -> Any:
         encoding = self.index.encoding(kind, rows)
