@@ -7,8 +7,8 @@ full score on those; one row per K' given), the shortlist's own recall@K' (is th
 second of each, with the speed-up of two stages over exhaustive in the same run. Three keys:
 the model's own pooled vectors ("own"), a VSE++ checkpoint trained on the same world
 ("vsepp", ``sgfused index --shortlist-checkpoint``), a dual encoder trained for exactly this
-cosine, and, for SGM only, its own object-level score ``S_o`` ("objects",
-``sgfused search --shortlist-by objects``: late interaction over every node, exact). The key trains on ``--key-train-images`` images of the same world (default 20,000; the
+cosine, and, for SGM only, late interaction ("late", ``sgfused search --shortlist-by late``: its own
+object-level score ``S_o``, exact, plus its relation level pooled; :mod:`sgfused.retrieval.late`). The key trains on ``--key-train-images`` images of the same world (default 20,000; the
 models on ``--train-images``): a dual encoder is cheap to train (about a minute an epoch at
 20,000 here), and on the models' 1,000 images VSE++ overfits after 3-4 epochs.
 
@@ -62,7 +62,7 @@ MODELS = {
     "sgm": ("configs/sgm_synthetic.json", {"embed_size": 128, "word_dim": 64}, 3),
 }
 KEY_MODEL = ("configs/demo_vsepp.json", {}, 6)  # the trained shortlist key
-KEYS = ("own", "vsepp", "objects")
+KEYS = ("own", "vsepp", "late")
 TOPS = (1, 5, 10)
 
 
@@ -133,9 +133,8 @@ def shortlist_recall(searcher: Searcher, queries: list[int], shortlist: int) -> 
     per_image = searcher.index.manifest["captions_per_image"]
     found = 0
     for caption in queries:
-        if searcher.shortlist_by == "objects":
-            words, count = searcher.index.encoding("caption", [caption])[:2]
-            rows = searcher.shortlister("image")(words, count, shortlist)[1]
+        if searcher.shortlist_by == "late":
+            rows = searcher.shortlister("image")(searcher.index.encoding("caption", [caption]), shortlist)[1]
         else:
             rows = torch.topk(searcher.index.vectors["image"] @ searcher.index.vectors["caption"][caption], shortlist).indices
         found += int(caption // per_image in rows.tolist())
@@ -196,11 +195,11 @@ def main() -> None:
         checkpoint = trained(work, key, smallest, args)
         for gallery, data in datasets.items():
             exhaustive: tuple[list[int | None], float] | None = None  # the same for every key: searched once
-            for shortlist_key in [k for k in args.keys if k != "objects" or key == "sgm"]:
+            for shortlist_key in [k for k in args.keys if k != "late" or key == "sgm"]:
                 index = indexed(work, key, checkpoint, data, gallery, key_checkpoint if shortlist_key == "vsepp" else None)
                 if args.prepare_only:
                     continue
-                searcher = Searcher(warmed(index), shortlist_by="objects" if shortlist_key == "objects" else "vectors")
+                searcher = Searcher(warmed(index), shortlist_by="late" if shortlist_key == "late" else "vectors")
                 searcher.shortlister("image")  # the first stage's structure is built once, before any timing
                 generator = torch.Generator().manual_seed(0)
                 queries = torch.randperm(searcher.index.n_captions, generator=generator)[: queries_for[gallery]].tolist()

@@ -114,24 +114,34 @@ def test_two_stage_reranks_the_global_top_k(built, data):
     assert [h.item for h in whole.hits] == list(exhaustive)
 
 
-def _sgm_object_scores(searcher, data):
-    """``S_o`` of every (image, caption) of the test split: the reference max_sim over encodings made here, batch by batch."""
+def _sgm_late_scores(searcher, data):
+    """``S_o + lambda cos(mean relation nodes)`` of every (image, caption) of the test split, from encodings made here:
+    the reference max_sim batch by batch, the means item by item."""
     split = PrecompSplit(data, "test", searcher.vocab, **{part: True for part in type(searcher.model).data_requirements})
     with torch.no_grad():
         images = [searcher.model.encode_images(batch) for batch in image_loader(split, 4)]
         captions = [searcher.model.encode_captions(batch) for batch in caption_loader(split, 7)]
-    return torch.cat([torch.cat([reference.max_sim(im[0], cap[0], im[1], cap[1], False)[0] for cap in captions], dim=1)
-                      for im in images])
+    s_o = torch.cat([torch.cat([reference.max_sim(im[0], cap[0], im[1], cap[1], False)[0] for cap in captions], dim=1)
+                     for im in images])
+
+    def relation_means(encodings):
+        return l2norm(torch.stack([rels[i, : int(counts[i])].mean(dim=0) for _, _, rels, counts in encodings
+                                   for i in range(len(counts))]))
+
+    assert searcher.model.relation_weight == 1.0
+    return s_o + relation_means(images) @ relation_means(captions).T
 
 
-def test_sgm_shortlist_by_objects_reranks_the_top_k_of_its_object_level_score(built, data):
-    """Both directions: the shortlist is the top K' by S_o, the hits its best by the full score, each with its S_o."""
-    searcher = Searcher(built["sgm"][1], shortlist_by="objects")
-    s_o, full = _sgm_object_scores(searcher, data), _full_matrix(searcher, data)
-    assert searcher.index.parts["image"][0].shape[1] > int(searcher.index.parts["image"][1].max())  # stored padded
+def test_sgm_shortlist_by_late_interaction_reranks_its_top_k(built, data):
+    """Both directions: the shortlist is the top K' by the late score, the hits its best by the full score, each with
+    its late score."""
+    searcher = Searcher(built["sgm"][1], shortlist_by="late")
+    s_o, full = _sgm_late_scores(searcher, data), _full_matrix(searcher, data)
+    objects, n_objects = searcher.index.parts["image"][:2]  # served up to the largest count, stored padded to 36 regions
+    assert objects.shape[1] == int(n_objects.max()) < np.load(built["sgm"][1] / "image_0.npy", mmap_mode="r").shape[1]
     for caption in (3, 22):
         result = searcher.by_indexed_caption(caption, top=2, shortlist=3)
-        assert result.stage == "two-stage (objects)"
+        assert result.stage == "two-stage (late)"
         shortlist = torch.topk(s_o[:, caption], 3).indices.tolist()
         assert [hit.item for hit in result.hits] == sorted(shortlist, key=lambda i: -full[i, caption])[:2]
         for hit in result.hits:
@@ -145,10 +155,10 @@ def test_sgm_shortlist_by_objects_reranks_the_top_k_of_its_object_level_score(bu
     assert [hit.item for hit in typed.hits] == [hit.item for hit in searcher.by_caption("a red cup on a table", top=6).hits]
 
 
-def test_shortlist_by_objects_is_refused_for_other_models_and_unknown_stages(built):
-    with pytest.raises(ValueError, match="--shortlist-by objects needs an SGM index .* holds a 'sgraf' model"):
-        Searcher(built["sgraf"][1], shortlist_by="objects")
-    with pytest.raises(ValueError, match="--shortlist-by must be one of vectors, objects, got 'words'"):
+def test_shortlist_by_late_is_refused_for_other_models_and_unknown_stages(built):
+    with pytest.raises(ValueError, match="--shortlist-by late needs an SGM index .* holds a 'sgraf' model"):
+        Searcher(built["sgraf"][1], shortlist_by="late")
+    with pytest.raises(ValueError, match="--shortlist-by must be one of vectors, late, got 'words'"):
         Searcher(built["sgm"][1], shortlist_by="words")
 
 
@@ -397,10 +407,10 @@ def test_cli_bad_input_is_one_line_exit_2(built, data, tmp_path, capsys):
     _one_line_error(capsys, [*search, "--caption", "a cup", "--top", "5", "--shortlist", "3"],
                     "--shortlist (3) must be >= --top (5)")
     _one_line_error(capsys, [*search, "--caption", "a cup", "--top", "7"], "--top must be in [1, 6]", "got 7")
-    _one_line_error(capsys, [*search, "--caption", "a cup", "--shortlist-by", "objects", "--shortlist", "3"],
-                    "--shortlist-by objects needs an SGM index", "'sgraf'")
-    sgm = ["search", str(built["sgm"][1]), "--caption", "a cup", "--shortlist-by", "objects"]
-    _one_line_error(capsys, sgm, "--shortlist-by objects needs --shortlist K'")
+    _one_line_error(capsys, [*search, "--caption", "a cup", "--shortlist-by", "late", "--shortlist", "3"],
+                    "--shortlist-by late needs an SGM index", "'sgraf'")
+    sgm = ["search", str(built["sgm"][1]), "--caption", "a cup", "--shortlist-by", "late"]
+    _one_line_error(capsys, sgm, "--shortlist-by late needs --shortlist K'")
     _one_line_error(capsys, [*sgm, "--shortlist", "3", "--faiss"], "--faiss searches global vectors")
     _one_line_error(capsys, ["search", str(tmp_path), "--caption", "a cup"], "has no manifest.json")
     _one_line_error(capsys, ["index", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "x"), "--batch-size", "0"],

@@ -6,7 +6,7 @@
     print(format_results(result)); write_html("report.html", result)
 
 Modules: :mod:`.index` (the memory-mapped index and its checks), :mod:`.pooled` (global
-vectors and the shortlist), :mod:`.late` (SGM's shortlist by its object-level score), :mod:`.search` (one- and two-stage search), :mod:`.explain`
+vectors and the shortlist), :mod:`.late` (SGM's shortlist by late interaction), :mod:`.search` (one- and two-stage search), :mod:`.explain`
 (word -> region alignment), :mod:`.report` (table, JSON, HTML).
 """
 

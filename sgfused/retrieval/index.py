@@ -266,6 +266,23 @@ def build_index(
     return manifest
 
 
+def _trimmed(parts: list[np.ndarray]) -> list[np.ndarray]:
+    """``parts`` with each node part cut to its items' largest node count (a view, nothing is read).
+
+    A node part is a 3-D part followed by its counts (a 1-D integer part). Past the largest
+    count every slot is padding that no score reads: SGM pads its object nodes to the
+    region count (36) and its relation nodes to ``max_relations`` (25) while a synthetic
+    image holds at most 6 and about 2. Without the cut, each search would copy and scan
+    six times the object data it needs.
+    """
+    out = list(parts)
+    for j in range(len(out) - 1):
+        nodes, counts = out[j], out[j + 1]
+        if nodes.ndim == 3 and counts.ndim == 1 and np.issubdtype(counts.dtype, np.integer) and len(counts):
+            out[j] = nodes[:, : max(int(counts.max()), 1)]
+    return out
+
+
 @dataclass
 class GalleryIndex:
     """An opened index (see the module doc); arrays are memory-mapped, copied row by row on use."""
@@ -296,7 +313,7 @@ class GalleryIndex:
                     f"index {path} was built from other data: {data} split {split!r} has changed since "
                     f"(recorded {manifest['data_fingerprint']}, now {now}); rebuild the index"
                 )
-        parts = {kind: [np.load(path / f"{kind}_{j}.npy", mmap_mode="c") for j in range(len(manifest[f"{kind}_parts"]))]
+        parts = {kind: _trimmed([np.load(path / f"{kind}_{j}.npy", mmap_mode="c") for j in range(len(manifest[f"{kind}_parts"]))])
                  for kind in KINDS}
         vectors = {kind: torch.from_numpy(np.load(path / f"{kind}_global.npy", mmap_mode="c")) for kind in KINDS}
         for kind in KINDS:

@@ -35,9 +35,11 @@ def check_supported(model_name: str) -> None:
         )
 
 
-def _masked_mean(nodes: Tensor, counts: Tensor) -> Tensor:
+def unit_mean(nodes: Tensor, counts: Tensor) -> Tensor:
+    """``(n, d)`` l2-normalised fp32 means of the first ``counts[i]`` of each item's ``nodes (n, width, d)``."""
+    nodes = nodes.float()
     mask = valid_mask(counts.to(nodes.device), nodes.shape[1]).unsqueeze(-1).to(nodes.dtype)
-    return (nodes * mask).sum(dim=1) / counts.to(nodes.device).clamp(min=1).unsqueeze(-1).to(nodes.dtype)
+    return l2norm((nodes * mask).sum(dim=1) / counts.to(nodes.device).clamp(min=1).unsqueeze(-1).to(nodes.dtype))
 
 
 def image_vectors(model: Any, model_name: str, encoding: Any) -> Tensor:
@@ -47,7 +49,7 @@ def image_vectors(model: Any, model_name: str, encoding: Any) -> Tensor:
         return model.sim_encoder.v_global_w(encoding).float()
     if model_name == "sgm":
         objects, n_objects = encoding[0], encoding[1]
-        return l2norm(_masked_mean(objects.float(), n_objects))
+        return unit_mean(objects, n_objects)
     return encoding.float()
 
 
@@ -61,7 +63,7 @@ def caption_vectors(model: Any, model_name: str, encoding: Any) -> Tensor:
         return model.sim_encoder.t_global_w(words, lengths).float()
     if model_name == "sgm":
         words, n_words = encoding[0], encoding[1]
-        return l2norm(_masked_mean(words.float(), n_words))
+        return unit_mean(words, n_words)
     return encoding.float()
 
 

@@ -7,8 +7,8 @@ highest dot product with the query's, then re-ranks only those with the full sco
 The global vectors are the index's shortlist key: the model's own, or a second
 checkpoint's (``sgfused index --shortlist-checkpoint``), which then also encodes a
 typed caption's vector.
-For SGM, ``shortlist_by="objects"`` shortlists by the model's own object-level score
-``S_o`` instead (:mod:`sgfused.retrieval.late`: every node kept, not one vector per item).
+For SGM, ``shortlist_by="late"`` shortlists by late interaction instead: its own
+object-level score ``S_o`` plus its relation level pooled (:mod:`sgfused.retrieval.late`).
 Either way the hits are ordered by the full score, ties by item index, and each carries
 its shortlist score too.
 
@@ -76,8 +76,8 @@ class Searcher:
     """Queries one index with the checkpoint that built it (checked on construction).
 
     ``shortlist_by``: the first stage, "vectors" (the index's global vectors; faiss per
-    ``use_faiss``) or "objects" (SGM indexes: the object-level score ``S_o``, exact, with
-    ``max_sim``; the shortlist score of every hit is then its ``S_o``).
+    ``use_faiss``) or "late" (SGM indexes: :mod:`sgfused.retrieval.late`; the shortlist
+    score of every hit is then that score).
     """
 
     def __init__(self, index: GalleryIndex | str | os.PathLike, checkpoint: str | os.PathLike | None = None,
@@ -96,7 +96,7 @@ class Searcher:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.use_faiss, self.chunk = use_faiss, chunk
-        self._shortlisters: dict[str, pooled.Shortlister | late.NodeShortlister] = {}  # per kind, built on first use
+        self._shortlisters: dict[str, pooled.Shortlister | late.LateShortlister] = {}  # per kind, built on first use
 
     # ------------------------------------------------------------------ queries
     def encode_caption(self, text: str, shortlist_key: bool = False) -> tuple[Any, list[str], list[bool]]:
@@ -201,15 +201,14 @@ class Searcher:
     def _candidates(self, kind: str, shortlist: int | None, vector: Tensor, encoding: Any) -> tuple[Tensor, Tensor, str]:
         """Gallery ``kind`` rows to score fully (ascending) and their shortlist scores; all rows without a shortlist.
 
-        The query is its global ``vector`` or, shortlisting by objects, its SGM ``encoding``.
+        The query is its global ``vector`` or, with late interaction, its SGM ``encoding``.
         """
-        if self.shortlist_by == "objects":
+        if self.shortlist_by == "late":
             shortlister = self.shortlister(kind)
-            nodes, count = late.query_nodes(encoding)
             if shortlist is None:
-                return torch.arange(self.index.manifest[f"n_{kind}s"]), shortlister.scores(nodes, count), "exhaustive"
-            coarse, rows = shortlister(nodes, count, shortlist)
-            stage = "two-stage (objects)"
+                return torch.arange(self.index.manifest[f"n_{kind}s"]), shortlister.scores(encoding), "exhaustive"
+            coarse, rows = shortlister(encoding, shortlist)
+            stage = "two-stage (late)"
         else:
             gallery = self.index.vectors[kind]
             if shortlist is None:
@@ -220,12 +219,12 @@ class Searcher:
         order = torch.argsort(rows)
         return rows[order], coarse[order], stage
 
-    def shortlister(self, kind: str) -> pooled.Shortlister | late.NodeShortlister:
+    def shortlister(self, kind: str) -> pooled.Shortlister | late.LateShortlister:
         """The first stage over gallery side ``kind`` ("image" / "caption"), built on first use and kept."""
         if kind not in self._shortlisters:
-            if self.shortlist_by == "objects":
-                nodes, counts = self.index.parts[kind][:2]
-                self._shortlisters[kind] = late.NodeShortlister(nodes, counts, gallery_is_image=kind == "image")
+            if self.shortlist_by == "late":
+                self._shortlisters[kind] = late.LateShortlister(self.index.parts[kind], kind == "image",
+                                                                self.model.relation_weight)
             else:
                 self._shortlisters[kind] = pooled.Shortlister(self.index.vectors[kind], self.use_faiss)
         return self._shortlisters[kind]
