@@ -15,7 +15,8 @@ only the parts the index already holds.
 
 Cost: the gallery's object nodes are held in memory (up to the widest item's count, as
 :class:`sgfused.retrieval.GalleryIndex` serves them): ``4 * n * max_nodes * d`` bytes, 300
-MB for 100,000 images of at most 6 objects at ``embed_size`` 128, plus one pooled vector
+MB for 100,000 images of at most 6 objects at ``embed_size`` 128 (their 500,000 captions'
+word nodes, the gallery of image -> text search, take 6.6 GB), plus one pooled vector
 per item. A query is one ``max_sim`` call over them: ``S_o`` is most of SGM's score, so
 this first stage costs most of what exhaustive scoring does (it only skips the reading
 and ``S_r``); it buys recall, not speed (README, Search a gallery).
