@@ -25,7 +25,7 @@ from sgfused.models import build_model
 from sgfused import reference
 from sgfused.reference import cross_attention, l2norm
 from sgfused.retrieval import GalleryIndex, Searcher, build_index, scan_attention_weights, write_html
-from sgfused.retrieval import pooled
+from sgfused.retrieval import late, pooled
 
 TINY = {
     "sgraf": {"img_dim": 16, "embed_size": 16, "word_dim": 8, "sim_dim": 8},
@@ -158,8 +158,53 @@ def test_sgm_shortlist_by_late_interaction_reranks_its_top_k(built, data):
 def test_shortlist_by_late_is_refused_for_other_models_and_unknown_stages(built):
     with pytest.raises(ValueError, match="--shortlist-by late needs an SGM index .* holds a 'sgraf' model"):
         Searcher(built["sgraf"][1], shortlist_by="late")
-    with pytest.raises(ValueError, match="--shortlist-by must be one of vectors, late, got 'words'"):
+    with pytest.raises(ValueError, match="--shortlist-by must be one of vectors, late, late-ivf, got 'words'"):
         Searcher(built["sgm"][1], shortlist_by="words")
+
+
+def test_late_ivf_with_a_centroid_per_node_and_every_list_probed_is_the_exact_late_score(built):
+    """Each node its own centroid, every list probed: the approximation is exact, ranks and scores alike."""
+    searcher = Searcher(built["sgm"][1], shortlist_by="late")
+    parts, weight = searcher.index.parts["image"], searcher.model.relation_weight
+    n_nodes = int(parts[1].sum())
+    ivf = late.LateIVFShortlister(parts, weight, centroids=n_nodes, probes=n_nodes)
+    assert ivf.n_centroids == n_nodes and len(torch.unique(ivf.codes[ivf.codes < n_nodes])) == n_nodes
+    for caption in (0, 17):
+        query = searcher.index.encoding("caption", [caption])
+        (ivf_scores, ivf_rows), (exact_scores, exact_rows) = ivf(query, 4), searcher.shortlister("image")(query, 4)
+        assert ivf_rows.tolist() == exact_rows.tolist()
+        torch.testing.assert_close(ivf_scores, exact_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_late_ivf_probes_the_best_lists_and_widens_until_k_images_are_found(built):
+    searcher = Searcher(built["sgm"][1], shortlist_by="late-ivf")
+    query = searcher.index.encoding("caption", [9])
+    parts = searcher.index.parts["image"]
+    ivf = late.LateIVFShortlister(parts, searcher.model.relation_weight, centroids=8, probes=1)
+    words = query[0][0, : int(query[1][0])]
+    best = (words @ ivf.centroids.T).argmax(dim=1).unique()
+    listed = {int(i) for i in range(len(ivf.codes)) if bool(torch.isin(ivf.codes[i], best).any())}
+    rows = ivf._candidates(words @ ivf.centroids.T, 1)
+    assert set(rows.tolist()) == listed
+    scores, rows = ivf(query, searcher.index.n_images)  # more than one probe finds: the probes double
+    assert sorted(rows.tolist()) == list(range(searcher.index.n_images)) and torch.isfinite(scores).all()
+    assert searcher.shortlister("image").n_centroids == 1  # default: a power of two at most nodes / 64 (24 nodes here)
+    whole = searcher.by_indexed_caption(9, top=6, shortlist=6)
+    assert whole.stage == "two-stage (late-ivf)"
+    assert [hit.item for hit in whole.hits] == [hit.item for hit in searcher.by_indexed_caption(9, top=6).hits]
+    with pytest.raises(ValueError, match="--shortlist-by late-ivf searches images by caption"):
+        searcher.by_image(0, top=2, shortlist=3)
+
+
+def test_spherical_kmeans_finds_separated_clusters():
+    generator = torch.Generator().manual_seed(1)
+    directions = torch.eye(8)[:3]
+    points = l2norm(directions.repeat_interleave(50, dim=0) + 0.05 * torch.randn(150, 8, generator=generator))
+    centroids = late.spherical_kmeans(points, 3, seed=2)
+    assign = late.nearest_centroid(points, centroids)
+    assert [len(set(assign[i * 50 : (i + 1) * 50].tolist())) for i in range(3)] == [1, 1, 1]
+    assert len(set(assign.tolist())) == 3
+    torch.testing.assert_close(centroids.norm(dim=1), torch.ones(3))
 
 
 def test_shortlist_key_from_a_second_checkpoint_shortlists_by_its_vectors(built, data, tmp_path):
@@ -412,6 +457,8 @@ def test_cli_bad_input_is_one_line_exit_2(built, data, tmp_path, capsys):
     sgm = ["search", str(built["sgm"][1]), "--caption", "a cup", "--shortlist-by", "late"]
     _one_line_error(capsys, sgm, "--shortlist-by late needs --shortlist K'")
     _one_line_error(capsys, [*sgm, "--shortlist", "3", "--faiss"], "--faiss searches global vectors")
+    _one_line_error(capsys, ["search", str(built["sgm"][1]), "--image", "1", "--shortlist-by", "late-ivf", "--shortlist", "3"],
+                    "--shortlist-by late-ivf searches images by caption")
     _one_line_error(capsys, ["search", str(tmp_path), "--caption", "a cup"], "has no manifest.json")
     _one_line_error(capsys, ["index", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "x"), "--batch-size", "0"],
                     "--batch-size must be >= 1, got 0")

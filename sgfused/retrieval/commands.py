@@ -40,8 +40,8 @@ def run_search(args: argparse.Namespace) -> None:
         raise ValueError("--faiss needs --shortlist K': faiss only builds the shortlist")
     if args.shortlist_by != "vectors" and args.shortlist is None:
         raise ValueError(f"--shortlist-by {args.shortlist_by} needs --shortlist K': it only picks the shortlist")
-    if args.faiss and args.shortlist_by == "late":
-        raise ValueError("--faiss searches global vectors; --shortlist-by late scores every item with max_sim instead")
+    if args.faiss and args.shortlist_by != "vectors":
+        raise ValueError(f"--faiss searches global vectors; --shortlist-by {args.shortlist_by} uses SGM's nodes instead")
     use_faiss = True if args.faiss else None
     if args.faiss:
         from .pooled import faiss_available
@@ -86,7 +86,8 @@ def add_arguments(index: argparse.ArgumentParser, search: argparse.ArgumentParse
                              "(default: score the whole gallery)")
     search.add_argument("--shortlist-by", choices=SHORTLIST_BY, default="vectors",
                         help="the first stage: the global vectors (default), or, for SGM, late interaction: its object-level "
-                             "score S_o (exact) plus its relation level pooled")
+                             "score S_o plus its relation level pooled, exact (late) or over an inverted file of "
+                             "node centroids (late-ivf, text -> image)")
     search.add_argument("--faiss", action="store_true", help="require faiss for the shortlist (default: faiss when installed)")
     search.add_argument("--checkpoint", help="the checkpoint (default: the one recorded in the index; it must have built it)")
     search.add_argument("--shortlist-checkpoint", metavar="CKPT",

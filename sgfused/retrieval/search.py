@@ -76,8 +76,9 @@ class Searcher:
     """Queries one index with the checkpoint that built it (checked on construction).
 
     ``shortlist_by``: the first stage, "vectors" (the index's global vectors; faiss per
-    ``use_faiss``) or "late" (SGM indexes: :mod:`sgfused.retrieval.late`; the shortlist
-    score of every hit is then that score).
+    ``use_faiss``), "late" or "late-ivf" (SGM indexes, :mod:`sgfused.retrieval.late`: exact
+    late interaction, or its approximation over an inverted file, text -> image only; the
+    shortlist score of every hit is then that score).
     """
 
     def __init__(self, index: GalleryIndex | str | os.PathLike, checkpoint: str | os.PathLike | None = None,
@@ -96,7 +97,7 @@ class Searcher:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.use_faiss, self.chunk = use_faiss, chunk
-        self._shortlisters: dict[str, pooled.Shortlister | late.LateShortlister] = {}  # per kind, built on first use
+        self._shortlisters: dict[str, Any] = {}  # per kind, built on first use
 
     # ------------------------------------------------------------------ queries
     def encode_caption(self, text: str, shortlist_key: bool = False) -> tuple[Any, list[str], list[bool]]:
@@ -202,29 +203,32 @@ class Searcher:
         """Gallery ``kind`` rows to score fully (ascending) and their shortlist scores; all rows without a shortlist.
 
         The query is its global ``vector`` or, with late interaction, its SGM ``encoding``.
+        Exhaustive search reports the global-vector score as every item's shortlist score.
         """
-        if self.shortlist_by == "late":
-            shortlister = self.shortlister(kind)
-            if shortlist is None:
-                return torch.arange(self.index.manifest[f"n_{kind}s"]), shortlister.scores(encoding), "exhaustive"
-            coarse, rows = shortlister(encoding, shortlist)
-            stage = "two-stage (late)"
-        else:
+        if shortlist is None:
             gallery = self.index.vectors[kind]
-            if shortlist is None:
-                return torch.arange(gallery.shape[0]), gallery @ vector, "exhaustive"
-            shortlister = self.shortlister(kind)
+            return torch.arange(gallery.shape[0]), gallery @ vector, "exhaustive"
+        shortlister = self.shortlister(kind)
+        if isinstance(shortlister, pooled.Shortlister):
             coarse, rows = shortlister(vector, shortlist)
             stage = f"two-stage ({'faiss' if shortlister.use_faiss else 'torch'})"
+        else:
+            coarse, rows = shortlister(encoding, shortlist)
+            stage = f"two-stage ({self.shortlist_by})"
         order = torch.argsort(rows)
         return rows[order], coarse[order], stage
 
-    def shortlister(self, kind: str) -> pooled.Shortlister | late.LateShortlister:
+    def shortlister(self, kind: str) -> pooled.Shortlister | late.LateShortlister | late.LateIVFShortlister:
         """The first stage over gallery side ``kind`` ("image" / "caption"), built on first use and kept."""
         if kind not in self._shortlisters:
             if self.shortlist_by == "late":
                 self._shortlisters[kind] = late.LateShortlister(self.index.parts[kind], kind == "image",
                                                                 self.model.relation_weight)
+            elif self.shortlist_by == "late-ivf":
+                if kind != "image":
+                    raise ValueError("--shortlist-by late-ivf searches images by caption (text -> image); "
+                                     "with --image use late or vectors")
+                self._shortlisters[kind] = late.LateIVFShortlister(self.index.parts[kind], self.model.relation_weight)
             else:
                 self._shortlisters[kind] = pooled.Shortlister(self.index.vectors[kind], self.use_faiss)
         return self._shortlisters[kind]
