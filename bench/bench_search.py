@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--feature-dim", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="galleries of 300 and 1000, 20 queries, one epoch")
+    parser.add_argument("--csv", default="search_cpu.csv", help="file name of the rows in bench/results")
     args = parser.parse_args()
     if args.quick:
         args.galleries, args.queries, args.train_images, args.dev_images, args.key_train_images = [300, 1000], [20], 300, 100, 600
@@ -215,7 +216,7 @@ def main() -> None:
         print(f"prepared {work}: datasets, checkpoints and indexes; run again without --prepare-only to search")
         return
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "search_cpu_quick.csv" if args.quick else "search_cpu.csv")
+    path = os.path.join(RESULTS, "search_cpu_quick.csv" if args.quick else args.csv)
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -439,6 +439,16 @@ def test_cli_index_and_search_write_table_json_and_html(built, data, tmp_path, c
     assert "K' = 3" in capsys.readouterr().out
 
 
+def test_cli_late_ivf_search_says_it_builds_its_first_stage(built, capsys):
+    argv = ["search", str(built["sgm"][1]), "--caption", "a red cup", "--top", "2", "--shortlist", "3", "--shortlist-by"]
+    assert main([*argv, "late-ivf"]) == 0
+    captured = capsys.readouterr()
+    assert "two-stage (late-ivf), K' = 3" in captured.out and "building the late-ivf first stage" in captured.err
+    assert main([*argv, "late", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "two-stage (late), K' = 3" in captured.out and captured.err == ""
+
+
 def test_cli_bad_input_is_one_line_exit_2(built, data, tmp_path, capsys):
     checkpoint, index = built["sgraf"]
     other = _checkpoint(tmp_path / "other.pt", "sgraf", Vocabulary.load(data / "vocab.json"), seed=99)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -51,6 +52,9 @@ def run_search(args: argparse.Namespace) -> None:
     searcher = Searcher(args.index, args.checkpoint, device=_device(args.device), use_faiss=use_faiss,
                         shortlist_checkpoint=args.shortlist_checkpoint, shortlist_by=args.shortlist_by)
     explain = args.explain or bool(args.html)
+    if args.shortlist_by == "late-ivf" and args.caption is not None and not args.quiet:
+        print(f"building the late-ivf first stage: k-means over the object nodes of {searcher.index.n_images} images "
+              "(once per process; a program that keeps one Searcher pays it once)", file=sys.stderr, flush=True)
     if args.caption is not None:
         result = searcher.by_caption(args.caption, args.top, args.shortlist, explain)
     else:
