@@ -23,7 +23,8 @@ writes, in folder ``OUT``:
   checkpoint likewise (``shortlist``, null for the model's own vectors), the data
   folder, split and a fingerprint of the split's files, and the shapes.
 
-:meth:`GalleryIndex.open` memory-maps the arrays; :meth:`GalleryIndex.load_model` and
+:meth:`GalleryIndex.open` memory-maps the arrays (a node part served only up to its items'
+largest node count, :func:`_trimmed`); :meth:`GalleryIndex.load_model` and
 :meth:`GalleryIndex.load_shortlist_model` refuse a checkpoint whose fingerprint differs
 from the recorded one, and opening
 refuses an index whose data folder still exists but holds other captions or features

@@ -8,7 +8,9 @@ The global vectors are the index's shortlist key: the model's own, or a second
 checkpoint's (``sgfused index --shortlist-checkpoint``), which then also encodes a
 typed caption's vector.
 For SGM, ``shortlist_by="late"`` shortlists by late interaction instead: its own
-object-level score ``S_o`` plus its relation level pooled (:mod:`sgfused.retrieval.late`).
+object-level score ``S_o`` plus its relation level pooled (:mod:`sgfused.retrieval.late`);
+``"late-ivf"`` approximates that score on the images an inverted file of node centroids
+finds (text -> image), so the first stage no longer touches the whole gallery.
 Either way the hits are ordered by the full score, ties by item index, and each carries
 its shortlist score too.
 
