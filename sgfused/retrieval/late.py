@@ -20,6 +20,8 @@ word nodes, the gallery of image -> text search, take 6.6 GB), plus one pooled v
 per item. A query is one ``max_sim`` call over them: ``S_o`` is most of SGM's score, so
 this first stage costs most of what exhaustive scoring does (it only skips the reading
 and ``S_r``); it buys recall, not speed (README, Search a gallery).
+:class:`LateIVFShortlister` buys the speed back for text -> image search: it scores only the
+images an inverted file of node centroids finds, with centroids in place of nodes (PLAID).
 """
 
 from __future__ import annotations
