@@ -48,6 +48,16 @@ def check_shortlist_by(shortlist_by: str, model_name: str) -> None:
                          f"this index holds a {model_name!r} model")
 
 
+def _loaded(parts: Sequence[np.ndarray]) -> tuple[Tensor, ...]:
+    """The four SGM encoding parts of one gallery side, copied into memory as tensors."""
+    return tuple(torch.from_numpy(np.ascontiguousarray(part)) for part in parts)
+
+
+def _pooled_relations(relations: Tensor, counts: Tensor, chunk: int = 8192) -> Tensor:
+    """``(n, d)`` unit means of every item's relation nodes, ``chunk`` items at a time."""
+    return torch.cat([unit_mean(relations[i : i + chunk], counts[i : i + chunk]) for i in range(0, len(relations), chunk)])
+
+
 class LateShortlister:
     """Exact top-k of the late-interaction score (module doc) of one query against one gallery side.
 
@@ -59,22 +69,22 @@ class LateShortlister:
 
     def __init__(self, parts: Sequence[np.ndarray], gallery_is_image: bool, relation_weight: float,
                  chunk: int = 8192) -> None:
-        nodes, counts, relations, relation_counts = (torch.from_numpy(np.ascontiguousarray(part)) for part in parts)
+        nodes, counts, relations, relation_counts = _loaded(parts)
         self.nodes, self.counts = nodes.float(), counts.to(torch.int64)
-        self.relations = torch.cat([unit_mean(relations[i : i + chunk], relation_counts[i : i + chunk])
-                                    for i in range(0, len(relations), chunk)])
+        self.relations = _pooled_relations(relations, relation_counts, chunk)
         self.gallery_is_image, self.relation_weight, self.chunk = gallery_is_image, relation_weight, chunk
 
     def scores(self, query: Any) -> Tensor:
         """The score of one query (an SGM encoding, its first item) with every gallery item, ``(n,)``."""
         nodes, count, relations, relation_count = (part[:1].cpu() for part in query)
+        nodes = nodes.float()
         blocks = []
         for start in range(0, len(self.counts), self.chunk):
             gallery, counts = self.nodes[start : start + self.chunk], self.counts[start : start + self.chunk]
             if self.gallery_is_image:
-                blocks.append(max_sim(gallery, nodes.float(), counts, count)[:, 0])
+                blocks.append(max_sim(gallery, nodes, counts, count)[:, 0])
             else:
-                blocks.append(max_sim(nodes.float(), gallery, count, counts)[0])
+                blocks.append(max_sim(nodes, gallery, count, counts)[0])
         return torch.cat(blocks) + self.relation_weight * (self.relations @ unit_mean(relations, relation_count)[0])
 
     @torch.no_grad()
@@ -122,7 +132,7 @@ class LateIVFShortlister:
 
     def __init__(self, parts: Sequence[np.ndarray], relation_weight: float, centroids: int | None = None,
                  probes: int = 8, seed: int = 0) -> None:
-        nodes, counts, relations, relation_counts = (torch.from_numpy(np.ascontiguousarray(part)) for part in parts)
+        nodes, counts, relations, relation_counts = _loaded(parts)
         n, width = nodes.shape[:2]
         valid = torch.arange(width)[None, :] < counts[:, None]
         points = nodes[valid].float()
@@ -141,8 +151,7 @@ class LateIVFShortlister:
         order = torch.argsort(assign, stable=True)
         self.images_by_centroid = torch.nonzero(valid)[:, 0][order]
         self.bounds = torch.searchsorted(assign[order], torch.arange(self.n_centroids + 1))
-        self.relations = torch.cat([unit_mean(relations[i : i + 8192], relation_counts[i : i + 8192])
-                                    for i in range(0, n, 8192)])
+        self.relations = _pooled_relations(relations, relation_counts)
         self.relation_weight, self.probes = relation_weight, probes
 
     def _candidates(self, table: Tensor, k: int) -> Tensor:
