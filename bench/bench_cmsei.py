@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, main, measure, train_step  # noqa: E402
+from harness import Row, add_ratios, main, measure, measure_call, train_step  # noqa: E402
 from bench_sgraf import PAPER, QUICK, TOKENS, VOCAB  # noqa: E402  (the same sizes as SGRAF's benchmark)
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch  # noqa: E402
@@ -75,9 +75,9 @@ def eval_rows(device: torch.device, quick: bool) -> list[Row]:
             case = f"eval {direction} similarity"
             scores = {}
             for name, m in (("reference", reference), (device.type, model)):
-                rows.append(measure(OP, case, name, device, torch.float32, f"{n_img}img x {n_cap}cap",
-                                    lambda m=m: m.similarity(image_enc, half)))
-                scores[name] = m.similarity(image_enc, half)
+                row, scores[name] = measure_call(OP, case, name, device, torch.float32, f"{n_img}img x {n_cap}cap",
+                                                 lambda m=m: m.similarity(image_enc, half))
+                rows.append(row)
             double = measure(OP, f"{case} x2 captions", device.type, device, torch.float32,
                              f"{n_img}img x {2 * n_cap}cap", lambda: model.similarity(image_enc, caption_enc))
         diff = (scores[device.type] - scores["reference"]).abs().max().item()

@@ -5,6 +5,8 @@ Lc = 36 regions, d = 1024, m = 256, "distance" epilogue, forward+backward.
 Evaluation: 100 images x 500 captions (1000 x 5000 on a GPU), forward, in chunks of
 captions, each chunk reduced to one score per pair (as SGRAF's sim_eval_w does), fp32
 and bf16 inputs; pairs/s, GFLOP/s, and the largest score difference of bf16 from fp32.
+On a GPU both cases are also timed with fp32 inputs under TF32 (dtype "tf32": the
+reference's matmuls and the kernels' products alike, ``harness.tf32``).
 The device's plain fp32 and bf16 matmul rates are measured in the same harness.
 Usage: python bench/bench_cross_attention.py [--device cuda] [--quick]
 """
@@ -17,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, main, measure  # noqa: E402
+from harness import Row, add_ratios, main, measure, measure_call, tf32  # noqa: E402
 
 from sgfused.ops import cross_attention  # noqa: E402
 
@@ -79,25 +81,30 @@ def run(device: torch.device, quick: bool) -> list[Row]:
     n = 16 if quick else 128
     tensors = make(n, n, lq, lc, d, m, device, torch.float32)
     flop = 3 * n * n * flop_per_pair(tensors[2], lc, d, m)
-    for backend in backends_for(device):
-        rows.append(measure(OP, "train fwd+bwd fp32", backend, device, torch.float32,
-                            f"{n}x{n},Lq={lq},Lc={lc},d={d},m={m}", train_step(tensors, backend), flop=flop))
+    precisions = ("float32", "tf32") if device.type == "cuda" else ("float32",)
+    for precision in precisions:
+        for backend in backends_for(device):
+            fn = train_step(tensors, backend)
+            rows.append(measure(OP, "train fwd+bwd fp32", backend, device, precision,
+                                f"{n}x{n},Lq={lq},Lc={lc},d={d},m={m}", tf32(fn) if precision == "tf32" else fn, flop=flop))
     n_img, n_cap = (20, 100) if quick else ((1000, 5000) if device.type == "cuda" else (100, 500))
     shape = f"{n_img}img x {n_cap}cap"
     scores = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for precision in precisions + ("bfloat16",):
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         tensors = make(n_cap, n_img, lq, lc, d, m, device, dtype)
         flop = n_img * n_cap * flop_per_pair(tensors[2], lc, d, m)
         for backend in backends_for(device):
             if dtype == torch.bfloat16 and backend == "reference":
                 continue  # the target compares bf16 kernels with the fp32 reference
             fn = eval_scores(tensors, backend, 50)
-            rows.append(measure(OP, "eval fwd", backend, device, dtype, shape, fn, flop=flop))
-            scores[(backend, dtype)] = fn()
-    fp32 = scores[("reference", torch.float32)]
-    for (backend, dtype), value in scores.items():
+            row, scores[(backend, precision)] = measure_call(OP, "eval fwd", backend, device, precision, shape,
+                                                             tf32(fn) if precision == "tf32" else fn, flop=flop)
+            rows.append(row)
+    fp32 = scores[("reference", "float32")]
+    for (backend, precision), value in scores.items():
         diff = (value - fp32).abs().max().item() / max(fp32.abs().max().item(), 1e-12)
-        print(f"eval scores {backend:10s} {str(dtype):15s} max |diff| vs fp32 reference, relative: {diff:.2e}")
+        print(f"eval scores {backend:10s} {precision:9s} max |diff| vs fp32 reference, relative: {diff:.2e}")
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(n * lq, d, device=device).to(dtype)
         b = torch.randn(d, m, device=device).to(dtype)

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, main, measure, train_step  # noqa: E402
+from harness import Row, add_ratios, main, measure, measure_call, train_step  # noqa: E402
 from bench_sgraf import PAPER, QUICK, TOKENS, VOCAB  # noqa: E402  (MPSM is benchmarked at SGRAF's sizes)
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch  # noqa: E402
@@ -68,8 +68,9 @@ def eval_rows(device: torch.device, quick: bool) -> list[Row]:
             case = f"eval {perspective} similarity"
             scores = {}
             for name, m in (("reference", reference), (device.type, model)):
-                rows.append(measure(OP, case, name, device, torch.float32, shape, lambda m=m: m.similarity(*encoded)))
-                scores[name] = m.similarity(*encoded)
+                row, scores[name] = measure_call(OP, case, name, device, torch.float32, shape,
+                                                 lambda m=m: m.similarity(*encoded))
+                rows.append(row)
         diff = (scores[device.type] - scores["reference"]).abs().max().item()
         print(f"{case}: max |score - reference| = {diff:.2e}")
     add_ratios(rows)

@@ -1,7 +1,7 @@
 """Benchmark pairwise_similarity against the naive reference (broadcast difference -> Linear -> l2norm).
 
 Cases: SGRAF training shape (Nx = Ny = 128, d = 1024, m = 256; forward and
-forward+backward, fp32 and bf16), memory at 1000 x 1000 (forward), and the
+forward+backward, fp32, bf16 and on a GPU fp32 under TF32), memory at 1000 x 1000 (forward), and the
 evaluation shape 1000 images x 5000 captions computed in chunks of 100 images,
 each chunk reduced to a score (as SGRAF's sim_eval_w does) so that the
 (1000, 5000, 256) result never exists whole. The plain torch.mm rate of this
@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, main, measure  # noqa: E402
+from harness import Row, add_ratios, main, measure, tf32  # noqa: E402
 
 from sgfused.ops import pairwise_similarity  # noqa: E402
 
@@ -72,13 +72,17 @@ def run(device: torch.device, quick: bool) -> list[Row]:
     rows: list[Row] = []
     n, d, m = (32, 256, 64) if quick else (128, 1024, 256)
     flop = 2.0 * n * n * d * m
-    for dtype in (torch.float32, torch.bfloat16):
+    precisions = ("float32", "tf32", "bfloat16") if device.type == "cuda" else ("float32", "bfloat16")
+    for precision in precisions:
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         tensors = inputs(n, n, d, m, device, dtype)
         for backward, case in ((False, "train fwd"), (True, "train fwd+bwd")):
             for backend in backends_for(device):
-                rows.append(measure(OP, f"{case} {str(dtype)[6:]}", backend, device, dtype, f"{n}x{n},d={d},m={m}",
-                                    call(tensors, backend, backward), flop=flop * (3 if backward else 1)))
-        matmul_rate(rows, device, dtype, n * n, d, m)
+                fn = call(tensors, backend, backward)
+                rows.append(measure(OP, f"{case} {precision}", backend, device, precision, f"{n}x{n},d={d},m={m}",
+                                    tf32(fn) if precision == "tf32" else fn, flop=flop * (3 if backward else 1)))
+        if precision != "tf32":
+            matmul_rate(rows, device, dtype, n * n, d, m)
     big = 200 if quick else 1000
     tensors = inputs(big, big, d, m, device, torch.float32)
     for backend in backends_for(device):

@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, main, measure  # noqa: E402
+from harness import Row, add_ratios, main, measure, measure_call  # noqa: E402
 
 from sgfused.data.precomp import PrecompSplit, collate_captions, collate_images, collate_pairs  # noqa: E402
 from sgfused.data.synthetic import generate  # noqa: E402
@@ -65,9 +65,9 @@ def run(device: torch.device, quick: bool) -> list[Row]:
                 def evaluate(model=model):
                     return model.similarity(model.encode_images(images), model.encode_captions(captions))
 
-                row = measure(OP, f"eval {fusion}", backend, device, torch.float32, shape, evaluate)
+                row, scores[(fusion, backend)] = measure_call(OP, f"eval {fusion}", backend, device, torch.float32,
+                                                              shape, evaluate)
                 rows.append(row)
-                scores[(fusion, backend)] = evaluate()
                 print(f"  {n_img * n_cap / (row.ms / 1e3):10.0f} pairs/s", flush=True)
         for fusion in ("full", "intra"):
             diff = (scores[(fusion, "fused")] - scores[(fusion, "reference")]).abs().max().item()

@@ -26,7 +26,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, main, measure, train_step  # noqa: E402
+from harness import Row, add_ratios, main, measure, measure_call, train_step  # noqa: E402
 
 from sgfused.data.precomp import PrecompSplit, collate_captions, collate_images, collate_pairs  # noqa: E402
 from sgfused.data.synthetic import generate  # noqa: E402
@@ -74,7 +74,7 @@ def run(device: torch.device, quick: bool) -> list[Row]:
             def evaluate(model=model):
                 return similarity_matrix(model, image_batches, caption_batches, device=device, progress=False)
 
-            row = measure(OP, "eval", backend, device, torch.float32, shape, evaluate)
+            row, scores[backend] = measure_call(OP, "eval", backend, device, torch.float32, shape, evaluate)
             rows.append(row)
             print(f"  {n_img * n_cap / (row.ms / 1e3):12.0f} pairs/s", flush=True)
             with torch.no_grad():
@@ -87,7 +87,6 @@ def run(device: torch.device, quick: bool) -> list[Row]:
             row = measure(OP, "score", backend, device, torch.float32, shape, score)
             rows.append(row)
             print(f"  {n_img * n_cap / (row.ms / 1e3):12.0f} pairs/s", flush=True)
-            scores[backend] = evaluate()
         diff = (scores["fused"] - scores["reference"]).abs().max().item()
         print(f"eval: max |fused - reference| = {diff:.2e}")
         for backend, reference in BACKENDS.items():

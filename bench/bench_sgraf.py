@@ -4,9 +4,9 @@ Paper dimensions: embed 1024, sim 256, 36 regions, word_dim 300, img_dim 2048,
 captions of 9-15 tokens (about 12), vocabulary 8481 (Flickr30K).
 Evaluation: the similarity matrix of 100 images x 500 captions (1000 x 5000 on a
 GPU) in eval mode, SGR and SAF: the published per-caption loop
-(``sgraf_loop_similarity``, fp32), ours (fp32, and bf16 inputs to the similarity ops
-and the reasoning's matrix products); pairs/s and the largest score difference from
-the loop. Training: one Adam step (forward, hardest-negative loss, backward, clip 2.0,
+(``sgraf_loop_similarity``, fp32), ours (fp32; on a GPU also fp32 under TF32,
+dtype "tf32"; and bf16 inputs to the similarity ops and the reasoning's matrix
+products); pairs/s and the largest score difference from the loop. Training: one Adam step (forward, hardest-negative loss, backward, clip 2.0,
 step) at batch 128, SGR, ours vs ``reference=True`` (the same batched math on the
 reference ops, no recomputation). Speedup and memory columns are relative to the
 loop (evaluation) or the reference (training), measured in the same run.
@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, main, measure, train_step  # noqa: E402
+from harness import Row, main, measure, measure_call, tf32, train_step  # noqa: E402
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch  # noqa: E402
 from sgfused.models.sgraf import SGRAF, sgraf_loop_similarity  # noqa: E402
@@ -77,21 +77,23 @@ def eval_rows(device: torch.device, quick: bool) -> list[Row]:
         model = SGRAF(VOCAB, module=module, **dims).to(device).eval()
         case = f"eval {module} similarity"
         paths = {
-            ("loop", torch.float32): lambda: sgraf_loop_similarity(model, regions, words, lens),
-            (device.type, torch.float32): lambda: model.similarity(regions, words, lens),
-            (device.type, torch.bfloat16): lambda: model.similarity(regions, words, lens, dtype=torch.bfloat16),
+            ("loop", "float32"): lambda: sgraf_loop_similarity(model, regions, words, lens),
+            (device.type, "float32"): lambda: model.similarity(regions, words, lens),
+            (device.type, "bfloat16"): lambda: model.similarity(regions, words, lens, dtype=torch.bfloat16),
         }
+        if device.type == "cuda":
+            paths[(device.type, "tf32")] = tf32(paths[(device.type, "float32")])
         scores = {}
         with torch.no_grad():
-            for (backend, dtype), fn in paths.items():
-                rows.append(measure(OP, case, backend, device, dtype, shape, fn))
-                scores[(backend, dtype)] = fn()
-        loop = scores[("loop", torch.float32)]
-        for (backend, dtype), value in scores.items():
+            for (backend, precision), fn in paths.items():
+                row, scores[(backend, precision)] = measure_call(OP, case, backend, device, precision, shape, fn)
+                rows.append(row)
+        loop = scores[("loop", "float32")]
+        for (backend, precision), value in scores.items():
             diff = (value - loop).abs().max().item()
-            print(f"{case}: {backend:5s} {str(dtype):15s} max |score - loop| = {diff:.2e}")
-        relative_to(rows[-3], rows[-3:])
-        for r in rows[-3:]:
+            print(f"{case}: {backend:5s} {precision:9s} max |score - loop| = {diff:.2e}")
+        relative_to(rows[-len(paths)], rows[-len(paths):])
+        for r in rows[-len(paths):]:
             print(f"{case}: {r.backend:5s} {r.dtype:9s} {n_img * n_cap / (r.ms / 1e3):10.0f} pairs/s, "
                   f"{r.speedup_vs_reference:.2f}x the loop")
     return rows

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # On a GPU machine: build sgfused with the CUDA kernels for the local GPU, run the whole
-# test suite with the CUDA and Triton backends live, run every benchmark on the GPU.
+# test suite with the CUDA and Triton backends live, run every GPU benchmark, and print
+# the GPU speed targets against what was measured.
 #
-#   bash bench/gpu_check.sh [build|test|bench|all] [python]     (default: all python3)
+#   bash bench/gpu_check.sh [build|test|bench|targets|all] [python]     (default: all python3)
 #
-# Stages can run in separate calls (a GPU lease caps one command's time): `build`
-# builds the extension in place (sgfused/_C*.so, about a minute on 16 cores) and needs
-# nvcc; `test` and `bench` use that build. Logs and a tarball of the GPU CSVs and plots
-# (gpu_results.tar.gz) go to $OUT (default bench/results/gpu); CSVs and plots are
+# Time plan: a device lease allows 10 minutes a call and about 15 in all, starts included,
+# so `all` keeps within GPU_CHECK_SECONDS (default 540) of its start, whatever is slow; the
+# machine stays warm 30 s after a call, so a second call at once (a stage, or BENCH=the benches
+# not reached) can use the rest of the lease:
+#   build    the extension in place (sgfused/_C*.so; needs nvcc), untimed;
+#   test     the test suite, the files that run the GPU backends first, stopped after
+#            TEST_SECONDS (default 150) or at the deadline; the log says how far it got;
+#   bench    the GPU benchmarks in the order of the speed targets (BENCH overrides the list),
+#            each given at most BENCH_SECONDS (default 180, so that one slow benchmark cannot
+#            starve the rest) and never past the deadline less 20 s, and named in the log
+#            if it is stopped; the tarball of the GPU CSVs and plots is rewritten after
+#            each one, so a stopped run still brings back every benchmark that finished;
+#   targets  bench/gpu_targets.py: one line per target with the measured figure (printed last).
+# Logs and gpu_results.tar.gz go to $OUT (default bench/results/gpu); CSVs and plots are
 # also written to bench/results as every benchmark does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +28,15 @@ out="${OUT:-bench/results/gpu}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
+# the benchmarks that run on a GPU, in the order of the targets (distributed and search are CPU benches)
+default_benches="cross_attention sgraf pairwise_similarity hardest_negative mpsm sgfn sgm max_sim cmsei"
+# the test files that exercise the CUDA and Triton backends; the rest of the suite runs after them
+gpu_tests="test_cross_attention.py test_pairwise_similarity.py test_hardest_negative.py test_max_sim.py
+  test_max_sim_tiles.py test_ops_reliability.py test_build_and_dispatch.py test_model_sgraf.py test_model_mpsm.py
+  test_model_sgfn.py test_model_sgm.py test_model_cmsei.py"
+
+left() { echo $((deadline - SECONDS)); }
 
 build() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
@@ -30,29 +50,46 @@ build() {
 check() {
   "$python" -c "import sgfused, torch; print(torch.__version__, sgfused.build_info())" | tee "$out/build_info.txt"
   # The CUDA and Triton backends run on the GPU (conftest interprets Triton only without one).
-  local workers=()
+  local workers=() files=() f limit=$((${TEST_SECONDS:-150} < $(left) - 60 ? ${TEST_SECONDS:-150} : $(left) - 60))
+  if ((limit < 10)); then echo "tests: not run (deadline)" | tee "$out/tests_gpu.log"; return; fi
   "$python" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-6}")
-  (cd python_tests && "$python" -m pytest -q -rs "${workers[@]}" . > "$out/tests_gpu.log" 2>&1) || true
+  for f in $gpu_tests; do files+=("$f"); done
+  for f in $(cd python_tests && ls test_*.py); do [[ " $gpu_tests " == *" $f "* ]] || files+=("$f"); done
+  local start=$SECONDS rc=0
+  (cd python_tests && timeout -k 10 "$limit" "$python" -m pytest -q -rs "${workers[@]}" "${files[@]}" > "$out/tests_gpu.log" 2>&1) || rc=$?
+  [[ $rc == 124 ]] && echo "tests: stopped after ${limit} s (TEST_SECONDS); tests_gpu.log has what ran" | tee -a "$out/tests_gpu.log"
+  echo "tests: $((SECONDS - start)) s"
   tail -25 "$out/tests_gpu.log"
 }
 
 bench() {
-  # BENCH: the scripts to run (default all); BENCH_TIMEOUT: seconds each may take (default 1200)
   : > "$out/bench_gpu.log"
-  for script in ${BENCH:-bench/bench_*.py}; do
-    timeout "${BENCH_TIMEOUT:-1200}" "$python" "$script" --device cuda 2>&1 | tee -a "$out/bench_gpu.log" \
-      | grep -E "^wrote|Error|error" || echo "$script: failed or timed out"
-  done
-  local name
+  local name bench limit start rc
   name="$("$python" -c "import torch, re; print(re.sub('[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))")"
-  tar czf "$out/gpu_results.tar.gz" $(ls bench/results/*_"$name".csv bench/results/*_"$name".png 2>/dev/null)
+  for bench in ${BENCH:-$default_benches}; do
+    limit=$(($(left) - 20 < ${BENCH_SECONDS:-180} ? $(left) - 20 : ${BENCH_SECONDS:-180}))
+    if ((limit < 10)); then echo "$bench: not run (deadline)" | tee -a "$out/bench_gpu.log"; continue; fi
+    start=$SECONDS rc=0
+    timeout -k 10 "$limit" "$python" "bench/bench_$bench.py" --device cuda >> "$out/bench_gpu.log" 2>&1 || rc=$?
+    case $rc in
+      0) echo "$bench: $((SECONDS - start)) s" ;;
+      124) echo "$bench: stopped after $((SECONDS - start)) s (BENCH_SECONDS or the deadline)" | tee -a "$out/bench_gpu.log" ;;
+      *) echo "$bench: failed (exit $rc), see bench_gpu.log" ;;
+    esac
+    tar czf "$out/gpu_results.tar.gz" $(ls bench/results/*_"$name".csv bench/results/*_"$name".png 2>/dev/null) 2>/dev/null || true
+  done
   echo "bench: results in $out/gpu_results.tar.gz"
+}
+
+targets() {
+  "$python" bench/gpu_targets.py | tee "$out/targets.txt"
 }
 
 case "$stage" in
   build) build ;;
   test) check ;;
   bench) bench ;;
-  all) build; check; bench ;;
-  *) echo "usage: bench/gpu_check.sh [build|test|bench|all] [python]" >&2; exit 2 ;;
+  targets) targets ;;
+  all) build; check; bench; targets ;;
+  *) echo "usage: bench/gpu_check.sh [build|test|bench|targets|all] [python]" >&2; exit 2 ;;
 esac

@@ -2,24 +2,29 @@
 
 Timing: torch.utils.benchmark (median of blocked runs) on the CPU,
 triton.testing.do_bench (median) on a GPU, or for calls over 200 ms the median
-of three calls between CUDA events (do_bench would repeat them for minutes). Peak memory: on a GPU the CUDA
-allocator's peak; on the CPU the running sum of the allocations ATen reports to
+of three calls between CUDA events (do_bench would repeat them for minutes), and for
+calls over 10 s one call after the warm-up (a GPU lease is minutes long; the spread of
+such a call is far under the differences measured). Peak memory: on a GPU the CUDA
+allocator's peak during the first timed call; on the CPU the running sum of the allocations ATen reports to
 the profiler while the function runs (the kernels' small O(N) std::vector
 bookkeeping is not seen by it). Either way it is the memory *added* by the call:
-inputs exist before it starts. Rows go to ``bench/results/<op>_<device>.csv`` with
-the ratio of every backend to the reference measured in the same run.
+inputs exist before it starts. :func:`measure_call` also returns the warm-up call's
+output, so a bench checks its numbers without one more call. Rows go to
+``bench/results/<op>_<device>.csv`` with the ratio of every backend to the reference
+measured in the same run; TF32 rows (:func:`tf32`, GPU only) carry the dtype "tf32".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -41,37 +46,56 @@ def commit() -> str:
         return "unknown"
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 1.0) -> float:
-    """Median milliseconds per call."""
+LONG_MS = 200.0  # GPU calls at least this long are timed between events, not by do_bench
+ONE_CALL_MS = 10_000.0  # GPU calls at least this long are timed once after the warm-up
+
+
+def time_and_peak(fn: Callable[[], object], device: torch.device, min_run_time: float = 1.0) -> tuple[float, int, object]:
+    """Median milliseconds per call, peak bytes added by a call, and the warm-up call's output."""
     if device.type == "cuda":
-        import triton.testing
-
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def event_ms() -> float:
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            return start.elapsed_time(end)
-
-        fn()  # warm up (compilation, autotuning, allocator)
-        if event_ms() < 200.0:
-            return float(triton.testing.do_bench(fn, return_mode="median"))
-        return float(sorted(event_ms() for _ in range(3))[1])  # long calls: the median of three
+        return _cuda_time_and_peak(fn, device)
     from torch.utils.benchmark import Timer
 
-    fn()  # warm up (first-call allocations, lazy imports)
+    output = fn()  # warm up (first-call allocations, lazy imports)
     first = _seconds(fn)
     if first > min_run_time:
         # long calls (training steps): the median of five, since one call's time swings with the
         # allocator's page faults (SGRAF's reference training step: 8.9 to 10.4 s in one process);
         # the median of three for calls over 20 s (full-size reference evaluations), where that swing is small
         more = 2 if first > 20.0 else 4
-        return statistics.median([first] + [_seconds(fn) for _ in range(more)]) * 1e3
-    # Timer runs on one thread unless told otherwise: time with every thread the process has
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+        ms = statistics.median([first] + [_seconds(fn) for _ in range(more)]) * 1e3
+    else:
+        # Timer runs on one thread unless told otherwise: time with every thread the process has
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        ms = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    return ms, _cpu_peak_bytes(fn), output
+
+
+def _cuda_time_and_peak(fn: Callable[[], object], device: torch.device) -> tuple[float, int, object]:
+    import triton.testing
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def event_ms() -> float:
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+
+    output = fn()  # warm up (compilation, autotuning, allocator)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    first = event_ms()
+    peak = torch.cuda.max_memory_allocated(device) - base
+    if first < LONG_MS:
+        ms = float(triton.testing.do_bench(fn, return_mode="median"))
+    elif first < ONE_CALL_MS:
+        ms = float(statistics.median([first, event_ms(), event_ms()]))
+    else:
+        ms = first
+    return ms, peak, output
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -80,15 +104,8 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated by one call beyond what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by one call beyond what was allocated before it (the profiler's memory events)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -99,6 +116,28 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         running += event.nbytes()
         peak = max(peak, running)
     return peak
+
+
+@contextlib.contextmanager
+def tf32_matmul() -> Iterator[None]:
+    """fp32 matrix products as TF32 on the tensor cores inside the block (as ``set_float32_matmul_precision("high")``)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
+
+
+def tf32(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run under :func:`tf32_matmul`: the reference's torch.matmul and the kernels' products alike."""
+
+    def run() -> object:
+        with tf32_matmul():
+            return fn()
+
+    return run
 
 
 @dataclass
@@ -120,16 +159,28 @@ class Row:
 FLOAT_FIELDS = {"ms", "peak_mib", "gflop_per_s", "speedup_vs_reference", "memory_vs_reference"}
 
 
-def measure(
-    op: str, case: str, backend: str, device: torch.device, dtype: torch.dtype, shape: str, fn, flop: float = 0.0
-) -> Row:
-    """Time and peak memory of ``fn``; ``flop`` (the useful floating-point operations of one call) adds GFLOP/s."""
-    ms = time_ms(fn, device)
-    peak = peak_bytes(fn, device) / 2**20
+def measure_call(
+    op: str, case: str, backend: str, device: torch.device, dtype: torch.dtype | str, shape: str, fn, flop: float = 0.0
+) -> tuple[Row, object]:
+    """Time and peak memory of ``fn`` and its output; ``flop`` (the useful operations of one call) adds GFLOP/s.
+
+    ``dtype`` is the inputs' dtype, or "tf32" for fp32 inputs timed under :func:`tf32`.
+    """
+    ms, peak, output = time_and_peak(fn, device)
+    peak /= 2**20
     rate = flop / ms / 1e6 if flop else float("nan")
-    row = Row(op, case, backend, device_name(device), str(dtype).replace("torch.", ""), shape, ms, peak, rate)
-    print(f"{op:20s} {case:26s} {backend:10s} {shape:24s} {ms:10.3f} ms {peak:10.1f} MiB {rate:8.1f} GFLOP/s", flush=True)
-    return row
+    label = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+    row = Row(op, case, backend, device_name(device), label, shape, ms, peak, rate)
+    print(f"{op:20s} {case:26s} {backend:10s} {label:9s} {shape:24s} {ms:10.3f} ms {peak:10.1f} MiB {rate:8.1f} GFLOP/s",
+          flush=True)
+    return row, output
+
+
+def measure(
+    op: str, case: str, backend: str, device: torch.device, dtype: torch.dtype | str, shape: str, fn, flop: float = 0.0
+) -> Row:
+    """:func:`measure_call` without the output."""
+    return measure_call(op, case, backend, device, dtype, shape, fn, flop)[0]
 
 
 def train_step(model: torch.nn.Module, batch) -> Callable[[], torch.Tensor]:

@@ -1,0 +1,119 @@
+"""The GPU lease's tooling, checked on the CPU: the targets report and the benches' TF32 rows.
+
+bench/gpu_targets.py must read a GPU run's CSVs right (a wrong "met" would close the GPU
+issue on a false figure), and bench/harness.tf32 must reach the kernels' precision rule,
+or the "tf32" rows would time full-fp32 kernels under a TF32 label.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, BENCH)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(BENCH)
+
+
+@pytest.fixture(scope="module")
+def targets():
+    return _bench_module("gpu_targets")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return _bench_module("harness")
+
+
+def _write(folder: str, op: str, rows: list) -> None:
+    with open(os.path.join(folder, f"{op}_test_gpu.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def _row(harness, op, case, backend, dtype, shape, ms, speedup=float("nan"), memory=float("nan")):
+    return harness.Row(op, case, backend, "test gpu", dtype, shape, ms, 1.0, speedup_vs_reference=speedup,
+                       memory_vs_reference=memory, commit="x")
+
+
+def _lines(targets, folder: str) -> dict[str, str]:
+    lines = targets.report(targets.load(folder, "test_gpu"))
+    return {target: line for (target, _), line in zip(targets.TARGETS, lines)}
+
+
+def test_report_reads_the_committed_h100_run(targets):
+    rows = targets.load(os.path.join(BENCH, "results"), "nvidia_h100_80gb_hbm3")
+    lines = dict(zip((t for t, _ in targets.TARGETS), targets.report(rows)))
+    assert "3.969 s (cuda, bfloat16" in lines["cross_attention eval 1000 x 5000, bf16 < 0.3 s"]
+    assert lines["cross_attention eval 1000 x 5000, bf16 < 0.3 s"].endswith("NOT MET")
+    assert "0.51x, memory 0.030x (triton" in lines["hardest_negative embeddings N = 16384 >= 1x, <= 1/30 memory"]
+    assert lines["SGRAF SGR 1000 x 5000, bf16 < 1 s"].split()[-3:] == ["not", "measured", "-"]
+
+
+def test_met_needs_every_condition_of_the_target(targets, harness, tmp_path):
+    ca, hn = "cross_attention", "hardest_negative_loss"
+    _write(tmp_path, "sgraf", [
+        _row(harness, "sgraf", "eval SGR similarity", "loop", "float32", "1000img x 5000cap", 40_000.0),
+        _row(harness, "sgraf", "eval SGR similarity", "cuda", "float32", "1000img x 5000cap", 2_500.0),
+        _row(harness, "sgraf", "eval SGR similarity", "cuda", "tf32", "1000img x 5000cap", 1_500.0),
+        _row(harness, "sgraf", "eval SGR similarity", "cuda", "bfloat16", "1000img x 5000cap", 1_200.0),
+    ])
+    _write(tmp_path, ca, [
+        # fast enough but over the memory bound, and within it but too slow: not met
+        _row(harness, ca, "train fwd+bwd fp32", "cuda", "float32", "s", 1.0, speedup=5.0, memory=0.2),
+        _row(harness, ca, "train fwd+bwd fp32", "triton", "tf32", "s", 1.0, speedup=3.0, memory=0.1),
+        _row(harness, ca, "eval fwd", "triton", "bfloat16", "1000img x 5000cap", 290.0),
+    ])
+    _write(tmp_path, hn, [
+        _row(harness, hn, "embeddings fwd+bwd", "triton", "float32", "N=4096,d=1024", 1.0, speedup=2.0, memory=0.01),
+        _row(harness, hn, "embeddings fwd+bwd", "triton", "float32", "N=16384,d=1024", 1.0, speedup=1.1, memory=0.02),
+        _row(harness, hn, "max_violation fwd+bwd", "triton", "float32", "N=128", 1.0, speedup=0.9),
+    ])
+    lines = _lines(targets, tmp_path)
+    assert lines["SGRAF SGR 1000 x 5000, fp32 / TF32 < 2 s"].split()[-1] == "met"  # the TF32 row counts
+    assert "1.500 s (cuda, tf32" in lines["SGRAF SGR 1000 x 5000, fp32 / TF32 < 2 s"]
+    assert lines["SGRAF SGR 1000 x 5000, bf16 < 1 s"].endswith("NOT MET")
+    assert "40.00 s" in lines["SGRAF SGR 1000 x 5000, the published loop"]
+    assert lines["cross_attention eval 1000 x 5000, bf16 < 0.3 s"].split()[-1] == "met"
+    assert lines["cross_attention train 128 x 128 >= 4x, <= 1/8 memory"].endswith("NOT MET")
+    assert lines["hardest_negative embeddings N = 16384 >= 1x, <= 1/30 memory"].split()[-1] == "met"
+    assert "slowest 0.90x (hardest_negative_loss, max_violation fwd+bwd" in lines["every Triton backward >= 1x the reference"]
+    assert lines["every Triton backward >= 1x the reference"].endswith("NOT MET")
+    assert lines["MPSM training step >= 2x"].split()[-3:] == ["not", "measured", "-"]
+
+
+def test_tf32_rows_reach_the_kernels_precision_rule(harness):
+    from sgfused.triton._common import dot_precision
+
+    seen = harness.tf32(lambda: dot_precision(torch.float32))()
+    assert seen == "tf32"
+    assert dot_precision(torch.float32) == "ieee"  # restored after the call
+    with pytest.raises(RuntimeError):
+        harness.tf32(lambda: (_ for _ in ()).throw(RuntimeError("boom")))()
+    assert dot_precision(torch.float32) == "ieee"  # and after a failing call
+
+
+def test_gpu_check_script_parses_and_refuses_an_unknown_stage(tmp_path):
+    script = os.path.join(BENCH, "gpu_check.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    done = subprocess.run(["bash", script, "nonsense"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert done.returncode == 2 and "usage" in done.stderr
