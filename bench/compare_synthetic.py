@@ -28,8 +28,11 @@ Ablations (test time, on the trained dev-best weights): MPSM with ``spatial_prio
 CMSEI with zero boxes (IoU 0 everywhere: no spatial graph edges).
 
 Writes ``RESULTS/synthetic_comparison.csv`` (rSum, R@1 both ways, twin accuracies with
-95% Wilson intervals over the twin comparisons), ``RESULTS/synthetic_curves.png``
+95% Wilson intervals over the twin comparisons), ``RESULTS/synthetic_curves.csv`` and ``.png``
 (dev rSum against optimizer steps, every model) and ``RESULTS/synthetic_twin_accuracy.png``.
+A run of some models (``--models``) keeps the rows and curves of the others from the earlier
+table when it was made with the same settings (rows of other settings are dropped, and the
+run says so); an ensemble row is recomputed when one of its members was run.
 ``--quick`` is a smoke run at tiny sizes (minutes; its figures mean nothing).
 Usage: python bench/compare_synthetic.py [--models vsepp,sgr,...] [--budget-minutes 90] [--quick]
 """
@@ -217,7 +220,59 @@ def row(name: str, sims: torch.Tensor, records: list, captions_per_image: int, p
     return out
 
 
-def plot(rows: list[dict], runs: dict[str, dict], results: str) -> None:
+def owner(model: str) -> str | None:
+    """The ``MODELS`` key a table row belongs to (the model's row or one of its ablations); None for an ensemble."""
+    for key, (name, *_) in MODELS.items():
+        if model == name or model.startswith(name + ", "):
+            return key
+    return None
+
+
+def earlier(path: str, settings: dict, redone: Callable[[dict], bool]) -> list[dict]:
+    """The rows of an earlier CSV made with the same settings that this run did not redo."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as handle:
+        old = list(csv.DictReader(handle))
+    same = [r for r in old if all(r.get(k) == str(v) for k, v in settings.items())]
+    if len(same) < len(old):
+        print(f"{path}: {len(old) - len(same)} rows of other settings dropped", flush=True)
+    return [r for r in same if not redone(r)]
+
+
+def merged_table(rows: list[dict], path: str, settings: dict, fresh: set[str]) -> list[dict]:
+    """This run's rows with the earlier table's rows of the models not run now, in ``MODELS`` order."""
+
+    def redone(r: dict) -> bool:
+        key = owner(r["model"])
+        return key in fresh if key is not None else any(m in fresh for m in ENSEMBLES.get(r["model"], ()))
+
+    def order(r: dict) -> int:
+        key = owner(r["model"])
+        return list(MODELS).index(key) if key is not None else len(MODELS) + list(ENSEMBLES).index(r["model"])
+
+    settings = {k: str(v) for k, v in settings.items()}
+    return sorted([r | settings for r in rows] + earlier(path, settings, redone), key=order)
+
+
+def merged_curves(histories: dict[str, list], path: str, settings: dict) -> dict[str, list[tuple[int, float]]]:
+    """This run's dev histories with the earlier curves CSV's histories of the models not run now."""
+    kept = earlier(path, settings, lambda r: r["model"] in histories)
+    merged = {key: list(history) for key, history in histories.items()}
+    for r in kept:
+        merged.setdefault(r["model"], []).append((int(r["step"]), float(r["dev_rsum"])))
+    return {key: merged[key] for key in MODELS if key in merged}
+
+
+def write_curves(histories: dict[str, list], path: str, settings: dict) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["model", "step", "dev_rsum", *settings])
+        writer.writeheader()
+        writer.writerows({"model": key, "step": step, "dev_rsum": rsum} | settings
+                         for key, history in histories.items() for step, rsum in history)
+
+
+def plot(rows: list[dict], histories: dict[str, list], results: str) -> None:
     """The learning curves and the twin-accuracy bar chart."""
     import matplotlib
 
@@ -225,8 +280,8 @@ def plot(rows: list[dict], runs: dict[str, dict], results: str) -> None:
     from matplotlib import pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 5))
-    for key, progress in runs.items():
-        steps, rsums = zip(*progress["history"]) if progress["history"] else ((), ())
+    for key, history in histories.items():
+        steps, rsums = zip(*history) if history else ((), ())
         axis.plot(steps, rsums, marker=".", label=MODELS[key][0])
     axis.set(xlabel="optimizer steps", ylabel="dev rSum", title="Hard synthetic setting: dev rSum while training")
     axis.legend()
@@ -309,19 +364,28 @@ def main() -> None:
             rows.append(row(f"{MODELS[key][0]}, {suffix}", ablated, records, test.captions_per_image, None))
             print(rows[-1], flush=True)
     for name, members in ENSEMBLES.items():
-        if all(member in sims for member in members):
-            mean = sum(sims[member] for member in members) / len(members)
-            rows.append(row(name, mean, records, test.captions_per_image, None))
+        if any(member in sims for member in members):  # else the earlier table's row stands
+            for member in members:  # a member not run now: its finished run's cached similarities
+                if member not in sims and os.path.exists(os.path.join(args.data, "runs", member, "best.pt")):
+                    sims[member] = test_similarities(member, "", os.path.join(args.data, "runs", member), test, None, None)
+            if all(member in sims for member in members):
+                mean = sum(sims[member] for member in members) / len(members)
+                rows.append(row(name, mean, records, test.captions_per_image, None))
     os.makedirs(args.results, exist_ok=True)
     settings = {"setting": "hard", "images": "/".join(map(str, (splits[s].n_images for s in ("train", "dev", "test")))),
                 "feature_dim": args.feature_dim, "lr": args.lr, "batch": args.batch_size, "embed": args.embed_size,
                 "sim": args.sim_dim, "patience": args.patience, "min_delta": args.min_delta,
                 "threads": args.threads, "seed": args.seed}
-    with open(os.path.join(args.results, "synthetic_comparison.csv"), "w", newline="") as handle:
+    table_path = os.path.join(args.results, "synthetic_comparison.csv")
+    table = merged_table(rows, table_path, settings, set(chosen))
+    with open(table_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) + list(settings))
         writer.writeheader()
-        writer.writerows(r | settings for r in rows)
-    plot(rows, runs, args.results)
+        writer.writerows(table)
+    curves_path = os.path.join(args.results, "synthetic_curves.csv")
+    histories = merged_curves({key: runs[key]["history"] for key in chosen}, curves_path, settings)
+    write_curves(histories, curves_path, settings)
+    plot(table, histories, args.results)
     print("wrote", args.results)
 
 

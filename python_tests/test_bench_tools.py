@@ -1,8 +1,9 @@
-"""The GPU lease's tooling, checked on the CPU: the targets report and the benches' TF32 rows.
+"""The bench tools that decide what a results table says, checked on the CPU.
 
 bench/gpu_targets.py must read a GPU run's CSVs right (a wrong "met" would close the GPU
-issue on a false figure), and bench/harness.tf32 must reach the kernels' precision rule,
-or the "tf32" rows would time full-fp32 kernels under a TF32 label.
+issue on a false figure); bench/harness.tf32 must reach the kernels' precision rule, or the
+"tf32" rows would time full-fp32 kernels under a TF32 label; and a run of some models in
+bench/compare_synthetic.py must keep the other models' rows and curves, not lose them.
 """
 
 from __future__ import annotations
@@ -117,3 +118,54 @@ def test_gpu_check_script_parses_and_refuses_an_unknown_stage(tmp_path):
     done = subprocess.run(["bash", script, "nonsense"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)})
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+SETTINGS = {"setting": "hard", "seed": 0}
+
+
+def _table_row(model: str, rsum: str, **settings) -> dict:
+    return {"model": model, "rsum": rsum} | {k: str(v) for k, v in (SETTINGS | settings).items()}
+
+
+def _write_dicts(path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return _bench_module("compare_synthetic")
+
+
+def test_a_subset_run_keeps_the_other_models_rows(compare, tmp_path):
+    path = tmp_path / "table.csv"
+    _write_dicts(path, [
+        _table_row("VSE++", "250"),
+        _table_row("SGRAF (SGR)", "400"), _table_row("SGRAF (SAF)", "370"),
+        _table_row("MPSM (dis)", "230"), _table_row("MPSM (dis), spatial prior off", "220"),
+        _table_row("SGM", "580", seed=1),  # other settings: dropped
+        _table_row("SGRAF (SGR+SAF average)", "430"), _table_row("MPSM* (dis+dir average)", "300"),
+    ])
+    fresh = [{"model": "MPSM (dis)", "rsum": "260"}, {"model": "MPSM (dis), spatial prior off", "rsum": "240"},
+             {"model": "SGRAF (SGR)", "rsum": "410"}]
+    table = compare.merged_table(fresh, str(path), SETTINGS, {"mpsm_dis", "sgr"})
+    assert [(r["model"], r["rsum"]) for r in table] == [
+        ("VSE++", "250"), ("SGRAF (SGR)", "410"), ("SGRAF (SAF)", "370"),
+        ("MPSM (dis)", "260"), ("MPSM (dis), spatial prior off", "240"),
+    ]  # both ensembles had a member rerun: their old rows go (the run recomputes them when it can)
+    assert all(r["seed"] == "0" for r in table)
+    assert compare.merged_table(fresh, str(tmp_path / "absent.csv"), SETTINGS, {"mpsm_dis", "sgr"}) == [
+        r | {k: str(v) for k, v in SETTINGS.items()} for r in fresh[2:] + fresh[:2]]
+
+
+def test_a_subset_run_keeps_the_other_models_curves(compare, tmp_path):
+    path = tmp_path / "curves.csv"
+    _write_dicts(path, [{"model": m, "step": str(s), "dev_rsum": str(v)} | {k: str(x) for k, x in SETTINGS.items()}
+                        for m, s, v in (("vsepp", 10, 100.0), ("vsepp", 20, 150.0), ("sgm", 10, 300.0))])
+    histories = compare.merged_curves({"sgm": [(5, 1.0)]}, str(path), SETTINGS)
+    assert histories == {"vsepp": [(10, 100.0), (20, 150.0)], "sgm": [(5, 1.0)]}
+    compare.write_curves(histories, str(path), SETTINGS)
+    assert compare.merged_curves({}, str(path), SETTINGS) == histories  # written, read back
+    assert compare.merged_curves({}, str(path), SETTINGS | {"seed": 2}) == {}
