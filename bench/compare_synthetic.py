@@ -57,7 +57,7 @@ from sgfused.data.vocab import Vocabulary  # noqa: E402
 from sgfused.evaluate import evaluate_model, evaluate_similarity  # noqa: E402
 from sgfused.models import build_model, model_class  # noqa: E402
 from sgfused.train import TrainConfig, Trainer  # noqa: E402
-from sgfused.twins import load_distractors, twin_results, wilson_interval  # noqa: E402
+from sgfused.twins import load_distractors, twin_results  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SPLIT_IMAGES = (2000, 200, 800)  # train, dev, test: the test split sets the twin counts, the others the cost
@@ -209,7 +209,7 @@ def row(name: str, sims: torch.Tensor, records: list, captions_per_image: int, p
         tag, a = kind.split()[0], accuracy.get(kind)
         out[f"{tag}_pairs"] = a["pairs"] if a else 0
         for way in ("i2t", "t2i"):
-            low, high = wilson_interval(a[way], a[f"{way}_trials"]) if a else (float("nan"),) * 2
+            low, high = a[f"{way}_ci95"] if a else (float("nan"),) * 2
             out[f"{tag}_{way}"], out[f"{tag}_{way}_low"], out[f"{tag}_{way}_high"] = (
                 f"{a[way]:.1f}" if a else "", f"{low:.1f}", f"{high:.1f}")
         out[f"{tag}_response"] = f"{a['response']:.3f}" if a else ""

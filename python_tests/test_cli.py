@@ -264,3 +264,124 @@ def test_eval_of_a_checkpoint_in_the_papers_layout(data, tmp_path, capsys):
     assert not np.array_equal(fp32, bf16)  # bf16 did reach the similarity ops
     np.testing.assert_allclose(bf16, fp32, atol=2e-2)
     assert "--official needs --vocab" in _fails(args[:6], capsys)
+
+
+def _options(parser):
+    """(command path, action) of every option of every subcommand, walking the subparsers."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                for path, option in _options(sub):
+                    yield (name, *path), option
+        elif action.option_strings:
+            yield (), action
+
+
+def test_help_states_every_options_default():
+    """README: every command has --help, with each option's default (a flag, or an option without one, says nothing)."""
+    import argparse
+
+    from sgfused.cli import build_parser
+
+    checked = 0
+    for path, action in _options(build_parser()):
+        if action.default in (None, False, [], argparse.SUPPRESS) or isinstance(action, argparse._HelpAction):
+            continue
+        default = " ".join(action.default) if isinstance(action.default, list) else str(action.default)
+        help_text = action.help or ""
+        assert "default" in help_text and default in help_text, (path, action.option_strings, help_text)
+        checked += 1
+    assert checked >= 15  # the walk reached the subcommands' options
+
+
+def test_usage_errors_are_one_line(tmp_path, capsys):
+    """argparse's own errors (a value of the wrong type, an unknown flag) are one line too, status 2."""
+    for argv, needles in ((["train", "--data", str(tmp_path), "--epochs", "abc"], ("--epochs", "'abc'")),
+                          (["eval", "x.pt", "--data", str(tmp_path), "--nope"], ("--nope",))):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("sgfused") and ": error: " in err, err
+        assert all(needle in err for needle in needles), err
+
+
+def test_an_unreadable_file_is_one_line(tmp_path, capsys, monkeypatch):
+    """A config file that cannot be read (permission denied) is a user error, not a traceback."""
+    from pathlib import Path
+
+    config = tmp_path / "recipe.json"
+    config.write_text("{}")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert "Permission denied" in _fails(["train", "--data", str(tmp_path), "--config", str(config)], capsys)
+
+
+def test_a_missing_spacy_pipeline_is_one_line(data, tmp_path, capsys):
+    copy = tmp_path / "d"
+    copy.mkdir()
+    (copy / "test_caps.txt").write_text((data / "test_caps.txt").read_text())
+    err = _fails(["data", "parse", "--data", str(copy), "--split", "test", "--pipeline", "no_such_pipeline_xyz"], capsys)
+    assert err.count("\n") == 1 and ("no_such_pipeline_xyz" in err or "needs spaCy" in err), err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--twin-fraction", "0.7"], "--twin-fraction must be in [0, 0.5], got 0.7"),
+    (["--feature-dim", "0"], "--feature-dim must be >= 1, got 0"),
+    (["--images", "0"], "--images must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be in 0 .. 2**32-1, got -1"),
+])
+def test_synth_names_the_flag_out_of_range(flags, message, tmp_path, capsys):
+    argv = ["data", "synth", "--out", str(tmp_path / "d"), "--images", "10", *flags, "--quiet"]
+    assert message in _fails(argv, capsys)
+    assert not (tmp_path / "d").exists()
+
+
+def test_synth_keeps_the_same_dataset_and_refuses_to_overwrite_another(tmp_path, capsys):
+    out = tmp_path / "d"
+    argv = ["data", "synth", "--out", str(out), "--images", "20", "--seed", "3", "--feature-dim", "8", "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(argv) == 0  # the same dataset again: kept, not rewritten (a second demo run)
+    assert "already holds this synthetic dataset" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    other = [*argv[:7], "4", *argv[8:]]  # another seed
+    assert "pass --overwrite" in _fails(other, capsys)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert main([*other, "--overwrite"]) == 0 and json.loads((out / "world.json").read_text())["seed"] == 4
+    foreign = tmp_path / "released"
+    foreign.mkdir()
+    (foreign / "train_caps.txt").write_text("keep me\n")
+    assert "pass --overwrite" in _fails(["data", "synth", "--out", str(foreign), "--images", "10", "--quiet"], capsys)
+    assert (foreign / "train_caps.txt").read_text() == "keep me\n" and sorted(foreign.iterdir()) == [foreign / "train_caps.txt"]
+
+
+def test_vocab_counts_train_and_dev_at_threshold_4_and_keeps_an_existing_file(tmp_path, capsys):
+    """README: `data vocab` builds vocab.json from the train + dev captions, words seen >= 4 times by default."""
+    from sgfused.data.vocab import Vocabulary
+
+    (tmp_path / "train_caps.txt").write_text("a kite\n" * 3 + "a boat\n" * 2)
+    (tmp_path / "dev_caps.txt").write_text("a kite\n" + "a boat\n")
+    (tmp_path / "test_caps.txt").write_text("a zebra\n" * 9)
+    assert main(["data", "vocab", "--data", str(tmp_path)]) == 0
+    words = set(Vocabulary.load(tmp_path / "vocab.json").word2idx)
+    assert {"a", "kite"} <= words and "boat" not in words and "zebra" not in words  # kite 4x, boat 3x, zebra: test only
+    before = (tmp_path / "vocab.json").read_bytes()
+    assert "pass --overwrite" in _fails(["data", "vocab", "--data", str(tmp_path), "--threshold", "1"], capsys)
+    assert (tmp_path / "vocab.json").read_bytes() == before
+    assert main(["data", "vocab", "--data", str(tmp_path), "--threshold", "1", "--overwrite"]) == 0
+    assert "boat" in Vocabulary.load(tmp_path / "vocab.json").word2idx
+
+
+def test_a_device_this_machine_lacks_is_one_line(data, checkpoint, capsys, monkeypatch):
+    if not torch.backends.mps.is_available():
+        assert "MPS is not available here" in _fails(["eval", str(checkpoint), "--data", str(data), "--device", "mps"], capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    err = _fails(["eval", str(checkpoint), "--data", str(data), "--device", "cuda:3"], capsys)
+    assert "--device is 'cuda:3' but only 1 CUDA devices are visible" in err

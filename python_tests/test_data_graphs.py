@@ -147,7 +147,7 @@ def test_parser_error_without_spacy(monkeypatch):
 
 def test_parser_errors_without_pipeline():
     pytest.importorskip("spacy")
-    with pytest.raises(RuntimeError, match="spaCy pipeline 'no_such_pipeline_xyz' is not installed"):
+    with pytest.raises(ImportError, match="spaCy pipeline .no_such_pipeline_xyz. is not installed"):
         parse_captions(["a dog"], pipeline="no_such_pipeline_xyz", progress=False)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         parse_captions(["a dog"], batch_size=0, progress=False)

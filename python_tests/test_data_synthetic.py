@@ -353,3 +353,22 @@ def test_hard_setting_twins_share_region_features_and_differ_in_layout(tmp_path)
 def test_unknown_setting_is_refused(tmp_path):
     with pytest.raises(ValueError, match="setting must be one of"):
         generate(tmp_path, 40, feature_dim=4, world=WorldConfig(setting="medium"), progress=False)
+
+
+def test_an_interrupted_generation_is_not_taken_for_a_finished_dataset(tmp_path, monkeypatch):
+    """world.json marks a finished dataset: removed first, written last, so a crash leaves none."""
+    from sgfused.data import synthetic
+
+    assert not synthetic.holds_dataset(tmp_path, 20, 5, feature_dim=8)
+    synthetic.generate(tmp_path, 20, 5, feature_dim=8, progress=False)
+    assert synthetic.holds_dataset(tmp_path, 20, 5, feature_dim=8)
+    assert not synthetic.holds_dataset(tmp_path, 20, 6, feature_dim=8)  # another seed
+    assert not synthetic.holds_dataset(tmp_path, 20, 5, feature_dim=8, world=synthetic.WorldConfig(setting="hard"))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_write_split", crash)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate(tmp_path, 20, 5, feature_dim=8, progress=False)
+    assert not (tmp_path / "world.json").exists() and not synthetic.holds_dataset(tmp_path, 20, 5, feature_dim=8)

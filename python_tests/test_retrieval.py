@@ -397,6 +397,23 @@ def test_index_refuses_changed_data(built, data, tmp_path):
         GalleryIndex.open(tmp_path / "index")
 
 
+def test_index_refuses_features_rewritten_in_place(built, data, tmp_path):
+    """Same shape and size, one value changed in a sampled image: refused; an index from before the sample opens."""
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    build_index(built["vsepp"][0], copy, "test", tmp_path / "index", progress=False)
+    features = np.load(copy / "test_ims.npy", mmap_mode="r+")
+    features[-1, 0, 0] += 1.0  # the last image is always among the sampled ones
+    features.flush()
+    del features
+    with pytest.raises(ValueError, match="was built from other data"):
+        GalleryIndex.open(tmp_path / "index")
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    del manifest["data_fingerprint"]["features_sample_sha256"]  # as written before the sample was recorded
+    (tmp_path / "index" / "manifest.json").write_text(json.dumps(manifest))
+    assert GalleryIndex.open(tmp_path / "index").n_images == manifest["n_images"]
+
+
 def test_unsupported_model_is_named():
     with pytest.raises(ValueError, match="retrieval supports the models sgraf, sgm, vsepp; .* 'mpsm'"):
         pooled.check_supported("mpsm")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sgfused.evaluate import retrieval_metrics
-from sgfused.twins import load_distractors, twin_accuracy, twin_results, wilson_interval
+from sgfused.twins import format_twin_accuracy, load_distractors, twin_accuracy, twin_results, wilson_interval
 
 
 def _sims() -> torch.Tensor:
@@ -40,6 +40,15 @@ def test_twin_accuracy_counts_wins_and_half_ties_both_ways():
     # image->text: image 2 scores its own best 0.2 > 0.0 on image 3's captions (won);
     # image 3 scores 0.7 on its own captions and on image 2's (a tie: half)
     assert attribute["i2t"] == pytest.approx(75.0)
+
+
+def test_twin_accuracy_carries_wilson_intervals_and_prints_them():
+    relation = twin_accuracy(_sims(), torch.tensor([[1, 0]]), 2)
+    assert relation["t2i_ci95"] == wilson_interval(75.0, 4) and relation["i2t_ci95"] == wilson_interval(100.0, 2)
+    low, high = relation["t2i_ci95"]
+    assert 0.0 < low < 75.0 < high < 100.0
+    line = format_twin_accuracy({"relation twins": relation})
+    assert f"text->image 75.0% [{low:.1f}, {high:.1f}]" in line and "95% Wilson" in line and "\n" not in line
 
 
 def test_identical_twin_images_score_chance():

@@ -4,7 +4,8 @@
 # for a 2-core CPU, summed hinges first so no model collapses), evaluate each and the
 # SGR + SAF ensemble on the test split, and end with one summary table.
 # DEMO_IMAGES scales the data (default 1000 images); DEMO_EPOCHS, when set, replaces every
-# recipe's epoch count. A second run resumes (or skips) finished training.
+# recipe's epoch count. A second run keeps the dataset and resumes (or skips) finished training;
+# with another DEMO_IMAGES, `sgfused data synth` refuses the existing folder: delete data/synthetic and runs/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

