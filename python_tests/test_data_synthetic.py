@@ -359,11 +359,11 @@ def test_an_interrupted_generation_is_not_taken_for_a_finished_dataset(tmp_path,
     """world.json marks a finished dataset: removed first, written last, so a crash leaves none."""
     from sgfused.data import synthetic
 
-    assert not synthetic.holds_dataset(tmp_path, 20, 5, feature_dim=8)
+    assert not synthetic.holds_dataset(tmp_path, 20, 5, 8)
     synthetic.generate(tmp_path, 20, 5, feature_dim=8, progress=False)
-    assert synthetic.holds_dataset(tmp_path, 20, 5, feature_dim=8)
-    assert not synthetic.holds_dataset(tmp_path, 20, 6, feature_dim=8)  # another seed
-    assert not synthetic.holds_dataset(tmp_path, 20, 5, feature_dim=8, world=synthetic.WorldConfig(setting="hard"))
+    assert synthetic.holds_dataset(tmp_path, 20, 5, 8)
+    assert not synthetic.holds_dataset(tmp_path, 20, 6, 8)  # another seed
+    assert not synthetic.holds_dataset(tmp_path, 20, 5, 8, synthetic.WorldConfig(setting="hard"))
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -371,4 +371,4 @@ def test_an_interrupted_generation_is_not_taken_for_a_finished_dataset(tmp_path,
     monkeypatch.setattr(synthetic, "_write_split", crash)
     with pytest.raises(KeyboardInterrupt):
         synthetic.generate(tmp_path, 20, 5, feature_dim=8, progress=False)
-    assert not (tmp_path / "world.json").exists() and not synthetic.holds_dataset(tmp_path, 20, 5, feature_dim=8)
+    assert not (tmp_path / "world.json").exists() and not synthetic.holds_dataset(tmp_path, 20, 5, 8)

@@ -78,7 +78,7 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} is an existing file; synth writes a dataset folder")
     world = WorldConfig(setting=args.setting, distractor_fraction=args.twin_fraction)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        if holds_dataset(out, args.images, args.seed, feature_dim=args.feature_dim, world=world):
+        if holds_dataset(out, args.images, args.seed, args.feature_dim, world):
             print(f"{out} already holds this synthetic dataset (world.json: the same images, seed and world); kept")
             return
         raise FileExistsError(f"--out {out} is not empty and holds no synthetic dataset of these settings; "

@@ -80,6 +80,8 @@ from tqdm import tqdm
 from .vocab import Vocabulary
 
 SPLITS = ("train", "dev", "test")
+DEFAULT_SPLITS = (0.8, 0.1, 0.1)  # the share of the images in each split
+N_REGIONS = 36  # regions per image, as bottom-up features have
 SETTINGS = ("easy", "hard")  # see the module docstring, "Settings"
 CAPTIONS_PER_IMAGE = 5
 
@@ -779,22 +781,16 @@ def _write_split(
     return texts, len(distractors)
 
 
-def holds_dataset(
-    out_dir: str | os.PathLike[str],
-    n_images: int,
-    seed: int = 0,
-    *,
-    feature_dim: int = 2048,
-    n_regions: int = 36,
-    splits: Sequence[float] = (0.8, 0.1, 0.1),
-    world: WorldConfig | None = None,
-) -> bool:
-    """Whether ``out_dir`` holds the finished dataset :func:`generate` would write with these arguments.
+def holds_dataset(out_dir: str | os.PathLike[str], n_images: int, seed: int, feature_dim: int,
+                  world: WorldConfig | None = None) -> bool:
+    """Whether ``out_dir`` holds the finished dataset :func:`generate` would write with these arguments
+    (and its default regions and splits, as ``sgfused data synth`` writes it).
 
     ``world.json`` is written last (and removed first), so it marks a finished run; its seed, sizes,
     split counts and world configuration must all be these, and every split's features and captions
     must be there. The same arguments give the same bytes, so such a folder need not be rewritten.
     """
+    n_regions, splits = N_REGIONS, DEFAULT_SPLITS
     out = Path(out_dir)
     try:
         recorded = json.loads((out / "world.json").read_text())
@@ -812,8 +808,8 @@ def generate(
     seed: int = 0,
     *,
     feature_dim: int = 2048,
-    n_regions: int = 36,
-    splits: Sequence[float] = (0.8, 0.1, 0.1),
+    n_regions: int = N_REGIONS,
+    splits: Sequence[float] = DEFAULT_SPLITS,
     world: WorldConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
