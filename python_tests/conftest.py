@@ -215,6 +215,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+TRAINING_FEATURE_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def training_data(tmp_path_factory):
+    """The trainer tests' data: 40 synthetic scenes (seed 3) with 16-d features, as (folder, vocabulary, train
+    split, dev split)."""
+    from sgfused.data.precomp import PrecompSplit
+    from sgfused.data.synthetic import generate
+    from sgfused.data.vocab import Vocabulary
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, 40, seed=3, feature_dim=TRAINING_FEATURE_DIM, progress=False)
+    vocab = Vocabulary.load(root / "vocab.json")
+    return root, vocab, PrecompSplit(root, "train", vocab), PrecompSplit(root, "dev", vocab)
+
 # TF32 products round both operands to 10 mantissa bits (unit roundoff 2^-11 ~ 4.9e-4); relative to
 # the largest magnitude, sums of them stay well inside this where the kernels' intermediates
 # (softmax weights, upstream gradients) are rounded too.

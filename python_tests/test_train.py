@@ -9,6 +9,7 @@ import stat
 
 import pytest
 import torch
+from conftest import TRAINING_FEATURE_DIM
 
 from sgfused.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from sgfused.data.precomp import PrecompSplit
@@ -19,16 +20,13 @@ from sgfused.models import build_model
 from sgfused.train import APPLIED_ON_RESUME, TrainConfig, Trainer, TrainOptionError, epoch_order, resolve_device
 from sgfused.twins import load_distractors, twin_results
 
-FEATURE_DIM = 16
+FEATURE_DIM = TRAINING_FEATURE_DIM
 SMALL = {"vsepp": dict(img_dim=FEATURE_DIM, embed_size=16, word_dim=8)}
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(root, 40, seed=3, feature_dim=FEATURE_DIM, progress=False)
-    vocab = Vocabulary.load(root / "vocab.json")
-    return root, vocab, PrecompSplit(root, "train", vocab), PrecompSplit(root, "dev", vocab)
+def dataset(training_data):
+    return training_data
 
 
 def _trainer(dataset, out, name="vsepp", init_seed=0, **options) -> Trainer:
