@@ -3,7 +3,8 @@
 bench/gpu_targets.py must read a GPU run's CSVs right (a wrong "met" would close the GPU
 issue on a false figure); bench/harness.tf32 must reach the kernels' precision rule, or the
 "tf32" rows would time full-fp32 kernels under a TF32 label; and a run of some models in
-bench/compare_synthetic.py must keep the other models' rows and curves, not lose them.
+bench/compare_synthetic.py must keep the other models' rows and curves, not lose them, and
+the same seed must give it the same rows.
 """
 
 from __future__ import annotations
@@ -169,3 +170,28 @@ def test_a_subset_run_keeps_the_other_models_curves(compare, tmp_path):
     compare.write_curves(histories, str(path), SETTINGS)
     assert compare.merged_curves({}, str(path), SETTINGS) == histories  # written, read back
     assert compare.merged_curves({}, str(path), SETTINGS | {"seed": 2}) == {}
+
+
+def _quick_comparison(data) -> tuple[list[dict], list[dict]]:
+    """The table (less the training time) and the curves of a --quick VSE++ and SGM comparison in ``data``."""
+    script = os.path.join(BENCH, "compare_synthetic.py")
+    subprocess.run([sys.executable, script, "--quick", "--data", str(data), "--models", "vsepp,sgm", "--threads", "1"],
+                   check=True, capture_output=True)
+    results = f"{data}_quick/results"
+    with open(os.path.join(results, "synthetic_comparison.csv"), newline="") as handle:
+        table = [{k: v for k, v in r.items() if k != "train_min"} for r in csv.DictReader(handle)]
+    with open(os.path.join(results, "synthetic_curves.csv"), newline="") as handle:
+        return table, list(csv.DictReader(handle))
+
+
+def test_the_same_seed_gives_the_same_row(tmp_path):
+    """compare_synthetic's promise for a stop that is not "budget": the data generated afresh from the same seed
+    and the models trained on it again give the same rows (ablations included) and the same curves."""
+    first, second = _quick_comparison(tmp_path / "a"), _quick_comparison(tmp_path / "b")
+    table, curves = first
+    assert [r["model"] for r in table] == ["VSE++", "SGM", "SGM, no graph relations"]
+    assert all(r["stopped"] in ("plateau", "max epochs") for r in table[:2]) and len(curves) >= 3  # <= 2 epochs each
+    assert second == first
+    for key in ("vsepp", "sgm"):  # and bit for bit the same weights, which rounded recalls alone could hide
+        a, b = (torch.load(f"{tmp_path / run}_quick/runs/{key}/best.pt", weights_only=True)["model"] for run in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a), key
