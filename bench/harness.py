@@ -68,7 +68,7 @@ def time_and_peak(fn: Callable[[], object], device: torch.device, min_run_time: 
         # Timer runs on one thread unless told otherwise: time with every thread the process has
         timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         ms = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-    return ms, _cpu_peak_bytes(fn), output
+    return ms, cpu_peak_bytes(fn), output
 
 
 def _cuda_time_and_peak(fn: Callable[[], object], device: torch.device) -> tuple[float, int, object]:
@@ -104,7 +104,7 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by one call beyond what was allocated before it (the profiler's memory events)."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -7,8 +7,10 @@ the setting is restored so the tests after it still run as they would alone. Ran
 reseeded before and restored after every test.
 """
 
+import importlib.util
 import os
 import random
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -214,6 +216,21 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def bench_module(name: str):
+    """The module ``bench/NAME.py``, imported as the bench scripts see each other (bench/ on the path)."""
+    sys.path.insert(0, BENCH)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(BENCH)
 
 TRAINING_FEATURE_DIM = 16
 

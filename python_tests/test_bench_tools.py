@@ -18,30 +18,16 @@ from dataclasses import asdict
 
 import pytest
 import torch
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-
-
-def _bench_module(name: str):
-    sys.path.insert(0, BENCH)
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(BENCH)
-
+from conftest import BENCH, bench_module
 
 @pytest.fixture(scope="module")
 def targets():
-    return _bench_module("gpu_targets")
+    return bench_module("gpu_targets")
 
 
 @pytest.fixture(scope="module")
 def harness():
-    return _bench_module("harness")
+    return bench_module("harness")
 
 
 def _write(folder: str, op: str, rows: list) -> None:
@@ -137,7 +123,7 @@ def _write_dicts(path, rows: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def compare():
-    return _bench_module("compare_synthetic")
+    return bench_module("compare_synthetic")
 
 
 def test_a_subset_run_keeps_the_other_models_rows(compare, tmp_path):
