@@ -43,21 +43,19 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sgfused.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from sgfused.data.precomp import PrecompSplit  # noqa: E402
-from sgfused.data.synthetic import WorldConfig, generate  # noqa: E402
-from sgfused.data.vocab import Vocabulary  # noqa: E402
-from sgfused.evaluate import evaluate_model, evaluate_similarity  # noqa: E402
-from sgfused.models import build_model, model_class  # noqa: E402
-from sgfused.train import TrainConfig, Trainer  # noqa: E402
-from sgfused.twins import load_distractors, twin_results  # noqa: E402
+from sgfused.checkpoint import load_checkpoint, model_from_checkpoint
+from sgfused.data.precomp import PrecompSplit
+from sgfused.data.synthetic import WorldConfig, generate
+from sgfused.data.vocab import Vocabulary
+from sgfused.evaluate import evaluate_model, evaluate_similarity
+from sgfused.models import build_model, model_class
+from sgfused.train import TrainConfig, Trainer
+from sgfused.twins import load_distractors, twin_results
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SPLIT_IMAGES = (2000, 200, 800)  # train, dev, test: the test split sets the twin counts, the others the cost

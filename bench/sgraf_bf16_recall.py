@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sgfused.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from sgfused.data.precomp import PrecompSplit  # noqa: E402
-from sgfused.evaluate import evaluate_model  # noqa: E402
+from sgfused.checkpoint import load_checkpoint, model_from_checkpoint
+from sgfused.data.precomp import PrecompSplit
+from sgfused.evaluate import evaluate_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METRICS = ("i2t_r1", "t2i_r1", "rsum")

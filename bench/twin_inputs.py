@@ -31,13 +31,11 @@ import csv
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sgfused.models.cmsei import box_iou  # noqa: E402
+from sgfused.models.cmsei import box_iou
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

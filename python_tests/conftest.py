@@ -132,6 +132,18 @@ def _set_cuda_matmul(saved: tuple[bool, bool]) -> None:
     matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction = saved
 
 
+def _tools_own_path(entry: str) -> bool:
+    """setuptools appends its vendored packages' folder on first import (torch's extension builder imports it)."""
+    return entry.endswith(os.path.join("setuptools", "_vendor"))
+
+
+def _sys_path() -> list[str]:
+    return [entry for entry in sys.path if not _tools_own_path(entry)]
+
+
+def _set_sys_path(saved: list[str]) -> None:
+    sys.path[:] = saved + [entry for entry in sys.path if _tools_own_path(entry)]
+
 # (what, read it, set it back): the process-wide settings a test must leave as it found them.
 GLOBAL_SETTINGS: tuple[tuple[str, Callable[[], Any], Callable[[Any], None]], ...] = (
     ("torch.get_num_threads()", torch.get_num_threads, torch.set_num_threads),
@@ -155,6 +167,8 @@ GLOBAL_SETTINGS: tuple[tuple[str, Callable[[], Any], Callable[[Any], None]], ...
         _set_cuda_matmul,
     ),
     ("os.environ", _environ, _set_environ),
+    # spawned workers inherit it: the source tree ahead of the installed package would shadow its kernels
+    ("sys.path", lambda: _sys_path(), lambda saved: _set_sys_path(saved)),
 )
 
 
@@ -221,7 +235,12 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench_module(name: str):
-    """The module ``bench/NAME.py``, imported as the bench scripts see each other (bench/ on the path)."""
+    """The module ``bench/NAME.py``, imported as the bench scripts see each other (bench/ on the path).
+
+    ``sys.path`` is put back as it was, whatever the script does to it at import: processes that the
+    tests spawn inherit it, and a source checkout ahead of the installed package would shadow its kernels.
+    """
+    saved = list(sys.path)
     sys.path.insert(0, BENCH)
     try:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
@@ -230,7 +249,8 @@ def bench_module(name: str):
         spec.loader.exec_module(module)
         return module
     finally:
-        sys.path.remove(BENCH)
+        sys.path[:] = saved
+
 
 TRAINING_FEATURE_DIM = 16
 
