@@ -7,12 +7,18 @@ compiles the kernel to a cubin for ``SGFUSED_COMPILE_ARCH`` (default 90, Hopper)
 own pipeline, ptxas included, then runs it in the interpreter, so the tests still check values
 and also fail on any compile error (scripts/check_triton_compile.sh).
 
+What is compiled is what a GPU would launch: ``sgfused.triton._common.compiles_for_gpu`` is made
+true, so fp16 / bf16 kernels get their tensor-core specialisation (``NATIVE_DOT``); the
+interpreter runs the same launch with ``NATIVE_DOT`` off (fp32 products of the same operands).
+bench/triton_sm90_resources.py reads the compiled kernels through ``on_compiled``.
+
     python -m pytest -p triton_compile_only python_tests -k triton   (scripts/ on PYTHONPATH)
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: kernels are JIT functions
 
@@ -64,6 +70,8 @@ class TargetOnlyDriver(DriverBase):
 
 _launch = JITFunction.run
 _twins: dict[int, InterpretedFunction] = {}
+# called as on_compiled(kernel function name, compiled kernel, launch keyword arguments) after each compile
+on_compiled: Callable[[str, object, dict], None] | None = None
 
 
 def _twin(kernel: JITFunction) -> InterpretedFunction:
@@ -75,8 +83,12 @@ def _twin(kernel: JITFunction) -> InterpretedFunction:
 
 def _compile_then_interpret(self, *args, grid, warmup, **kwargs):
     """JITFunction.run: compile the kernel for the GPU target, then run it in the interpreter."""
-    _launch(self, *args, grid=grid, warmup=True, **kwargs)
+    compiled = _launch(self, *args, grid=grid, warmup=True, **kwargs)
+    if on_compiled is not None:
+        on_compiled(self.fn.__name__, compiled, kwargs)
     if not warmup:
+        if "NATIVE_DOT" in kwargs:  # the interpreter's 16-bit tl.dot is wrong: fp32 products instead
+            kwargs = {**kwargs, "NATIVE_DOT": False}
         os.environ["TRITON_INTERPRET"] = "1"  # the interpreter's semantics (scalars, loop bounds)
         try:
             _twin(self).run(*args, grid=grid, warmup=False, **kwargs)
@@ -98,12 +110,20 @@ def _call_in_interpreter(self, *args, **kwargs):
         scope.restore()
 
 
-def pytest_configure(config) -> None:
-    driver.set_active(TargetOnlyDriver(int(os.environ.get("SGFUSED_COMPILE_ARCH", "90"))))
+def install(arch: int) -> None:
+    """From now on every Triton launch compiles for the CUDA ``arch`` and then runs in the interpreter."""
+    driver.set_active(TargetOnlyDriver(arch))
     JITFunction.run = _compile_then_interpret
     JITFunction.__call__ = _call_in_interpreter
     import sgfused._backend
+    import sgfused.triton._common
 
     # CPU tensors stand in for CUDA ones: the op wrappers accept them as in interpreter mode
     sgfused._backend.triton_interpreting = lambda: True
+    # and the launchers choose what they would on a GPU (NATIVE_DOT)
+    sgfused.triton._common.compiles_for_gpu = lambda device: True
+
+
+def pytest_configure(config) -> None:
+    install(int(os.environ.get("SGFUSED_COMPILE_ARCH", "90")))
 

@@ -19,6 +19,29 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and _tf32_allowed() else "ieee"
 
 
+def native_dot(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the kernels hand fp16 / bf16 operands to ``tl.dot`` as they are (the ``NATIVE_DOT`` constexpr).
+
+    True for fp16 / bf16 inputs on a GPU: tensor-core products with fp32 accumulation. Elsewhere
+    (the interpreter, whose 16-bit ``tl.dot`` returns garbage) the kernels widen the same operands
+    to fp32 first (``dot_operand``), which computes the same products: those of two fp16 / bf16
+    values are exact in fp32. scripts/triton_compile_only.py makes ``compiles_for_gpu`` true, so the
+    compile check builds what a GPU runs.
+    """
+    return dtype in (torch.float16, torch.bfloat16) and compiles_for_gpu(device)
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton type of a torch floating dtype (the ``DOT`` constexpr of ``dot_operand``)."""
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
+
+
+def compiles_for_gpu(device: torch.device) -> bool:
+    """Whether kernels launched on ``device`` are compiled for a GPU (not run by the interpreter)."""
+    return device.type == "cuda"
+
+
 def _tf32_allowed() -> bool:
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: reflects the new and the legacy settings alike
@@ -35,3 +58,14 @@ def cast_rounded(v, DST: tl.constexpr):
         u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
         v = tl.where(f == f, u.to(tl.float32, bitcast=True), f)  # NaN stays NaN
     return v.to(DST)
+
+
+@triton.jit
+def dot_operand(v, DTYPE: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """v as a ``tl.dot`` operand of a kernel whose inputs are DTYPE: rounded to nearest even in DTYPE
+    and kept there with NATIVE_DOT (tensor cores), else widened to fp32 (fp64 stays): the same values."""
+    v = cast_rounded(v, DTYPE)
+    if not NATIVE_DOT:
+        if DTYPE != tl.float64:
+            v = v.to(tl.float32)
+    return v

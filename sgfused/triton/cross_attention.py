@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rounded, dot_precision
+from ._common import cast_rounded, dot_precision, native_dot
 
 BLOCK_D_FWD = 64  # d-chunk of the forward passes
 BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles)
@@ -498,8 +498,7 @@ class _Setup:
         self.block_m = _pow2(self.m)
         tiles = max(self.block_j * self.block_c, self.block_j * self.block_m)
         self.num_warps = 8 if tiles >= 8192 else 4
-        # native fp16 / bf16 tl.dot (fp32 accumulation) for the scores on the GPU; the interpreter needs fp32
-        self.native_dot = self.dtype in (torch.float16, torch.bfloat16) and self.device.type == "cuda"
+        self.native_dot = native_dot(self.dtype, self.device)  # fp16 / bf16 scores on the tensor cores
         self.precision = dot_precision(self.dtype)
 
     def const(self, block_d: int) -> dict:

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import dot_precision
+from ._common import dot_precision, native_dot
 
 BLOCK = 64  # rows / columns of a score tile
 BLOCK_K = 64  # length of a scan tile in the sum-of-hinges scans
@@ -52,7 +52,7 @@ LAYOUT_SAFE_WARPS = 2
 # ----------------------------------------------------------------------------- tile helpers
 @triton.jit
 def _tile(x_ptr, a_ptr, b_ptr, rows, cols, rmask, cmask, D, sxr, sxc,
-          ACC: tl.constexpr, EMBED: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+          ACC: tl.constexpr, EMBED: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
           BLOCK_D: tl.constexpr):
     """``X[rows[:, None], cols[None, :]]`` in ACC (0 where masked); rows / cols may be gathered indices."""
     rows = rows.to(tl.int64)
@@ -64,7 +64,7 @@ def _tile(x_ptr, a_ptr, b_ptr, rows, cols, rmask, cmask, D, sxr, sxc,
             kmask = ks < D
             a = tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_ptr + cols[None, :] * D + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if CAST_DOT:
+            if not NATIVE_DOT:
                 a = a.to(ACC)
                 b = b.to(ACC)
             res = tl.dot(a, b, res, input_precision=PRECISION, out_dtype=ACC)
@@ -96,7 +96,7 @@ def _pair(x_ptr, a_ptr, b_ptr, rows, cols, mask, D, sxr, sxc,
 @triton.jit
 def _hinge_scans(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr, sxc,
                  prow, pcol, pid_, base, valid,
-                 ACC: tl.constexpr, EMBED: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 ACC: tl.constexpr, EMBED: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """For positive pairs (prow[p], pcol[p]) of id pid_[p], with base[p] = margin - X[prow, pcol]:
     the sum and the number of the active hinges ``base + X[prow, k]`` over the negative columns k of
@@ -108,7 +108,7 @@ def _hinge_scans(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr, sx
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < C
         kid = tl.load(col_ids_ptr + ks, mask=kmask, other=0)
-        s = _tile(x_ptr, a_ptr, b_ptr, prow, ks, valid, kmask, D, sxr, sxc, ACC, EMBED, CAST_DOT, PRECISION, BLOCK_D)
+        s = _tile(x_ptr, a_ptr, b_ptr, prow, ks, valid, kmask, D, sxr, sxc, ACC, EMBED, NATIVE_DOT, PRECISION, BLOCK_D)
         h = base[:, None] + s
         act = valid[:, None] & kmask[None, :] & (kid[None, :] != pid_[:, None]) & (h > 0)
         along_row += tl.sum(tl.where(act, h, 0.0), axis=1)
@@ -119,7 +119,7 @@ def _hinge_scans(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr, sx
         kid = tl.load(row_ids_ptr + ks, mask=kmask, other=0)
         # transposed to (positive, k): every per-positive vector keeps one layout in both loops
         s = tl.trans(_tile(x_ptr, a_ptr, b_ptr, ks, pcol, kmask, valid, D, sxr, sxc,
-                           ACC, EMBED, CAST_DOT, PRECISION, BLOCK_D))
+                           ACC, EMBED, NATIVE_DOT, PRECISION, BLOCK_D))
         h = base[:, None] + s
         act = valid[:, None] & kmask[None, :] & (kid[None, :] != pid_[:, None]) & (h > 0)
         along_col += tl.sum(tl.where(act, h, 0.0), axis=1)
@@ -170,7 +170,7 @@ def _neg_hinge_grad(x_ptr, a_ptr, b_ptr, D, sxr, sxc, s, rows, cols, rmask, cmas
 @triton.jit
 def _hardest_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr, sxc,
                     max_ptr, idx_ptr,
-                    ACC: tl.constexpr, EMBED: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                    ACC: tl.constexpr, EMBED: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per column of X: max over its negative rows and the lowest row reaching it (-inf / -1 if none)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -182,7 +182,7 @@ def _hardest_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr,
         rows = r0 + tl.arange(0, BLOCK_R)
         rmask = rows < R
         rid = tl.load(row_ids_ptr + rows, mask=rmask, other=0)
-        s = _tile(x_ptr, a_ptr, b_ptr, rows, cols, rmask, cmask, D, sxr, sxc, ACC, EMBED, CAST_DOT, PRECISION, BLOCK_D)
+        s = _tile(x_ptr, a_ptr, b_ptr, rows, cols, rmask, cmask, D, sxr, sxc, ACC, EMBED, NATIVE_DOT, PRECISION, BLOCK_D)
         neg = rmask[:, None] & cmask[None, :] & (rid[:, None] != cid[None, :])
         s = tl.where(neg, s, float("-inf"))
         tile_max = tl.max(s, axis=0)
@@ -199,7 +199,7 @@ def _positive_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr
                      row_perm_ptr, col_lo_ptr, col_hi_ptr,
                      row_max_ptr, hard_cap_ptr, col_max_ptr, hard_img_ptr,
                      margin_ptr, g_ptr, out_ptr, grad_ptr, sgr, sgc,
-                     ACC: tl.constexpr, EMBED: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                     ACC: tl.constexpr, EMBED: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
                      MAX_VIOLATION: tl.constexpr, GRAD: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per caption c (column of S): sum over its positive rows i (increasing i) of cost_cap + cost_img.
@@ -228,7 +228,7 @@ def _positive_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr
             total += tl.where(valid, cost_cap + cost_img, 0.0)
         else:
             hinge, count = _hinge_scans(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr, sxc,
-                                        prow, cols, cid, base, valid, ACC, EMBED, CAST_DOT, PRECISION, BLOCK_K, BLOCK_D)
+                                        prow, cols, cid, base, valid, ACC, EMBED, NATIVE_DOT, PRECISION, BLOCK_K, BLOCK_D)
             if GRAD:
                 g = tl.load(g_ptr + cols, mask=valid, other=0.0)
                 ptrs = grad_ptr + prow.to(tl.int64) * sgr + cols.to(tl.int64) * sgc
@@ -317,7 +317,7 @@ def _embed_grad_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, s
                        row_max_ptr, hard_r_ptr, weight_r_ptr, col_max_ptr, hard_c_ptr, weight_c_ptr,
                        inv_perm_ptr, inv_lo_ptr, inv_hi_ptr,
                        margin_ptr, g_ptr, out_ptr,
-                       ACC: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr, MAX_VIOLATION: tl.constexpr,
+                       ACC: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr, MAX_VIOLATION: tl.constexpr,
                        TRANSPOSED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
     """out[rows, dcols] = (dLoss/dX @ B)[rows, dcols] for X = A @ B^T, i.e. the gradient of A.
@@ -374,7 +374,7 @@ def _embed_grad_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, s
             cmask = cols < C
             cid = tl.load(col_ids_ptr + cols, mask=cmask, other=0)
             s = _tile(x_ptr, a_ptr, b_ptr, rows, cols, rmask, cmask, D, sxr, sxc,
-                      ACC, True, CAST_DOT, PRECISION, BLOCK_D)
+                      ACC, True, NATIVE_DOT, PRECISION, BLOCK_D)
             neg = rmask[:, None] & cmask[None, :] & (rid[:, None] != cid[None, :])
             grad = _neg_hinge_grad(x_ptr, a_ptr, b_ptr, D, sxr, sxc, s, rows, cols, rmask, cmask, neg,
                                    col_perm_ptr, row_lo_ptr, row_hi_ptr, row_perm_ptr, col_lo_ptr, col_hi_ptr,
@@ -387,7 +387,7 @@ def _embed_grad_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, s
             pcol = tl.load(col_perm_ptr + lo + j, mask=valid, other=0)
             base = margin - _pair(x_ptr, a_ptr, b_ptr, rows, pcol, valid, D, sxr, sxc, ACC, True, BLOCK_D)
             _, count = _hinge_scans(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr, sxc,
-                                    rows, pcol, rid, base, valid, ACC, True, CAST_DOT, PRECISION, BLOCK_K, BLOCK_D)
+                                    rows, pcol, rid, base, valid, ACC, True, NATIVE_DOT, PRECISION, BLOCK_K, BLOCK_D)
             if TRANSPOSED:
                 g = tl.load(g_ptr + rows, mask=valid, other=0.0)
             else:
@@ -430,7 +430,7 @@ class _Problem:
     col_lo: Tensor
     col_hi: Tensor
     acc: torch.dtype
-    cast_dot: bool
+    native_dot: bool  # fp16 / bf16 operands straight to tl.dot (_common.native_dot)
     precision: str  # tl.dot's input_precision (_common.dot_precision)
 
     @staticmethod
@@ -447,8 +447,7 @@ class _Problem:
             torch.searchsorted(row_sorted, col_ids),
             torch.searchsorted(row_sorted, col_ids, right=True),
             _acc_dtype(dtype),
-            # native fp16 / bf16 tl.dot (fp32 accumulation) on the GPU; the interpreter needs fp32 operands
-            dtype in (torch.float32, torch.float64) or a.device.type != "cuda",
+            native_dot(dtype, a.device),
             dot_precision(dtype),
         )
 
@@ -499,7 +498,7 @@ def _hardest(p: _Problem) -> tuple[Tensor, Tensor]:
     idx = torch.empty(p.n_cols, dtype=torch.int64, device=p.a.device)
     _hardest_kernel[(triton.cdiv(p.n_cols, BLOCK),)](
         *p.head, best, idx,
-        ACC=p.tl_acc, EMBED=p.embed, CAST_DOT=p.cast_dot, PRECISION=p.precision,
+        ACC=p.tl_acc, EMBED=p.embed, NATIVE_DOT=p.native_dot, PRECISION=p.precision,
         BLOCK_R=BLOCK, BLOCK_C=BLOCK, BLOCK_D=_block_d(p.d, BLOCK_D),
     )
     return best, idx
@@ -519,7 +518,7 @@ def _terms(p: _Problem, margin: float, max_violation: bool) -> tuple[Tensor, Ten
     _positive_kernel[(triton.cdiv(p.n_cols, BLOCK),)](
         *p.head, p.row_perm, p.col_lo, p.col_hi, row_max, hard_cap, col_max, hard_img,
         _margin(p, margin), per_caption, per_caption, per_caption, 0, 0,
-        ACC=p.tl_acc, EMBED=p.embed, CAST_DOT=p.cast_dot, PRECISION=p.precision,
+        ACC=p.tl_acc, EMBED=p.embed, NATIVE_DOT=p.native_dot, PRECISION=p.precision,
         MAX_VIOLATION=bool(max_violation), GRAD=False,
         BLOCK_C=BLOCK, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(p.d, BLOCK_D), num_warps=LAYOUT_SAFE_WARPS,
     )
@@ -590,7 +589,7 @@ def backward(
     _positive_kernel[(triton.cdiv(p.n_cols, BLOCK),)](
         *p.head, p.row_perm, p.col_lo, p.col_hi, g, hard_cap, g, hard_img,
         margin_t, g, g, grad, grad.stride(0), grad.stride(1),
-        ACC=p.tl_acc, EMBED=False, CAST_DOT=p.cast_dot, PRECISION=p.precision, MAX_VIOLATION=False, GRAD=True,
+        ACC=p.tl_acc, EMBED=False, NATIVE_DOT=p.native_dot, PRECISION=p.precision, MAX_VIOLATION=False, GRAD=True,
         BLOCK_C=BLOCK, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(p.d, BLOCK_D), num_warps=LAYOUT_SAFE_WARPS,
     )
     return grad
@@ -635,7 +634,7 @@ def embed_backward(
         _embed_grad_kernel[(triton.cdiv(q.n_rows, BLOCK), triton.cdiv(q.d, block_do))](
             *q.head, q.col_perm, q.row_lo, q.row_hi, q.row_perm, q.col_lo, q.col_hi, *side,
             margin_t, g, out,
-            ACC=q.tl_acc, CAST_DOT=q.cast_dot, PRECISION=q.precision, MAX_VIOLATION=bool(max_violation),
+            ACC=q.tl_acc, NATIVE_DOT=q.native_dot, PRECISION=q.precision, MAX_VIOLATION=bool(max_violation),
             TRANSPOSED=q.transposed,
             BLOCK_R=BLOCK, BLOCK_C=BLOCK, BLOCK_K=BLOCK_K, BLOCK_D=_block_d(q.d, BLOCK_D), BLOCK_DO=block_do,
             num_warps=LAYOUT_SAFE_WARPS,

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rounded, dot_precision
+from ._common import cast_rounded, dot_precision, native_dot
 
 BLOCK_R = 64  # caption-node rows per program (forward, grad_y) and per step of grad_x
 MAX_BLOCK_O = 64  # image nodes per tile
@@ -78,7 +78,7 @@ def _row_weights(grad_ptr, y_lens_ptr, a, b, valid, NY, ACC: tl.constexpr):
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, x_lens_ptr, y_lens_ptr, scores_ptr, idx_ptr,
                     NY, LX, LY, D, n_cap_blocks,
-                    ACC: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr, WITH_INDICES: tl.constexpr,
+                    ACC: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr, WITH_INDICES: tl.constexpr,
                     CAPS: tl.constexpr, BLOCK_CAPS: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -99,7 +99,7 @@ def _forward_kernel(x_ptr, y_ptr, x_lens_ptr, y_lens_ptr, scores_ptr, idx_ptr,
             yt = tl.load(y_ptr + rows[:, None] * D + ks[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
             xt = tl.load(x_ptr + (a * LX + nodes[None, :]) * D + ks[:, None],
                          mask=kmask[:, None] & node_valid[None, :], other=0.0)
-            if CAST_DOT:
+            if not NATIVE_DOT:
                 yt = yt.to(ACC)
                 xt = xt.to(ACC)
             s = tl.dot(yt, xt, s, input_precision=PRECISION, out_dtype=ACC)
@@ -122,7 +122,7 @@ def _forward_kernel(x_ptr, y_ptr, x_lens_ptr, y_lens_ptr, scores_ptr, idx_ptr,
 @triton.jit
 def _grad_y_kernel(grad_ptr, x_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
                    NX, NY, LX, LY, D,
-                   ACC: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   ACC: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
                    CAPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_DO: tl.constexpr):
     b0 = tl.program_id(0).to(tl.int64) * CAPS
     dcols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -140,7 +140,7 @@ def _grad_y_kernel(grad_ptr, x_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
             node_valid = nodes < x_len
             xt = tl.load(x_set + nodes[:, None] * D + dcols[None, :],
                          mask=node_valid[:, None] & dmask[None, :], other=0.0)
-            if CAST_DOT:
+            if not NATIVE_DOT:
                 xt = xt.to(ACC)
             onehot = (idx[:, None] == nodes[None, :]).to(xt.dtype)  # exact in every dtype
             picked = tl.dot(onehot, xt, input_precision=PRECISION, out_dtype=ACC)  # x[a, idx[r]] per row
@@ -154,7 +154,7 @@ def _grad_y_kernel(grad_ptr, x_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
 @triton.jit
 def _grad_x_kernel(grad_ptr, y_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
                    NY, LX, LY, D, n_node_tiles, n_cap_blocks,
-                   ACC: tl.constexpr, CAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   ACC: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
                    CAPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_DO: tl.constexpr):
     pid = tl.program_id(0)
     a = (pid // n_node_tiles).to(tl.int64)
@@ -172,7 +172,7 @@ def _grad_x_kernel(grad_ptr, y_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
         idx = tl.load(idx_ptr + a * NY * LY + rows, mask=valid, other=-1)
         yt = tl.load(y_ptr + rows[:, None] * D + dcols[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
         q = tl.where(node_valid[:, None] & (nodes[:, None] == idx[None, :]), w[None, :], 0.0)  # (nodes, rows)
-        if CAST_DOT:
+        if not NATIVE_DOT:
             out = tl.dot(q, yt.to(ACC), out, input_precision=PRECISION, out_dtype=ACC)
         else:
             # fp16 / bf16 tensor cores: the weights as a high and a low part in the input dtype
@@ -200,16 +200,14 @@ class _Layout:
         self.block_do = max(16, min(MAX_BLOCK_DO, triton.next_power_of_2(max(self.d, 1))))
         self.n_d_chunks = triton.cdiv(self.d, self.block_do)
         self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        on_gpu = x.device.type == "cuda"
-        # native fp16 / bf16 tl.dot on the GPU; the interpreter needs fp32 (fp64) operands
-        self.cast_dot = x.dtype in (torch.float32, torch.float64) or not on_gpu
+        self.native_dot = native_dot(x.dtype, x.device)
         self.precision = dot_precision(x.dtype)
 
     @property
     def constants(self) -> dict:
         return dict(
             ACC=tl.float64 if self.acc == torch.float64 else tl.float32,
-            CAST_DOT=self.cast_dot, PRECISION=self.precision, CAPS=self.caps, BLOCK_R=self.block_r,
+            NATIVE_DOT=self.native_dot, PRECISION=self.precision, CAPS=self.caps, BLOCK_R=self.block_r,
             BLOCK_O=self.block_o,
         )
 

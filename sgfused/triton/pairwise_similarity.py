@@ -35,8 +35,11 @@ for l2norm(x), l2norm(y) (direction) and the row-gradient buffers.
 Stores to bf16 go through ``_cast``, which rounds to nearest even by hand: the interpreter's
 fp32 -> bf16 conversion truncates, the GPU's rounds; this gives the same bits on both.
 
-All arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input); tl.dot runs in full
-precision, or TF32 for fp32 inputs when the user allows it (``_common.dot_precision``); no
+Element-wise arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input). Every tl.dot
+accumulates in it too; its operands (``e``, W, dz) are rounded to the input dtype first
+(``_common.dot_operand``), as the CPU kernels' fp16 / bf16 GEMMs round them, so 16-bit inputs run
+on the tensor cores; fp32 runs in full precision, or TF32 when the user allows it
+(``_common.dot_precision``); no
 atomics, every output element is written by one program in a fixed order, so results are deterministic.
 """
 
@@ -47,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rounded, dot_precision
+from ._common import cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype
 
 BLOCK_K = 32  # d-chunk of one tl.dot
 BLOCK_KW = 64  # d columns of grad_weight per program
@@ -88,7 +91,7 @@ def _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC: tl.constexpr, DISTANCE
 @triton.jit
 def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_ptr,
                   P, Ny, D, M,
-                  ACC: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
+                  ACC: tl.constexpr, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
                   HAS_BIAS: tl.constexpr, GRAD: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """z of BLOCK_P pairs (all m); forward: out = z / (||z|| + eps), norm = ||z||; GRAD: out = dz."""
@@ -101,9 +104,9 @@ def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_p
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < D
-        e = _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC, DISTANCE)
-        wt = tl.load(w_ptr + ms[None, :] * D + ks[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0).to(ACC)
-        z = tl.dot(e, wt, z, input_precision=PRECISION, out_dtype=ACC)
+        e = dot_operand(_e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC, DISTANCE), DOT, NATIVE_DOT)
+        wt = tl.load(w_ptr + ms[None, :] * D + ks[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
+        z = tl.dot(e, dot_operand(wt, DOT, NATIVE_DOT), z, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         z += tl.load(bias_ptr + ms, mask=mmask, other=0.0).to(ACC)[None, :]
     eps = tl.load(eps_ptr)
@@ -124,7 +127,7 @@ def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_p
 
 @triton.jit
 def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c,
-                      ACC: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
+                      ACC: tl.constexpr, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[r, ks] = sum over the partners c of r of dE_rc * (2 (a_r - b_c) | b_c), dE_rc = W^T dz_rc.
 
@@ -135,12 +138,13 @@ def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c
     kmask = ks < D
     ms = tl.arange(0, BLOCK_M)
     mmask = ms < M
-    w = tl.load(w_ptr + ms[:, None] * D + ks[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0).to(ACC)
+    w = tl.load(w_ptr + ms[:, None] * D + ks[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+    w = dot_operand(w, DOT, NATIVE_DOT)
     if ALIGNED:
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         rmask = rows < R
         dz = tl.load(dz_ptr + rows[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
-        de = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
+        de = tl.dot(dot_operand(dz, DOT, NATIVE_DOT), w, input_precision=PRECISION, out_dtype=ACC)
         msk = rmask[:, None] & kmask[None, :]
         a = tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
         b = tl.load(b_ptr + rows[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
@@ -158,7 +162,7 @@ def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c
             cmask = cols < C
             dz = tl.load(dz_ptr + row * s_r + cols[:, None] * s_c + ms[None, :],
                          mask=cmask[:, None] & mmask[None, :], other=0.0)
-            de = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
+            de = tl.dot(dot_operand(dz, DOT, NATIVE_DOT), w, input_precision=PRECISION, out_dtype=ACC)
             b = tl.load(b_ptr + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :],
                         other=0.0).to(ACC)
             if DISTANCE:
@@ -171,7 +175,7 @@ def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c
 
 @triton.jit
 def _grad_weight_kernel(a_ptr, b_ptr, dz_ptr, part_ptr, P, Ny, D, M, pairs_per_split,
-                        ACC: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
+                        ACC: tl.constexpr, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_MW: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, ms, ks] = sum over the pairs p of split s (in order) of dz[p, ms] e[p, ks]."""
     ms = tl.program_id(0) * BLOCK_MW + tl.arange(0, BLOCK_MW)
@@ -189,7 +193,8 @@ def _grad_weight_kernel(a_ptr, b_ptr, dz_ptr, part_ptr, P, Ny, D, M, pairs_per_s
         dzt = tl.load(dz_ptr + p.to(tl.int64)[None, :] * M + ms[:, None],
                       mask=mmask[:, None] & pmask[None, :], other=0.0)
         e = _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC, DISTANCE)
-        acc = tl.dot(dzt, e, acc, input_precision=PRECISION, out_dtype=ACC)
+        acc = tl.dot(dot_operand(dzt, DOT, NATIVE_DOT), dot_operand(e, DOT, NATIVE_DOT), acc,
+                     input_precision=PRECISION, out_dtype=ACC)
     ptrs = part_ptr + (s.to(tl.int64) * M + ms[:, None]) * D + ks[None, :]
     tl.store(ptrs, acc, mask=mmask[:, None] & kmask[None, :])
 
@@ -257,6 +262,7 @@ class _Setup:
         self.p = self.nx if self.aligned else self.nx * self.ny
         self.acc = _acc_dtype(x.dtype)
         self.precision = dot_precision(x.dtype)
+        self.native_dot = native_dot(x.dtype, x.device)
         self.eps = float(eps)
         if self.distance:
             self.a, self.b, self.xn, self.yn = self.x, self.y, None, None
@@ -270,6 +276,11 @@ class _Setup:
         self.eps_t = torch.full((1,), self.eps, dtype=self.acc, device=x.device)
 
     @property
+    def dots(self) -> dict:
+        """The constexprs of every kernel's tl.dot: accumulation and operand dtypes, native 16-bit, precision."""
+        return dict(ACC=_tl(self.acc), DOT=tl_dtype(self.x.dtype), NATIVE_DOT=self.native_dot, PRECISION=self.precision)
+
+    @property
     def out_shape(self) -> tuple:
         return (self.nx, self.m) if self.aligned else (self.nx, self.ny, self.m)
 
@@ -279,7 +290,7 @@ class _Setup:
             self.a, self.b, w, w if self.bias is None else self.bias, self.eps_t,
             out if g is None else g, out, out if norm is None else norm,
             self.p, self.ny, self.d, self.m,
-            ACC=_tl(self.acc), PRECISION=self.precision, DISTANCE=self.distance, ALIGNED=self.aligned,
+            **self.dots, DISTANCE=self.distance, ALIGNED=self.aligned,
             HAS_BIAS=self.bias is not None, GRAD=g is not None,
             BLOCK_P=self.block_p, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
         )
@@ -296,7 +307,7 @@ def _grad_rows(s: _Setup, a: Tensor, b: Tensor, dz: Tensor, n_rows: int, n_cols:
         grid = (n_rows, triton.cdiv(s.d, s.block_k))
     _grad_rows_kernel[grid](
         a, b, s.w, dz, out, n_rows, n_cols, s.d, s.m, s_r, s_c,
-        ACC=_tl(s.acc), PRECISION=s.precision, DISTANCE=s.distance, ALIGNED=s.aligned,
+        **s.dots, DISTANCE=s.distance, ALIGNED=s.aligned,
         BLOCK_R=s.block_p, BLOCK_M=s.block_m, BLOCK_K=s.block_k,
     )
     return out
@@ -319,7 +330,7 @@ def _grad_weight(s: _Setup, dz: Tensor) -> Tensor:
     part = torch.empty((split, s.m, s.d), dtype=s.acc, device=device)
     _grad_weight_kernel[(triton.cdiv(s.m, block_mw), triton.cdiv(s.d, block_kw), split)](
         s.a, s.b, dz, part, s.p, s.ny, s.d, s.m, pairs_per_split,
-        ACC=_tl(s.acc), PRECISION=s.precision, DISTANCE=s.distance, ALIGNED=s.aligned,
+        **s.dots, DISTANCE=s.distance, ALIGNED=s.aligned,
         BLOCK_P=BLOCK_PW, BLOCK_MW=block_mw, BLOCK_K=block_kw,
     )
     gw = part[0] if split == 1 else part.sum(0)

@@ -1,0 +1,182 @@
+"""What the Triton kernels cost a Hopper GPU in registers and spills, and whether they use the tensor cores,
+measured without a GPU.
+
+Every Triton kernel that the ops launch at the benchmarks' feature sizes (d = 1024, m = 256,
+SGRAF's Lq = 32 / Lc = 36, SGM's 36 x 12 and 26 x 4 nodes) is compiled for sm_90 through Triton's
+own pipeline (scripts/triton_compile_only.py: what a GPU would launch, ``NATIVE_DOT`` included), in
+fp32, fp32 with TF32 allowed, and bf16, forward and backward. For each kernel the cubin's resource
+usage (``cuobjdump --dump-resource-usage``: registers per thread, stack bytes, which are spills)
+and the matrix instructions of its PTX (``wgmma`` / ``mma``: tensor cores; none: CUDA-core FMAs)
+go to ``bench/results/triton_sm90_resources.csv``. Only the batch counts are small (they do not
+change what is compiled), so the launches also run in the interpreter quickly.
+
+A kernel with a stack frame spills registers to local memory, which is what makes a kernel many
+times slower than its arithmetic; a bf16 kernel without a matrix instruction gets no tensor cores.
+``--check`` exits non-zero if a compiled kernel spills or a bf16 / TF32 ``tl.dot`` misses the
+tensor cores (CI runs it next to the compile check).
+
+    python bench/triton_sm90_resources.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "triton_compile_only.py")
+
+
+def _load_plugin():
+    """scripts/triton_compile_only.py, loaded from its file (before triton is imported: it sets TRITON_INTERPRET)."""
+    spec = importlib.util.spec_from_file_location("triton_compile_only", PLUGIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else "cuobjdump"
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """REG and STACK of the (single-kernel) cubin, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", handle.name], capture_output=True, text=True,
+                             check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"no resource line in cuobjdump's output: {out[-300:]}")
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))}
+
+
+def matrix_instructions(ptx: str) -> str:
+    """The kinds of the PTX's matrix instructions, e.g. "wgmma.f32.bf16.bf16", or "fma" when it has none."""
+    kinds = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*?\.(f32\.\w+\.\w+)\b", ptx)))
+    return " ".join(f"{op.split('.')[0]}.{types}" for op, types in kinds) or "fma"
+
+
+def _cases():
+    """(op, case, dtype name, TF32 allowed, a call running forward and backward) at the benchmarks' sizes."""
+    import torch
+
+    from sgfused.ops import (cross_attention, hardest_negative_loss, hardest_negative_loss_from_embeddings, max_sim,
+                             pairwise_similarity)
+
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, dtype):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)
+
+    def pairs(mode):
+        def call(dtype):
+            x, y, w, b = leaf(16, 1024, dtype=dtype), leaf(16, 1024, dtype=dtype), leaf(256, 1024, dtype=dtype), leaf(256, dtype=dtype)
+            pairwise_similarity(x, y, w * 0.03, b, mode, backend="triton").float().sum().backward()
+        return call
+
+    def attention(dtype):
+        words, regions = leaf(2, 32, 1024, dtype=dtype), leaf(3, 36, 1024, dtype=dtype)
+        weight, bias = leaf(256, 1024, dtype=dtype), leaf(256, dtype=dtype)
+        out = cross_attention(words, regions, query_lens=[20, 9], epilogue="distance", weight=weight * 0.03,
+                              bias=bias, backend="triton")
+        out.float().sum().backward()
+
+    def nodes(lx, ly):
+        def call(dtype):
+            x, y = leaf(3, lx, 1024, dtype=dtype), leaf(5, ly, 1024, dtype=dtype)
+            max_sim(x * 0.03, y * 0.03, [lx, lx - 1, 1], [ly, 1, ly, 2, ly - 1], backend="triton").float().sum().backward()
+        return call
+
+    def scores(dtype):
+        hardest_negative_loss(leaf(64, 64, dtype=dtype), backend="triton").backward()
+
+    def embeddings(dtype):
+        img, cap = leaf(64, 1024, dtype=dtype), leaf(64, 1024, dtype=dtype)
+        hardest_negative_loss_from_embeddings(img * 0.03, cap * 0.03, backend="triton").backward()
+
+    calls = [("pairwise_similarity", "distance, d=1024, m=256", pairs("distance")),
+             ("pairwise_similarity", "direction, d=1024, m=256", pairs("direction")),
+             ("cross_attention", "distance epilogue, Lq=32, Lc=36, d=1024, m=256", attention),
+             ("max_sim", "objects 36 x 12, d=1024", nodes(36, 12)),
+             ("max_sim", "relations 26 x 4, d=1024", nodes(26, 4)),
+             ("hardest_negative_loss", "scores N=64", scores),
+             ("hardest_negative_loss_from_embeddings", "d=1024", embeddings)]
+    for op, case, call in calls:
+        for dtype_name, dtype, tf32 in [("float32", torch.float32, False), ("tf32", torch.float32, True),
+                                        ("bfloat16", torch.bfloat16, False)]:
+            yield op, case, dtype_name, tf32, (lambda call=call, dtype=dtype: call(dtype))
+
+
+def measure() -> list[dict]:
+    """Compile every case's kernels for sm_90 and read their resources (one row per distinct kernel)."""
+    plugin = _load_plugin()
+    plugin.install(90)
+    import torch
+    import triton
+
+    rows: dict[tuple, dict] = {}
+    for op, case, dtype_name, tf32, call in _cases():
+        def record(name, compiled, kwargs, op=op, case=case, dtype_name=dtype_name):
+            constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
+            key = (op, case, dtype_name, name, repr(sorted(constexprs.items(), key=str)))
+            if key not in rows:
+                rows[key] = dict(op=op, case=case, dtype=dtype_name, kernel=name,
+                                 precision=constexprs.get("PRECISION", ""), num_warps=compiled.metadata.num_warps,
+                                 **resources(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,
+                                 matrix=matrix_instructions(compiled.asm["ptx"]), triton=triton.__version__)
+        plugin.on_compiled = record
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        try:
+            call()
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        print(f"{op:38s} {case:48s} {dtype_name:9s} compiled", flush=True)
+    return list(rows.values())
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """Spilling kernels, and bf16 / TF32 kernels whose tl.dot runs on the CUDA cores."""
+    found = []
+    for r in rows:
+        name = f"{r['op']} {r['case']} {r['dtype']}: {r['kernel']}"
+        if r["stack_bytes"] > 0:
+            found.append(f"{name} spills ({r['registers']} registers, {r['stack_bytes']} stack bytes)")
+        if r["dtype"] in ("bfloat16", "tf32") and r["precision"] and r["matrix"] == "fma":
+            found.append(f"{name} has a tl.dot but no tensor-core instruction")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail on any spill or CUDA-core bf16 / TF32 dot")
+    args = parser.parse_args()
+    rows = measure()
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "triton_sm90_resources.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print("wrote", path)
+    found = problems(rows)
+    for line in found:
+        print("  " + line)
+    print(f"{len(rows)} kernels, {len(found)} problems")
+    if args.check and found:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
