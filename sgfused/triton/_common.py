@@ -31,6 +31,11 @@ def native_dot(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and compiles_for_gpu(device)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels for inputs of ``dtype``: fp64 for fp64, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def tl_dtype(dtype: torch.dtype):
     """The Triton type of a torch floating dtype (the ``DOT`` constexpr of ``dot_operand``)."""
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rounded, dot_precision, native_dot
+from ._common import acc_dtype, cast_rounded, dot_precision, native_dot, tl_dtype
 
 BLOCK_D_FWD = 64  # d-chunk of the forward passes
 BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles)
@@ -451,14 +451,6 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
 
 
 # ----------------------------------------------------------------------------- launch helpers
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
@@ -486,7 +478,7 @@ class _Setup:
         self.bias = bias.contiguous() if (self.uses_w and bias is not None) else None
         self.m = self.w.shape[0] if self.w is not None else 0
         self.dtype = queries.dtype
-        self.acc = _acc_dtype(queries.dtype)
+        self.acc = acc_dtype(queries.dtype)
         self.device = queries.device
         # (smooth, leaky, eps) on the device in the accumulation dtype (a Python float argument would be
         # fp32); filled in place rather than copied from the host, so there is no synchronisation
@@ -503,7 +495,7 @@ class _Setup:
 
     def const(self, block_d: int) -> dict:
         return dict(
-            ACC=_tl(self.acc), PRECISION=self.precision, CLIPPED=self.clipped, EPI=self.epi,
+            ACC=tl_dtype(self.acc), PRECISION=self.precision, CLIPPED=self.clipped, EPI=self.epi,
             HAS_BIAS=self.bias is not None,
             NATIVE_DOT=self.native_dot, BLOCK_J=self.block_j, BLOCK_C=self.block_c,
             BLOCK_D=min(block_d, _pow2(self.d)), BLOCK_M=self.block_m, num_warps=self.num_warps,

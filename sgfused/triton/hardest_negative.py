@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import dot_precision, native_dot
+from ._common import acc_dtype, dot_precision, native_dot, tl_dtype
 
 BLOCK = 64  # rows / columns of a score tile
 BLOCK_K = 64  # length of a scan tile in the sum-of-hinges scans
@@ -400,10 +400,6 @@ def _embed_grad_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, s
 
 
 # ----------------------------------------------------------------------------- launch helpers
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @dataclass(frozen=True)
 class _Problem:
     """``X (R, C)``: a stored matrix (``x`` with strides ``sxr, sxc``) or ``a @ b^T`` (EMBED), with the
@@ -446,7 +442,7 @@ class _Problem:
             row_perm,
             torch.searchsorted(row_sorted, col_ids),
             torch.searchsorted(row_sorted, col_ids, right=True),
-            _acc_dtype(dtype),
+            acc_dtype(dtype),
             native_dot(dtype, a.device),
             dot_precision(dtype),
         )
@@ -468,7 +464,7 @@ class _Problem:
 
     @property
     def tl_acc(self):
-        return tl.float64 if self.acc == torch.float64 else tl.float32
+        return tl_dtype(self.acc)
 
 
 def _block_d(d: int, cap: int) -> int:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rounded, dot_precision, native_dot
+from ._common import acc_dtype, cast_rounded, dot_precision, native_dot, tl_dtype
 
 BLOCK_R = 64  # caption-node rows per program (forward, grad_y) and per step of grad_x
 MAX_BLOCK_O = 64  # image nodes per tile
@@ -199,14 +199,14 @@ class _Layout:
         self.block_d = max(16, min(MAX_BLOCK_D, triton.next_power_of_2(max(self.d, 1))))
         self.block_do = max(16, min(MAX_BLOCK_DO, triton.next_power_of_2(max(self.d, 1))))
         self.n_d_chunks = triton.cdiv(self.d, self.block_do)
-        self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.acc = acc_dtype(x.dtype)
         self.native_dot = native_dot(x.dtype, x.device)
         self.precision = dot_precision(x.dtype)
 
     @property
     def constants(self) -> dict:
         return dict(
-            ACC=tl.float64 if self.acc == torch.float64 else tl.float32,
+            ACC=tl_dtype(self.acc),
             NATIVE_DOT=self.native_dot, PRECISION=self.precision, CAPS=self.caps, BLOCK_R=self.block_r,
             BLOCK_O=self.block_o,
         )

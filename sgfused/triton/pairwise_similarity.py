@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype
+from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype
 
 BLOCK_K = 32  # d-chunk of one tl.dot
 BLOCK_KW = 64  # d columns of grad_weight per program
@@ -200,14 +200,6 @@ def _grad_weight_kernel(a_ptr, b_ptr, dz_ptr, part_ptr, P, Ny, D, M, pairs_per_s
 
 
 # ----------------------------------------------------------------------------- launch helpers
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
@@ -260,7 +252,7 @@ class _Setup:
         if self.aligned and self.nx != self.ny:
             raise ValueError(f"pairwise_similarity: aligned needs x and y of equal length, got {self.nx} and {self.ny}")
         self.p = self.nx if self.aligned else self.nx * self.ny
-        self.acc = _acc_dtype(x.dtype)
+        self.acc = acc_dtype(x.dtype)
         self.precision = dot_precision(x.dtype)
         self.native_dot = native_dot(x.dtype, x.device)
         self.eps = float(eps)
@@ -278,7 +270,7 @@ class _Setup:
     @property
     def dots(self) -> dict:
         """The constexprs of every kernel's tl.dot: accumulation and operand dtypes, native 16-bit, precision."""
-        return dict(ACC=_tl(self.acc), DOT=tl_dtype(self.x.dtype), NATIVE_DOT=self.native_dot, PRECISION=self.precision)
+        return dict(ACC=tl_dtype(self.acc), DOT=tl_dtype(self.x.dtype), NATIVE_DOT=self.native_dot, PRECISION=self.precision)
 
     @property
     def out_shape(self) -> tuple:
