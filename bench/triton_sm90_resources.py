@@ -16,7 +16,10 @@ times slower than its arithmetic; a bf16 kernel without a matrix instruction get
 the kernel's Triton IR) misses the tensor cores; it is a goal, not yet part of CI, because some
 kernels still spill (the CSV says which).
 
-    python bench/triton_sm90_resources.py [--check]
+    python bench/triton_sm90_resources.py [--check] [--op NAME]
+
+``--op`` compiles one op's kernels only and prints their rows without touching the CSV (for tuning
+one kernel's block sizes).
 """
 
 from __future__ import annotations
@@ -124,8 +127,9 @@ def _cases():
             yield op, case, dtype_name, tf32, (lambda call=call, dtype=dtype: call(dtype))
 
 
-def measure() -> list[dict]:
-    """Compile every case's kernels for sm_90 and read their resources (one row per distinct kernel)."""
+def measure(only: str | None = None) -> list[dict]:
+    """Compile every case's kernels (or those of op ``only``) for sm_90 and read their resources
+    (one row per distinct kernel)."""
     plugin = _load_plugin()
     plugin.install(90)
     import torch
@@ -133,6 +137,9 @@ def measure() -> list[dict]:
 
     rows: dict[tuple, dict] = {}
     for op, case, dtype_name, tf32, call in _cases():
+        if only is not None and op != only:
+            continue
+
         def record(name, compiled, kwargs, op=op, case=case, dtype_name=dtype_name):
             constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
             key = (op, case, dtype_name, name, repr(sorted(constexprs.items(), key=str)))
@@ -168,15 +175,23 @@ def problems(rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail on any spill or CUDA-core bf16 / TF32 dot")
+    parser.add_argument("--op", help="only this op's kernels, printed, the CSV left as it is")
     args = parser.parse_args()
-    rows = measure()
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "triton_sm90_resources.csv")
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print("wrote", path)
+    rows = measure(args.op)
+    if not rows:
+        sys.exit(f"--op: no case of an op named {args.op!r}")
+    if args.op is not None:
+        for r in rows:
+            print(f"  {r['case'][:40]:40s} {r['dtype']:9s} {r['kernel']:22s} warps {r['num_warps']} "
+                  f"registers {r['registers']:3d} stack {r['stack_bytes']:5d} {r['matrix']}")
+    else:
+        os.makedirs(RESULTS, exist_ok=True)
+        path = os.path.join(RESULTS, "triton_sm90_resources.csv")
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print("wrote", path)
     found = problems(rows)
     for line in found:
         print("  " + line)

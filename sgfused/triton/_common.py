@@ -66,6 +66,14 @@ def cast_rounded(v, DST: tl.constexpr):
 
 
 @triton.jit
+def widened(v, ACC: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """A tile loaded from an input, as a ``tl.dot`` operand: as it is with NATIVE_DOT (tensor cores), else in ACC."""
+    if not NATIVE_DOT:
+        v = v.to(ACC)
+    return v
+
+
+@triton.jit
 def dot_operand(v, DTYPE: tl.constexpr, NATIVE_DOT: tl.constexpr):
     """v as a ``tl.dot`` operand of a kernel whose inputs are DTYPE: rounded to nearest even in DTYPE
     and kept there with NATIVE_DOT (tensor cores), else widened to fp32 (fp64 stays): the same values."""

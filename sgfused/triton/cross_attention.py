@@ -41,11 +41,16 @@ the projected form of ``_norm_grad``, which has no cancellation: where the true 
 (m = 1, a single valid query position under clipped_l2, d = 1) the kernels give it to working
 precision, while the reference's autograd in fp32 gives rounding noise there (compare in fp64).
 
-All arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input); ``tl.dot`` runs in full
-precision, or TF32 for fp32 inputs when the user allows it (``_common.dot_precision``); on CUDA
-the score product of fp16 / bf16 inputs runs on the matrix unit
-(exact products, fp32 accumulation). No atomics; results are deterministic. Stores to bf16 round to
-nearest even by hand (``_cast``), as the interpreter's conversion truncates.
+All elementwise arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input). ``tl.dot`` runs
+in full precision, or TF32 for fp32 inputs when the user allows it (``_common.dot_precision``). For
+fp16 / bf16 inputs every contraction takes its operands in the input dtype with fp32 accumulation,
+as flash attention does: the inputs as they are, and the fp32 intermediates that meet them (P, the
+features e, the gradients dz, d_ctx, du, dS) rounded to nearest even in that dtype
+(``_common.dot_operand``); on CUDA these run on the tensor cores, and in the interpreter the
+same rounded values are multiplied in fp32, so the CPU tests see the GPU's rounding. It keeps the
+16-bit kernels in registers (widening every tile to fp32 for CUDA-core products needed more than
+255 registers per thread). No atomics; results are deterministic. Stores to bf16 round to nearest
+even by hand (``cast_rounded``), as the interpreter's conversion truncates.
 
 Limits: a pair must fit one program, so register use grows with next_pow2(Lq) x next_pow2(Lc) and
 next_pow2(Lq) x next_pow2(m); meant for Lq, Lc up to about 128 and m up to 256 (larger sizes are
@@ -59,7 +64,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, cast_rounded, dot_precision, native_dot, tl_dtype
+from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype, widened
 
 BLOCK_D_FWD = 64  # d-chunk of the forward passes
 BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles)
@@ -71,10 +76,16 @@ NORMS = ("clipped_l2", "none")
 
 # ----------------------------------------------------------------------------- tile helpers
 @triton.jit
-def _rows(ptr, base, rows, rmask, ds, dmask, D, ACC: tl.constexpr):
-    """ptr[base + rows[:, None] * D + ds[None, :]] in ACC, 0 where masked."""
+def _operand_rows(ptr, base, rows, rmask, ds, dmask, D, ACC: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """ptr[base + rows[:, None] * D + ds[None, :]], 0 where masked, as a ``tl.dot`` operand (``widened``)."""
     ptrs = ptr + base + rows[:, None] * D + ds[None, :]
-    return tl.load(ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+    return widened(tl.load(ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0), ACC, NATIVE_DOT)
+
+
+@triton.jit
+def _rows(ptr, base, rows, rmask, ds, dmask, D, ACC: tl.constexpr):
+    """The rows of ``_operand_rows`` in ACC, for elementwise arithmetic."""
+    return _operand_rows(ptr, base, rows, rmask, ds, dmask, D, ACC, False)
 
 
 @triton.jit
@@ -104,11 +115,8 @@ def _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         dm = ds < D
-        q = tl.load(q_ptr + qb + js[:, None] * D + ds[None, :], mask=jv[:, None] & dm[None, :], other=0.0)
-        ct = tl.load(c_ptr + cb + ks[None, :] * D + ds[:, None], mask=dm[:, None] & kv[None, :], other=0.0)
-        if not NATIVE_DOT:
-            q = q.to(ACC)
-            ct = ct.to(ACC)
+        q = _operand_rows(q_ptr, qb, js, jv, ds, dm, D, ACC, NATIVE_DOT)
+        ct = tl.trans(_operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT))
         s = tl.dot(q, ct, s, input_precision=PRECISION, out_dtype=ACC)
     return s
 
@@ -143,15 +151,16 @@ def _features(u, q, ru, rc, rq, EPI: tl.constexpr):
 
 @triton.jit
 def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
-                ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row sums of u*u, u*q and q*q over d, with u = P C_b (BLOCK_J,) each."""
+                ACC: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row sums of u*u, u*q and q*q over d, with u = P C_b (BLOCK_J,) each; p is a dot operand."""
     uu = tl.zeros((BLOCK_J,), ACC)
     uq = tl.zeros((BLOCK_J,), ACC)
     qq = tl.zeros((BLOCK_J,), ACC)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         dm = ds < D
-        c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+        c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
         q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
         u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
         uu += tl.sum(u * u, axis=1)
@@ -162,18 +171,19 @@ def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
 
 @triton.jit
 def _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
-                  ACC: tl.constexpr, PRECISION: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  ACC: tl.constexpr, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                  EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
                   BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """z = e W^T + bias (BLOCK_J, BLOCK_M), e built chunk by chunk in registers."""
+    """z = e W^T + bias (BLOCK_J, BLOCK_M), e built chunk by chunk in registers; p is a dot operand."""
     z = tl.zeros((BLOCK_J, BLOCK_M), ACC)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         dm = ds < D
-        c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+        c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
         q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
         u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
-        e = _features(u, q, ru, rc, rq, EPI)
-        wt = tl.load(w_ptr + ms[None, :] * D + ds[:, None], mask=dm[:, None] & mm[None, :], other=0.0).to(ACC)
+        e = dot_operand(_features(u, q, ru, rc, rq, EPI), DOT, NATIVE_DOT)
+        wt = tl.trans(_operand_rows(w_ptr, 0, ms, mm, ds, dm, D, ACC, NATIVE_DOT))
         z = tl.dot(e, wt, z, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         z += tl.load(bias_ptr + ms, mask=mm, other=0.0).to(ACC)[None, :]
@@ -210,8 +220,9 @@ def _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI: tl.co
 @triton.jit
 def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_ptr, stats_ptr,
                     Nc, Lq, Lc, D, M,
-                    ACC: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr, EPI: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr,
+                    EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """out and stats of pair (a, b) = divmod(program, Nc), all query positions."""
     pair = tl.program_id(0).to(tl.int64)
@@ -236,10 +247,10 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
     mx = tl.max(x, axis=1)
     ex = tl.exp(x - mx[:, None])
     se = tl.sum(ex, axis=1)
-    p = ex / se[:, None]
+    p = dot_operand(ex / se[:, None], DOT, NATIVE_DOT)
     lse = mx + tl.log(se)
 
-    uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, BLOCK_J, BLOCK_D)
+    uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, NATIVE_DOT, BLOCK_J, BLOCK_D)
     nu = tl.sqrt(uu)
     ru = nu + eps
     nz = tl.zeros((BLOCK_J,), ACC)
@@ -247,7 +258,7 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
-            c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+            c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
             u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
             val = tl.where(jv[:, None], u / ru[:, None], 0.0)
             tl.store(out_ptr + row[:, None] * D + ds[None, :], cast_rounded(val, out_ptr.dtype.element_ty),
@@ -264,7 +275,7 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
         ms = tl.arange(0, BLOCK_M)
         mm = ms < M
         z = _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
-                          ACC, PRECISION, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
+                          ACC, DOT, NATIVE_DOT, PRECISION, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
         nz = tl.sqrt(tl.sum(z * z, axis=1))
         val = tl.where(jv[:, None], z / (nz + eps)[:, None], 0.0)
         tl.store(out_ptr + row[:, None] * M + ms[None, :], cast_rounded(val, out_ptr.dtype.element_ty),
@@ -276,9 +287,10 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
 @triton.jit
 def _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm, ds, dm, D,
                  ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI: tl.constexpr, ACC: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """One d-chunk of the backward: context and query rows, u = p C, and the epilogue's gradients."""
-    c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+                 NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """One d-chunk of the backward: context rows (a dot operand), query rows, u = p C, and the epilogue's
+    gradients; p and dz are dot operands."""
+    c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
     q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
     u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
     if EPI == 0:
@@ -286,7 +298,8 @@ def _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr,
     else:
         g = u
     if EPI >= 2:
-        de = tl.dot(dz, _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC), input_precision=PRECISION, out_dtype=ACC)
+        de = tl.dot(dz, _operand_rows(w_ptr, 0, ms, mm, ds, dm, D, ACC, NATIVE_DOT), input_precision=PRECISION,
+                    out_dtype=ACC)
     else:
         de = u
     d_ctx, d_q = _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI)
@@ -297,8 +310,8 @@ def _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr,
 def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, stats_ptr,
                      acc_ptr, dw_ptr, db_ptr,
                      Nq, Nc, Lq, Lc, D, M, partners_per_split,
-                     ACC: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr, EPI: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, FOR_Q: tl.constexpr,
+                     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr,
+                     EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, FOR_Q: tl.constexpr,
                      BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr):
     """FOR_Q: acc[split, a] += dQ_a over the context sets b of the split (and dW / dbias partials of a).
@@ -345,7 +358,9 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
         t, r, x = _logits(s0, jv, kv, smooth, leaky, eps, CLIPPED)
         lse = tl.load(stats_ptr + row * 2 + 1, mask=jv, other=0.0).to(ACC)
         p = tl.where(pm, tl.exp(x - lse[:, None]), 0.0)
-        uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, BLOCK_J, BLOCK_D)
+        pd = dot_operand(p, DOT, NATIVE_DOT)
+        uu, uq, qq = _pass_norms(pd, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, NATIVE_DOT, BLOCK_J,
+                                 BLOCK_D)
         nu = tl.sqrt(uu)
         ru = nu + eps
         nc = nu / ru
@@ -368,14 +383,15 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             k2 = tl.where(nc > 0, d_den * nq / tl.where(nc > 0, nc, 1.0), 0.0)  # through ||ctx||
             k3 = tl.where(nq > 0, d_den * nc / tl.where(nq > 0, nq, 1.0), 0.0)  # through ||q||
         if EPI >= 2:
-            z = _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
-                              ACC, PRECISION, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
+            z = _pass_project(pd, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
+                              ACC, DOT, NATIVE_DOT, PRECISION, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
             gz = tl.load(g_ptr + row[:, None] * M + ms[None, :], mask=jv[:, None] & mm[None, :], other=0.0).to(ACC)
             nz = tl.sqrt(tl.sum(z * z, axis=1))
             rz = nz + eps
             zu = _unit(z, nz)
             dz = _norm_grad(gz, zu, tl.sum(zu * gz, axis=1), rz, eps)
             db_acc += tl.sum(dz, axis=0)
+        dzd = dot_operand(dz, DOT, NATIVE_DOT)
         if EPI == 3:
             # <u / ||u||, d l2norm(ctx)> and <q / ||q||, d l2norm(q)> for the l2norm backward of both
             k2 = tl.zeros((BLOCK_J,), ACC)
@@ -383,11 +399,11 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             for d0 in range(0, D, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
                 dm = ds < D
-                c = _rows(c_ptr, cb, ks, kv, ds, dm, D, ACC)
+                c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
                 q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
-                w = _rows(w_ptr, 0, ms, mm, ds, dm, D, ACC)
-                u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
-                de = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
+                w = _operand_rows(w_ptr, 0, ms, mm, ds, dm, D, ACC, NATIVE_DOT)
+                u = tl.dot(pd, c, input_precision=PRECISION, out_dtype=ACC)
+                de = tl.dot(dzd, w, input_precision=PRECISION, out_dtype=ACC)
                 k2 += tl.sum(_unit(u, nu) * de * (q / rq[:, None]), axis=1)
                 k3 += tl.sum(_unit(q, nq) * de * ((u / ru[:, None]) / rc[:, None]), axis=1)
 
@@ -399,12 +415,13 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
-            c, q, u, d_ctx, d_q = _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm,
-                                               ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC, PRECISION)
+            c, q, u, d_ctx, d_q = _chunk_grads(pd, dzd, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms,
+                                               mm, ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC,
+                                               NATIVE_DOT, PRECISION)
             ct = tl.trans(c)
             uu_ = _unit(u, nu)
-            d1 = tl.dot(d_ctx, ct, d1, input_precision=PRECISION, out_dtype=ACC)
-            d2 = tl.dot(uu_, ct, d2, input_precision=PRECISION, out_dtype=ACC)
+            d1 = tl.dot(dot_operand(d_ctx, DOT, NATIVE_DOT), ct, d1, input_precision=PRECISION, out_dtype=ACC)
+            d2 = tl.dot(dot_operand(uu_, DOT, NATIVE_DOT), ct, d2, input_precision=PRECISION, out_dtype=ACC)
             a_u += tl.sum(uu_ * d_ctx, axis=1)
         dp = (d1 - d2 * a_u[:, None]) / ru[:, None] + d2 * (a_u * eps / (ru * ru))[:, None]
 
@@ -419,29 +436,31 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             ds0 = tl.where(s0 > 0, dt, dt * leaky)
         else:
             ds0 = dsc
-        ds0 = tl.where(pm, ds0, 0.0)
+        ds0 = dot_operand(tl.where(pm, ds0, 0.0), DOT, NATIVE_DOT)
 
         # ---- accumulate this pair's share of the outputs, one d-chunk at a time
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
-            c, q, u, d_ctx, d_q = _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm,
-                                               ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC, PRECISION)
+            c, q, u, d_ctx, d_q = _chunk_grads(pd, dzd, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms,
+                                               mm, ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC,
+                                               NATIVE_DOT, PRECISION)
             if FOR_Q:
                 val = d_q + tl.dot(ds0, c, input_precision=PRECISION, out_dtype=ACC)
                 ptrs = acc_ptr + (slot * Lq + js[:, None]) * D + ds[None, :]
                 msk = jin[:, None] & dm[None, :]
                 tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + val, mask=msk)
                 if EPI >= 2:
-                    e = _features(u, q, ru, rc, rq, EPI)
-                    dwc = tl.dot(tl.trans(dz), e, input_precision=PRECISION, out_dtype=ACC)
+                    e = dot_operand(_features(u, q, ru, rc, rq, EPI), DOT, NATIVE_DOT)
+                    dwc = tl.dot(tl.trans(dzd), e, input_precision=PRECISION, out_dtype=ACC)
                     wptrs = dw_ptr + (slot * M + ms[:, None]) * D + ds[None, :]
                     wmsk = mm[:, None] & dm[None, :]
                     tl.store(wptrs, tl.load(wptrs, mask=wmsk, other=0.0) + dwc, mask=wmsk)
             else:
-                du = _norm_grad(d_ctx, _unit(u, nu), a_u, ru, eps)
-                val = tl.dot(tl.trans(p), du, input_precision=PRECISION, out_dtype=ACC)
-                val = tl.dot(tl.trans(ds0), q, val, input_precision=PRECISION, out_dtype=ACC)
+                du = dot_operand(_norm_grad(d_ctx, _unit(u, nu), a_u, ru, eps), DOT, NATIVE_DOT)
+                val = tl.dot(tl.trans(pd), du, input_precision=PRECISION, out_dtype=ACC)
+                val = tl.dot(tl.trans(ds0), dot_operand(q, DOT, NATIVE_DOT), val, input_precision=PRECISION,
+                             out_dtype=ACC)
                 ptrs = acc_ptr + (slot * Lc + ks[:, None]) * D + ds[None, :]
                 msk = kin[:, None] & dm[None, :]
                 tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + val, mask=msk)
@@ -490,12 +509,12 @@ class _Setup:
         self.block_m = _pow2(self.m)
         tiles = max(self.block_j * self.block_c, self.block_j * self.block_m)
         self.num_warps = 8 if tiles >= 8192 else 4
-        self.native_dot = native_dot(self.dtype, self.device)  # fp16 / bf16 scores on the tensor cores
+        self.native_dot = native_dot(self.dtype, self.device)  # fp16 / bf16 contractions on the tensor cores
         self.precision = dot_precision(self.dtype)
 
     def const(self, block_d: int) -> dict:
         return dict(
-            ACC=tl_dtype(self.acc), PRECISION=self.precision, CLIPPED=self.clipped, EPI=self.epi,
+            ACC=tl_dtype(self.acc), DOT=tl_dtype(self.dtype), PRECISION=self.precision, CLIPPED=self.clipped, EPI=self.epi,
             HAS_BIAS=self.bias is not None,
             NATIVE_DOT=self.native_dot, BLOCK_J=self.block_j, BLOCK_C=self.block_c,
             BLOCK_D=min(block_d, _pow2(self.d)), BLOCK_M=self.block_m, num_warps=self.num_warps,

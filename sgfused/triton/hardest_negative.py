@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, dot_precision, native_dot, tl_dtype
+from ._common import acc_dtype, dot_precision, native_dot, tl_dtype, widened
 
 BLOCK = 64  # rows / columns of a score tile
 BLOCK_K = 64  # length of a scan tile in the sum-of-hinges scans
@@ -62,11 +62,10 @@ def _tile(x_ptr, a_ptr, b_ptr, rows, cols, rmask, cmask, D, sxr, sxc,
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             kmask = ks < D
-            a = tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b_ptr + cols[None, :] * D + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if not NATIVE_DOT:
-                a = a.to(ACC)
-                b = b.to(ACC)
+            a = widened(tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                                other=0.0), ACC, NATIVE_DOT)
+            b = widened(tl.load(b_ptr + cols[None, :] * D + ks[:, None], mask=kmask[:, None] & cmask[None, :],
+                                other=0.0), ACC, NATIVE_DOT)
             res = tl.dot(a, b, res, input_precision=PRECISION, out_dtype=ACC)
     else:
         ptrs = x_ptr + rows[:, None] * sxr + cols[None, :] * sxc

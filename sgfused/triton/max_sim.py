@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, cast_rounded, dot_precision, native_dot, tl_dtype
+from ._common import acc_dtype, cast_rounded, dot_precision, native_dot, tl_dtype, widened
 
 BLOCK_R = 64  # caption-node rows per program (forward, grad_y) and per step of grad_x
 MAX_BLOCK_O = 64  # image nodes per tile
@@ -96,12 +96,10 @@ def _forward_kernel(x_ptr, y_ptr, x_lens_ptr, y_lens_ptr, scores_ptr, idx_ptr,
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
             kmask = ks < D
-            yt = tl.load(y_ptr + rows[:, None] * D + ks[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-            xt = tl.load(x_ptr + (a * LX + nodes[None, :]) * D + ks[:, None],
-                         mask=kmask[:, None] & node_valid[None, :], other=0.0)
-            if not NATIVE_DOT:
-                yt = yt.to(ACC)
-                xt = xt.to(ACC)
+            yt = widened(tl.load(y_ptr + rows[:, None] * D + ks[None, :], mask=valid[:, None] & kmask[None, :],
+                                 other=0.0), ACC, NATIVE_DOT)
+            xt = widened(tl.load(x_ptr + (a * LX + nodes[None, :]) * D + ks[:, None],
+                                 mask=kmask[:, None] & node_valid[None, :], other=0.0), ACC, NATIVE_DOT)
             s = tl.dot(yt, xt, s, input_precision=PRECISION, out_dtype=ACC)
         s = tl.where(node_valid[None, :], s, float("-inf"))
         tile_max = tl.max(s, axis=1)
@@ -138,10 +136,8 @@ def _grad_y_kernel(grad_ptr, x_ptr, x_lens_ptr, y_lens_ptr, idx_ptr, out_ptr,
         for o0 in range(0, x_len, BLOCK_O):
             nodes = o0 + tl.arange(0, BLOCK_O)
             node_valid = nodes < x_len
-            xt = tl.load(x_set + nodes[:, None] * D + dcols[None, :],
-                         mask=node_valid[:, None] & dmask[None, :], other=0.0)
-            if not NATIVE_DOT:
-                xt = xt.to(ACC)
+            xt = widened(tl.load(x_set + nodes[:, None] * D + dcols[None, :],
+                                 mask=node_valid[:, None] & dmask[None, :], other=0.0), ACC, NATIVE_DOT)
             onehot = (idx[:, None] == nodes[None, :]).to(xt.dtype)  # exact in every dtype
             picked = tl.dot(onehot, xt, input_precision=PRECISION, out_dtype=ACC)  # x[a, idx[r]] per row
             out += w[:, None] * picked
