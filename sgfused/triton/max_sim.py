@@ -49,8 +49,11 @@ from ._common import acc_dtype, cast_rounded, dot_precision, native_dot, tl_dtyp
 
 BLOCK_R = 64  # caption-node rows per program (forward, grad_y) and per step of grad_x
 MAX_BLOCK_O = 64  # image nodes per tile
+# The embedding chunks of 16-bit inputs; fp32 / fp64 tiles take twice the registers, so their chunks are
+# half as wide. At SGM's sizes these compile for sm_90 without spilling (bench/triton_sm90_resources.py;
+# 128 gradient columns of fp32 ran out of registers).
 MAX_BLOCK_D = 64  # embedding chunk of one tl.dot (forward)
-MAX_BLOCK_DO = 128  # embedding columns of the gradient per program
+MAX_BLOCK_DO = 64  # embedding columns of the gradient per program
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -192,8 +195,9 @@ class _Layout:
         self.n_cap_blocks = triton.cdiv(self.ny, self.caps)
         self.block_o = max(16, min(MAX_BLOCK_O, triton.next_power_of_2(self.lx)))
         self.n_node_tiles = triton.cdiv(self.lx, self.block_o)
-        self.block_d = max(16, min(MAX_BLOCK_D, triton.next_power_of_2(max(self.d, 1))))
-        self.block_do = max(16, min(MAX_BLOCK_DO, triton.next_power_of_2(max(self.d, 1))))
+        halved = 2 if x.element_size() > 2 else 1
+        self.block_d = max(16, min(MAX_BLOCK_D // halved, triton.next_power_of_2(max(self.d, 1))))
+        self.block_do = max(16, min(MAX_BLOCK_DO // halved, triton.next_power_of_2(max(self.d, 1))))
         self.n_d_chunks = triton.cdiv(self.d, self.block_do)
         self.acc = acc_dtype(x.dtype)
         self.native_dot = native_dot(x.dtype, x.device)
