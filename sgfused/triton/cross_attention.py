@@ -67,7 +67,7 @@ from torch import Tensor
 from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype, widened
 
 BLOCK_D_FWD = 64  # d-chunk of the forward passes
-BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles)
+BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles; halved for 4- and 8-byte inputs)
 TARGET_PROGRAMS_CUDA = 264  # backward splits the partner loop until about this many programs run
 
 EPILOGUES = {"context": 0, "cosine": 1, "distance": 2, "direction": 3}
@@ -606,7 +606,8 @@ def backward(
         gb = torch.zeros_like(bias) if bias is not None else empty_b
         return torch.zeros_like(queries), torch.zeros_like(contexts), gw, gb
     w, b = s.ptrs()
-    const = s.const(BLOCK_D_BWD)
+    # fp32 / fp64 chunks hold twice the bytes of 16-bit ones: halved, the sm_90 backward spills less
+    const = s.const(BLOCK_D_BWD // (2 if s.dtype.itemsize > 2 else 1))
 
     # dQ (and the weight / bias partials): programs per (a, split of b)
     split_q = _splits(s.nq, s.nc, device)

@@ -43,7 +43,8 @@ from ._common import acc_dtype, dot_precision, native_dot, tl_dtype, widened
 BLOCK = 64  # rows / columns of a score tile
 BLOCK_K = 64  # length of a scan tile in the sum-of-hinges scans
 BLOCK_D = 32  # embedding chunk of one tl.dot
-BLOCK_DO = 128  # embedding columns of the gradient per program (embed backward)
+BLOCK_DO = 128  # embedding columns of the gradient per program (embed backward; halved for 4- and 8-byte inputs)
+BLOCK_GRAD_R = 32  # rows of a grad_scores tile: a 64 x 64 tile at two warps spilled on sm_90
 # Triton 3.6's layout pass (TritonGPURemoveLayoutConversions) breaks on the gathered-index loops of
 # the backward kernels at 4 warps ("mask type matches ptr type"); at 2 they compile on 3.6 and later.
 LAYOUT_SAFE_WARPS = 2
@@ -564,8 +565,8 @@ def backward(
         return grad
     g = grad_per_caption.to(p.acc).contiguous()
     margin_t = _margin(p, margin)
-    common = dict(ACC=p.tl_acc, BLOCK_R=BLOCK, BLOCK_C=BLOCK, num_warps=LAYOUT_SAFE_WARPS)
-    grid = (triton.cdiv(p.n_rows, BLOCK), triton.cdiv(p.n_cols, BLOCK))
+    common = dict(ACC=p.tl_acc, BLOCK_R=BLOCK_GRAD_R, BLOCK_C=BLOCK, num_warps=LAYOUT_SAFE_WARPS)
+    grid = (triton.cdiv(p.n_rows, BLOCK_GRAD_R), triton.cdiv(p.n_cols, BLOCK))
     lists = (p.col_perm, p.row_lo, p.row_hi, p.row_perm, p.col_lo, p.col_hi)
     if max_violation:
         col_weight, col_max = _mv_weights(p, hard_img, margin_t, g)
@@ -624,8 +625,11 @@ def embed_backward(
         cap_side = (col_max, hard_img, col_weight, row_max, hard_cap, row_weight, *_inverse_lists(hard_cap, p.n_cols))
     else:
         img_side = cap_side = (g,) * 9  # unused
+    # an fp32 / fp64 (BLOCK, BLOCK_DO) gradient tile holds twice the bytes of a 16-bit one's operands;
+    # halving its columns kept it in the sm_90 register file (200 stack bytes at 128)
+    halved = 2 if img.element_size() > 2 else 1
     for q, side, out in ((p, img_side, grad_img), (p.t(), cap_side, grad_cap)):
-        block_do = _block_d(q.d, BLOCK_DO)
+        block_do = _block_d(q.d, BLOCK_DO // halved)
         _embed_grad_kernel[(triton.cdiv(q.n_rows, BLOCK), triton.cdiv(q.d, block_do))](
             *q.head, q.col_perm, q.row_lo, q.row_hi, q.row_perm, q.col_lo, q.col_hi, *side,
             margin_t, g, out,
