@@ -50,5 +50,17 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Z = E @ W^T into acc z, with W in the input dtype. fp16 / bf16: E rounded to that dtype and
+// the GEMM on the tensor cores with fp32 output (mm's out_dtype overload), as the Triton kernels
+// round their operands; fp32 / fp64: E as it is (fp32 follows torch's TF32 flag). The forwards
+// and the backwards' recomputation of z share it, so both see the same z.
+inline void project_rows(at::Tensor& z, const at::Tensor& e, const at::Tensor& weight) {
+  if (weight.scalar_type() == z.scalar_type() || e.size(1) == 0) {
+    at::mm_out(z, e, weight.to(z.scalar_type()).t());
+  } else {
+    at::mm_out(z, e.to(weight.scalar_type()), weight.t(), z.scalar_type());
+  }
+}
+
 }  // namespace cuda_common
 }  // namespace sgfused

@@ -39,8 +39,10 @@
 //   each), CR (pairs*Lq*d) and Z (pairs*Lq*m), i.e. at most 4 x 64 MiB beyond
 //   the acc copies of the inputs and the outputs; backward adds dP, E, dE, dZ
 //   (and Z for fp16 / bf16, a dq buffer for "cosine"): at most 8 x 64 MiB, plus
-//   acc gradient buffers of the inputs' size. Nothing of size (Nq, Nc, Lq, Lc) or
-//   (Nq, Nc, Lq, d) is ever held (except the "context" output itself).
+//   acc gradient buffers of the inputs' size. fp16 / bf16 add their GEMM operands:
+//   the inputs in their dtype, P and E rounded (half the size of their acc
+//   buffers). Nothing of size (Nq, Nc, Lq, Lc) or (Nq, Nc, Lq, d) is ever held
+//   (except the "context" output itself).
 //
 // Determinism: the block plan depends only on the shapes; blocks run in a fixed
 // order on the current stream; every kernel writes each element from exactly
@@ -55,8 +57,11 @@
 // Precision: the fp32 GEMMs are at::mm / bmm calls, so they follow torch's TF32
 // setting as torch.matmul does: full fp32 by default, TF32 tensor-core products
 // when the user allows them (torch.set_float32_matmul_precision("high") or
-// torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs are computed in fp32
-// throughout.
+// torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs run the forward's
+// three GEMMs (St, CR, Z; recomputed alike in the backward) on the tensor cores:
+// operands in the input dtype (Q and C as given, P and E rounded to it), fp32
+// output (the mm / bmm out_dtype overloads), as the Triton kernels round them;
+// everything else, the backward's other GEMMs included, is fp32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -774,9 +779,11 @@ void launch_probs(const Config& cfg, const Block& blk, const Tensor& st, const T
 }
 
 // Everything a block shares between the forward and the backward: acc inputs and scratch.
+// qg, cg, pg_buf: the fp16 / bf16 GEMM operands (masked inputs, P rounded); undefined otherwise.
 struct Workspace {
   Tensor qa, ca, q_norm, q_lens, c_lens;
   Tensor st_buf, p_buf, cr_buf;  // St, P (pairs * lq * lc), CR (rows * d)
+  Tensor qg, cg, pg_buf;
 };
 
 // St, P and CR of one block (the attention recomputed identically in the backward).
@@ -794,6 +801,17 @@ BlockViews attend_block(const Config& cfg, const Block& blk, const Workspace& ws
   v.st = ws.st_buf.narrow(0, 0, blk.pairs() * cfg.lq * cfg.lc).view({blk.na * cfg.lq, blk.nb * cfg.lc});
   v.p = ws.p_buf.narrow(0, 0, blk.pairs() * cfg.lq * cfg.lc).view({blk.nb, blk.na * cfg.lq, cfg.lc});
   v.cr = ws.cr_buf.narrow(0, 0, blk.rows() * cfg.d).view({blk.nb, blk.na * cfg.lq, cfg.d});
+  if (ws.qg.defined() && cfg.d > 0) {  // fp16 / bf16: tensor-core GEMMs with fp32 output
+    const at::ScalarType acc = v.st.scalar_type();
+    const Tensor q2 = ws.qg.narrow(0, blk.a0, blk.na).view({blk.na * cfg.lq, cfg.d});
+    const Tensor c3 = ws.cg.narrow(0, blk.b0, blk.nb);
+    at::mm_out(v.st, q2, c3.view({blk.nb * cfg.lc, cfg.d}).t(), acc);
+    launch_probs<acc_t>(cfg, blk, v.st, ws.q_lens, ws.c_lens, smooth, leaky, eps, v.p, stats, stream);
+    Tensor pg = ws.pg_buf.narrow(0, 0, v.p.numel()).view(v.p.sizes());
+    pg.copy_(v.p);  // P rounded to the input dtype
+    at::bmm_out(v.cr, pg, c3, acc);
+    return v;
+  }
   at::mm_out(v.st, v.q2, v.c2.t());  // s of every pair of the block (d == 0 gives zeros)
   launch_probs<acc_t>(cfg, blk, v.st, ws.q_lens, ws.c_lens, smooth, leaky, eps, v.p, stats, stream);
   at::bmm_out(v.cr, v.p, v.c3);  // c_raw rows, batched over b
@@ -814,6 +832,11 @@ Workspace make_workspace(const Config& cfg, const BlockPlan& plan, const Tensor&
   ws.st_buf = at::empty({max_pairs * cfg.lq * cfg.lc}, ws.qa.options());
   ws.p_buf = at::empty({max_pairs * cfg.lq * cfg.lc}, ws.qa.options());
   ws.cr_buf = at::empty({max_pairs * cfg.lq * cfg.d}, ws.qa.options());
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    ws.qg = ws.qa.to(queries.scalar_type());  // exact: the values came from this dtype
+    ws.cg = ws.ca.to(contexts.scalar_type());
+    ws.pg_buf = at::empty({max_pairs * cfg.lq * cfg.lc}, ws.qg.options());
+  }
   return ws;
 }
 
@@ -835,9 +858,9 @@ void forward_impl(const Config& cfg, const Tensor& queries, const Tensor& contex
 
   const BlockPlan plan = plan_blocks(cfg, sizeof(acc_t));
   const Workspace ws = make_workspace<scalar_t>(cfg, plan, queries, contexts, q_lens, c_lens, stream);
-  Tensor wa, ba, z_buf;
+  Tensor wg, ba, z_buf;
   if (cfg.linear()) {
-    wa = weight->to(acc).contiguous();
+    wg = weight->contiguous();  // for project_rows
     if (has_value(bias)) ba = bias->to(acc).contiguous();
     z_buf = at::empty({plan.na * plan.nb * cfg.lq * cfg.m}, ws.qa.options());
   }
@@ -855,7 +878,7 @@ void forward_impl(const Config& cfg, const Tensor& queries, const Tensor& contex
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if constexpr (kEpi == kDistance || kEpi == kDirection) {
         Tensor z = z_buf.narrow(0, 0, rows * cfg.m).view({rows, cfg.m});
-        at::mm_out(z, v.cr.view({rows, cfg.d}), wa.t());
+        project_rows(z, v.cr.view({rows, cfg.d}), wg);
         z_epilogue_kernel<scalar_t, acc_t><<<grid_stride_blocks(rows, kWarps), kThreads, 0, stream>>>(
             z.data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), ws.q_lens.data_ptr<int64_t>(), blk, cfg.m, eps,
             out.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
@@ -903,9 +926,10 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
 
   Tensor grad_q = at::zeros({cfg.nq, cfg.lq, cfg.d}, acc_options);
   Tensor grad_c = at::zeros({cfg.nc, cfg.lc, cfg.d}, acc_options);
-  Tensor wa, ba, grad_w, grad_b;
+  Tensor wa, wg, ba, grad_w, grad_b;
   if (cfg.linear()) {
     wa = weight->to(acc).contiguous();
+    wg = weight->contiguous();  // for project_rows
     grad_w = at::zeros({cfg.m, cfg.d}, acc_options);
     if (has_value(bias)) {
       ba = bias->to(acc).contiguous();
@@ -949,7 +973,7 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
           const acc_t* z_ptr = nullptr;
           if constexpr (kRecomputeZ) {
             Tensor z = z_buf.narrow(0, 0, rows * cfg.m).view({rows, cfg.m});
-            at::mm_out(z, e, wa.t());  // the forward's GEMM, same shapes: the same z
+            project_rows(z, e, wg);  // the forward's GEMM, same shapes and operands: the same z
             z_ptr = z.data_ptr<acc_t>();
           }
           dz_kernel<scalar_t, acc_t><<<row_blocks, kThreads, 0, stream>>>(

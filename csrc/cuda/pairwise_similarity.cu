@@ -38,7 +38,9 @@
 // Precision: the fp32 GEMMs are at::mm calls, so they follow torch's TF32
 // setting as torch.matmul does: full fp32 by default, TF32 tensor-core products
 // when the user allows them (torch.set_float32_matmul_precision("high") or
-// torch.backends.cuda.matmul.allow_tf32).
+// torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs run Z = E @ W^T (and
+// its recomputation in the backward) on the tensor cores: W as given, E rounded to
+// the input dtype, fp32 output (project_rows); the rest is fp32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -438,7 +440,6 @@ void forward_impl(const Tensor& x, const Tensor& y, const Tensor& weight, const 
   }
 
   const Tensor xa = x.to(acc).contiguous(), ya = y.to(acc).contiguous();
-  const Tensor wa = weight.to(acc).contiguous();
   const Tensor ba = has_bias(bias) ? bias->to(acc).contiguous() : Tensor();
   const Tensor a = distance ? xa : l2norm_rows<acc_t>(xa, eps, stream);
   const Tensor b = distance ? ya : l2norm_rows<acc_t>(ya, eps, stream);
@@ -447,13 +448,12 @@ void forward_impl(const Tensor& x, const Tensor& y, const Tensor& weight, const 
   const int64_t max_np = aligned ? plan.ni : plan.ni * plan.nj;
   const Tensor e = at::empty({max_np, d}, xa.options());
   const Tensor z = at::empty({max_np, m}, xa.options());
-  const Tensor w_t = wa.t();
   const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
   for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t, int64_t, int64_t np) {
     Tensor e_block = e.narrow(0, 0, np), z_block = z.narrow(0, 0, np);
     build_e<acc_t>(distance, a, b, pb, np, d, e_block, stream);
-    at::mm_out(z_block, e_block, w_t);  // d == 0 gives zeros
+    project_rows(z_block, e_block, weight);  // d == 0 gives zeros
     forward_epilogue_kernel<scalar_t, acc_t><<<grid_stride_blocks(np, kWarps), kThreads, 0, stream>>>(
         z_block.data_ptr<acc_t>(), bias_ptr, pb, np, m, eps, out.data_ptr<scalar_t>(), norm.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -509,7 +509,6 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
     const Tensor de = at::empty({max_np, d}, acc_options);
     const Tensor dz = at::empty({max_np, m}, acc_options);
     const Tensor z = kRecomputeZ ? at::empty({max_np, m}, acc_options) : Tensor();
-    const Tensor w_t = wa.t();
     const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
     for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t ni, int64_t nj, int64_t np) {
@@ -518,7 +517,7 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
       const acc_t* z_ptr = nullptr;
       if constexpr (kRecomputeZ) {
         Tensor z_block = z.narrow(0, 0, np);
-        at::mm_out(z_block, e_block, w_t);  // the forward's GEMM, same shapes: the same z
+        project_rows(z_block, e_block, weight);  // the forward's GEMM, same shapes and operands: the same z
         z_ptr = z_block.data_ptr<acc_t>();
       }
       dz_kernel<scalar_t, acc_t><<<grid_stride_blocks(np, kWarps), kThreads, 0, stream>>>(
