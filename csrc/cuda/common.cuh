@@ -50,15 +50,24 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Z = E @ W^T into acc z, with W in the input dtype. fp16 / bf16: E rounded to that dtype and
-// the GEMM on the tensor cores with fp32 output (mm's out_dtype overload), as the Triton kernels
-// round their operands; fp32 / fp64: E as it is (fp32 follows torch's TF32 flag). The forwards
-// and the backwards' recomputation of z share it, so both see the same z.
-inline void project_rows(at::Tensor& z, const at::Tensor& e, const at::Tensor& weight) {
-  if (weight.scalar_type() == z.scalar_type() || e.size(1) == 0) {
-    at::mm_out(z, e, weight.to(z.scalar_type()).t());
+// out = a @ b, or out += a @ b (accumulate), for matrices or batches of them, out in acc. Operands
+// in acc run as they are (fp32 follows torch's TF32 flag); fp16 / bf16 operands (the caller rounds
+// them, as the Triton kernels round theirs) run on the tensor cores with fp32 output through
+// mm / bmm's out_dtype overloads (accumulated through a temporary: addmm has no mixed-dtype form).
+inline void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false) {
+  const at::ScalarType acc = out.scalar_type();
+  const bool batched = a.dim() == 3;
+  if (a.scalar_type() == acc || a.size(-1) == 0 || out.numel() == 0) {  // empty: any dtype will do
+    const at::Tensor aa = a.to(acc), ba = b.to(acc);
+    if (accumulate) {
+      batched ? out.baddbmm_(aa, ba) : out.addmm_(aa, ba);
+    } else {
+      batched ? at::bmm_out(out, aa, ba) : at::mm_out(out, aa, ba);
+    }
+  } else if (accumulate) {
+    out.add_(batched ? at::bmm(a, b, acc) : at::mm(a, b, acc));
   } else {
-    at::mm_out(z, e.to(weight.scalar_type()), weight.t(), z.scalar_type());
+    batched ? at::bmm_out(out, a, b, acc) : at::mm_out(out, a, b, acc);
   }
 }
 

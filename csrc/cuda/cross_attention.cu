@@ -40,9 +40,10 @@
 //   the acc copies of the inputs and the outputs; backward adds dP, E, dE, dZ
 //   (and Z for fp16 / bf16, a dq buffer for "cosine"): at most 8 x 64 MiB, plus
 //   acc gradient buffers of the inputs' size. fp16 / bf16 add their GEMM operands:
-//   the inputs in their dtype, P and E rounded (half the size of their acc
-//   buffers). Nothing of size (Nq, Nc, Lq, Lc) or (Nq, Nc, Lq, d) is ever held
-//   (except the "context" output itself).
+//   the inputs in their dtype, P, E, dZ, dCR and dS rounded (half the size of
+//   their acc buffers), and a GEMM result before it is added to a gradient.
+//   Nothing of size (Nq, Nc, Lq, Lc) or (Nq, Nc, Lq, d) is ever held (except
+//   the "context" output itself).
 //
 // Determinism: the block plan depends only on the shapes; blocks run in a fixed
 // order on the current stream; every kernel writes each element from exactly
@@ -50,18 +51,18 @@
 // fixed sequential order; the contractions are cuBLAS GEMMs (bitwise
 // reproducible for equal shapes on one GPU model / toolkit on one stream);
 // cross-block sums (grad_Q over b blocks, grad_C over a blocks, grad_weight,
-// grad_bias) are in-place GEMM accumulations (beta = 1) or single-thread
-// read-modify-writes ordered by the stream; grad_bias uses at::sum. No
-// floating-point atomics anywhere.
+// grad_bias) are in-place GEMM accumulations (beta = 1; fp16 / bf16: a GEMM
+// then an elementwise add) or single-thread read-modify-writes ordered by the
+// stream; grad_bias uses at::sum. No floating-point atomics anywhere.
 //
 // Precision: the fp32 GEMMs are at::mm / bmm calls, so they follow torch's TF32
 // setting as torch.matmul does: full fp32 by default, TF32 tensor-core products
 // when the user allows them (torch.set_float32_matmul_precision("high") or
-// torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs run the forward's
-// three GEMMs (St, CR, Z; recomputed alike in the backward) on the tensor cores:
-// operands in the input dtype (Q and C as given, P and E rounded to it), fp32
-// output (the mm / bmm out_dtype overloads), as the Triton kernels round them;
-// everything else, the backward's other GEMMs included, is fp32.
+// torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs run every GEMM on
+// the tensor cores (common.cuh gemm): operands in the input dtype (Q, C and W as
+// given; P, E, dZ, dCR and dS rounded to it, as the Triton kernels round theirs),
+// fp32 output (the mm / bmm out_dtype overloads); the elementwise kernels and the
+// accumulated gradients stay fp32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -779,42 +780,35 @@ void launch_probs(const Config& cfg, const Block& blk, const Tensor& st, const T
 }
 
 // Everything a block shares between the forward and the backward: acc inputs and scratch.
-// qg, cg, pg_buf: the fp16 / bf16 GEMM operands (masked inputs, P rounded); undefined otherwise.
+// qg, cg, pg_buf: the GEMM operands in the input dtype for fp16 / bf16 (masked inputs, P
+// rounded); the acc tensors themselves otherwise.
 struct Workspace {
   Tensor qa, ca, q_norm, q_lens, c_lens;
   Tensor st_buf, p_buf, cr_buf;  // St, P (pairs * lq * lc), CR (rows * d)
   Tensor qg, cg, pg_buf;
 };
 
-// St, P and CR of one block (the attention recomputed identically in the backward).
+// St, P and CR of one block (the attention recomputed identically in the backward) in acc, with
+// the block's Q, C and P as GEMM operands (q2, c3, c2, pg: in the input dtype for fp16 / bf16).
 struct BlockViews {
-  Tensor q2, c3, c2, st, p, cr;
+  Tensor q2, c3, c2, st, p, cr, pg;
 };
 
 template <typename acc_t>
 BlockViews attend_block(const Config& cfg, const Block& blk, const Workspace& ws, acc_t smooth, acc_t leaky, acc_t eps,
                         acc_t* stats, cudaStream_t stream) {
   BlockViews v;
-  v.q2 = ws.qa.narrow(0, blk.a0, blk.na).view({blk.na * cfg.lq, cfg.d});
-  v.c3 = ws.ca.narrow(0, blk.b0, blk.nb);
-  v.c2 = v.c3.view({blk.nb * cfg.lc, cfg.d});
   v.st = ws.st_buf.narrow(0, 0, blk.pairs() * cfg.lq * cfg.lc).view({blk.na * cfg.lq, blk.nb * cfg.lc});
   v.p = ws.p_buf.narrow(0, 0, blk.pairs() * cfg.lq * cfg.lc).view({blk.nb, blk.na * cfg.lq, cfg.lc});
   v.cr = ws.cr_buf.narrow(0, 0, blk.rows() * cfg.d).view({blk.nb, blk.na * cfg.lq, cfg.d});
-  if (ws.qg.defined() && cfg.d > 0) {  // fp16 / bf16: tensor-core GEMMs with fp32 output
-    const at::ScalarType acc = v.st.scalar_type();
-    const Tensor q2 = ws.qg.narrow(0, blk.a0, blk.na).view({blk.na * cfg.lq, cfg.d});
-    const Tensor c3 = ws.cg.narrow(0, blk.b0, blk.nb);
-    at::mm_out(v.st, q2, c3.view({blk.nb * cfg.lc, cfg.d}).t(), acc);
-    launch_probs<acc_t>(cfg, blk, v.st, ws.q_lens, ws.c_lens, smooth, leaky, eps, v.p, stats, stream);
-    Tensor pg = ws.pg_buf.narrow(0, 0, v.p.numel()).view(v.p.sizes());
-    pg.copy_(v.p);  // P rounded to the input dtype
-    at::bmm_out(v.cr, pg, c3, acc);
-    return v;
-  }
-  at::mm_out(v.st, v.q2, v.c2.t());  // s of every pair of the block (d == 0 gives zeros)
+  v.q2 = ws.qg.narrow(0, blk.a0, blk.na).view({blk.na * cfg.lq, cfg.d});
+  v.c3 = ws.cg.narrow(0, blk.b0, blk.nb);
+  v.c2 = v.c3.view({blk.nb * cfg.lc, cfg.d});
+  v.pg = ws.pg_buf.narrow(0, 0, v.p.numel()).view(v.p.sizes());
+  gemm(v.st, v.q2, v.c2.t());  // s of every pair of the block (d == 0 gives zeros)
   launch_probs<acc_t>(cfg, blk, v.st, ws.q_lens, ws.c_lens, smooth, leaky, eps, v.p, stats, stream);
-  at::bmm_out(v.cr, v.p, v.c3);  // c_raw rows, batched over b
+  if (v.pg.scalar_type() != v.p.scalar_type()) v.pg.copy_(v.p);  // fp16 / bf16: P rounded to the input dtype
+  gemm(v.cr, v.pg, v.c3);                                          // c_raw rows, batched over b
   return v;
 }
 
@@ -832,11 +826,10 @@ Workspace make_workspace(const Config& cfg, const BlockPlan& plan, const Tensor&
   ws.st_buf = at::empty({max_pairs * cfg.lq * cfg.lc}, ws.qa.options());
   ws.p_buf = at::empty({max_pairs * cfg.lq * cfg.lc}, ws.qa.options());
   ws.cr_buf = at::empty({max_pairs * cfg.lq * cfg.d}, ws.qa.options());
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    ws.qg = ws.qa.to(queries.scalar_type());  // exact: the values came from this dtype
-    ws.cg = ws.ca.to(contexts.scalar_type());
-    ws.pg_buf = at::empty({max_pairs * cfg.lq * cfg.lc}, ws.qg.options());
-  }
+  // fp16 / bf16: the masked inputs in their dtype (exact: the values came from it); else aliases
+  ws.qg = ws.qa.to(queries.scalar_type());
+  ws.cg = ws.ca.to(contexts.scalar_type());
+  ws.pg_buf = std::is_same_v<scalar_t, acc_t> ? ws.p_buf : at::empty({max_pairs * cfg.lq * cfg.lc}, ws.qg.options());
   return ws;
 }
 
@@ -860,7 +853,7 @@ void forward_impl(const Config& cfg, const Tensor& queries, const Tensor& contex
   const Workspace ws = make_workspace<scalar_t>(cfg, plan, queries, contexts, q_lens, c_lens, stream);
   Tensor wg, ba, z_buf;
   if (cfg.linear()) {
-    wg = weight->contiguous();  // for project_rows
+    wg = weight->contiguous();  // the GEMM dtype: the input dtype
     if (has_value(bias)) ba = bias->to(acc).contiguous();
     z_buf = at::empty({plan.na * plan.nb * cfg.lq * cfg.m}, ws.qa.options());
   }
@@ -878,7 +871,7 @@ void forward_impl(const Config& cfg, const Tensor& queries, const Tensor& contex
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if constexpr (kEpi == kDistance || kEpi == kDirection) {
         Tensor z = z_buf.narrow(0, 0, rows * cfg.m).view({rows, cfg.m});
-        project_rows(z, v.cr.view({rows, cfg.d}), wg);
+        gemm(z, v.cr.view({rows, cfg.d}).to(wg.scalar_type()), wg.t());  // fp16 / bf16: E rounded
         z_epilogue_kernel<scalar_t, acc_t><<<grid_stride_blocks(rows, kWarps), kThreads, 0, stream>>>(
             z.data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), ws.q_lens.data_ptr<int64_t>(), blk, cfg.m, eps,
             out.data_ptr<scalar_t>(), stats.data_ptr<acc_t>());
@@ -926,10 +919,10 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
 
   Tensor grad_q = at::zeros({cfg.nq, cfg.lq, cfg.d}, acc_options);
   Tensor grad_c = at::zeros({cfg.nc, cfg.lc, cfg.d}, acc_options);
-  Tensor wa, wg, ba, grad_w, grad_b;
+  const at::ScalarType gemm_dtype = queries.scalar_type();  // the GEMM operands' dtype, as in the forward
+  Tensor wg, ba, grad_w, grad_b;
   if (cfg.linear()) {
-    wa = weight->to(acc).contiguous();
-    wg = weight->contiguous();  // for project_rows
+    wg = weight->contiguous();
     grad_w = at::zeros({cfg.m, cfg.d}, acc_options);
     if (has_value(bias)) {
       ba = bias->to(acc).contiguous();
@@ -970,10 +963,11 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
               cr, e.data_ptr<acc_t>(), ws.qa.data_ptr<acc_t>(), ptr_or_null<acc_t>(ws.q_norm),
               ws.q_lens.data_ptr<int64_t>(), blk, cfg.d, eps, static_cast<scalar_t*>(nullptr));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          const Tensor eg = e.to(gemm_dtype);  // fp16 / bf16: E rounded, as in the forward
           const acc_t* z_ptr = nullptr;
           if constexpr (kRecomputeZ) {
             Tensor z = z_buf.narrow(0, 0, rows * cfg.m).view({rows, cfg.m});
-            project_rows(z, e, wg);  // the forward's GEMM, same shapes and operands: the same z
+            gemm(z, eg, wg.t());  // the forward's GEMM, same shapes and operands: the same z
             z_ptr = z.data_ptr<acc_t>();
           }
           dz_kernel<scalar_t, acc_t><<<row_blocks, kThreads, 0, stream>>>(
@@ -981,8 +975,9 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
               ptr_or_null<acc_t>(ba), ws.q_lens.data_ptr<int64_t>(), blk, cfg.m, eps, dz.data_ptr<acc_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           if (ba.defined()) grad_b.add_(dz.sum(0));
-          grad_w.addmm_(dz.t(), e);  // (m, rows) @ (rows, d)
-          at::mm_out(de, dz, wa);    // (rows, m) @ (m, d)
+          const Tensor dzg = dz.to(gemm_dtype);  // fp16 / bf16: rounded, as the Triton kernels round dz
+          gemm(grad_w, dzg.t(), eg, true);       // (m, rows) @ (rows, d)
+          gemm(de, dzg, wg);                     // (rows, m) @ (m, d)
           ge = de.data_ptr<acc_t>();
           gq = e.data_ptr<acc_t>();  // E is no longer needed: it takes the direct dq terms
         } else if constexpr (kEpi == kCosine) {
@@ -994,9 +989,10 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         // v.cr now holds dc_raw. Through c_raw = P @ C_b:
         Tensor dp = dp_buf.narrow(0, 0, blk.pairs() * cfg.lq * cfg.lc).view({blk.nb, blk.na * cfg.lq, cfg.lc});
-        at::bmm_out(dp, v.cr, v.c3.transpose(1, 2));  // dP = dc_raw C_b^T
+        const Tensor crg = v.cr.to(gemm_dtype);  // fp16 / bf16: dc_raw rounded
+        gemm(dp, crg, v.c3.transpose(1, 2));    // dP = dc_raw C_b^T
         Tensor grad_c_blk = grad_c.narrow(0, blk.b0, blk.nb);
-        grad_c_blk.baddbmm_(v.p.transpose(1, 2), v.cr);  // dC_b += P^T dc_raw (sums a, j of the block)
+        gemm(grad_c_blk, v.pg.transpose(1, 2), crg, true);  // dC_b += P^T dc_raw (sums a, j of the block)
         // Softmax, clipped l2 and leaky relu backward: dS over St.
         if (cfg.clipped) {
           attention_backward_kernel<acc_t, true>
@@ -1011,8 +1007,9 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         // s = C_b Q_a^T: dQ_a += dS^T C_b (sums b, k), dC_b += dS Q_a (sums a, j).
-        grad_q.narrow(0, blk.a0, blk.na).view({blk.na * cfg.lq, cfg.d}).addmm_(v.st, v.c2);
-        grad_c_blk.view({blk.nb * cfg.lc, cfg.d}).addmm_(v.st.t(), v.q2);
+        const Tensor stg = v.st.to(gemm_dtype);  // fp16 / bf16: dS rounded
+        gemm(grad_q.narrow(0, blk.a0, blk.na).view({blk.na * cfg.lq, cfg.d}), stg, v.c2, true);
+        gemm(grad_c_blk.view({blk.nb * cfg.lc, cfg.d}), stg.t(), v.q2, true);
         if (gq != nullptr && cfg.d > 0) {
           reduce_direct_q_kernel<acc_t>
               <<<grid_stride_blocks(blk.na * cfg.lq * cfg.d, kThreads), kThreads, 0, stream>>>(

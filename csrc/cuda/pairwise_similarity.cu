@@ -38,9 +38,9 @@
 // Precision: the fp32 GEMMs are at::mm calls, so they follow torch's TF32
 // setting as torch.matmul does: full fp32 by default, TF32 tensor-core products
 // when the user allows them (torch.set_float32_matmul_precision("high") or
-// torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs run Z = E @ W^T (and
-// its recomputation in the backward) on the tensor cores: W as given, E rounded to
-// the input dtype, fp32 output (project_rows); the rest is fp32.
+// torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs run the GEMMs on the
+// tensor cores (common.cuh gemm): W as given, E and dZ rounded to the input dtype
+// (as the Triton kernels round them), fp32 output; the rest is fp32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -453,7 +453,7 @@ void forward_impl(const Tensor& x, const Tensor& y, const Tensor& weight, const 
   for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t, int64_t, int64_t np) {
     Tensor e_block = e.narrow(0, 0, np), z_block = z.narrow(0, 0, np);
     build_e<acc_t>(distance, a, b, pb, np, d, e_block, stream);
-    project_rows(z_block, e_block, weight);  // d == 0 gives zeros
+    gemm(z_block, e_block.to(weight.scalar_type()), weight.t());  // fp16 / bf16: E rounded; d == 0 gives zeros
     forward_epilogue_kernel<scalar_t, acc_t><<<grid_stride_blocks(np, kWarps), kThreads, 0, stream>>>(
         z_block.data_ptr<acc_t>(), bias_ptr, pb, np, m, eps, out.data_ptr<scalar_t>(), norm.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -493,7 +493,6 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
   const auto acc_options = x.options().dtype(acc);
 
   const Tensor xa = x.to(acc).contiguous(), ya = y.to(acc).contiguous();
-  const Tensor wa = weight.to(acc).contiguous();
   const Tensor ba = has_bias(bias) ? bias->to(acc).contiguous() : Tensor();
   // Gradients w.r.t. a, b: x, y ("distance") or xhat, yhat ("direction").
   Tensor grad_a = at::zeros({nx, d}, acc_options), grad_b = at::zeros({ny, d}, acc_options);
@@ -514,10 +513,11 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
     for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t ni, int64_t nj, int64_t np) {
       Tensor e_block = e.narrow(0, 0, np), dz_block = dz.narrow(0, 0, np), de_block = de.narrow(0, 0, np);
       build_e<acc_t>(distance, a, b, pb, np, d, e_block, stream);
+      const Tensor e_gemm = e_block.to(weight.scalar_type());  // fp16 / bf16: E rounded, as in the forward
       const acc_t* z_ptr = nullptr;
       if constexpr (kRecomputeZ) {
         Tensor z_block = z.narrow(0, 0, np);
-        project_rows(z_block, e_block, weight);  // the forward's GEMM, same shapes and operands: the same z
+        gemm(z_block, e_gemm, weight.t());  // the forward's GEMM, same shapes and operands: the same z
         z_ptr = z_block.data_ptr<acc_t>();
       }
       dz_kernel<scalar_t, acc_t><<<grid_stride_blocks(np, kWarps), kThreads, 0, stream>>>(
@@ -526,8 +526,9 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (ba.defined()) grad_bias_acc.add_(dz_block.sum(0));
       if (d == 0) return;
-      grad_w.addmm_(dz_block.t(), e_block);  // (m, np) @ (np, d)
-      at::mm_out(de_block, dz_block, wa);    // (np, m) @ (m, d)
+      const Tensor dz_gemm = dz_block.to(weight.scalar_type());  // fp16 / bf16: dZ rounded
+      gemm(grad_w, dz_gemm.t(), e_gemm, true);                   // (m, np) @ (np, d)
+      gemm(de_block, dz_gemm, weight);                           // (np, m) @ (m, d)
       scatter_e_grad<acc_t>(distance, de_block, a, b, pb, ni, nj, np, d, grad_a, grad_b, stream);
     });
   }
