@@ -12,9 +12,11 @@ change what is compiled), so the launches also run in the interpreter quickly.
 
 A kernel with a stack frame spills registers to local memory, which is what makes a kernel many
 times slower than its arithmetic; a bf16 kernel without a matrix instruction gets no tensor cores.
-``--check`` exits non-zero if a compiled kernel spills or a bf16 / TF32 ``tl.dot`` (a ``tt.dot`` in
-the kernel's Triton IR) misses the tensor cores; it is a goal, not yet part of CI, because some
-kernels still spill (the CSV says which).
+``--check`` (run by CI) compiles the same kernels and compares them with the committed CSV instead
+of writing it: it exits non-zero if a kernel spills more than the CSV says (a kernel it does not
+list may not spill at all), a bf16 / TF32 ``tl.dot`` (a ``tt.dot`` in the kernel's Triton IR)
+misses the tensor cores, a listed kernel is no longer compiled, or Triton is not the CSV's version.
+So a change that makes a kernel spill fails CI, and one that changes the kernels regenerates the CSV.
 
     python bench/triton_sm90_resources.py [--check] [--op NAME]
 
@@ -34,6 +36,7 @@ import sys
 import tempfile
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPORT = os.path.join(RESULTS, "triton_sm90_resources.csv")
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "triton_compile_only.py")
 
 
@@ -172,32 +175,73 @@ def problems(rows: list[dict]) -> list[str]:
     return found
 
 
+def _keyed(rows: list[dict]) -> dict[tuple, dict]:
+    """Rows by (op, case, dtype, kernel, n-th kernel of that name in the case): the compile order is fixed."""
+    keyed, seen = {}, {}
+    for r in rows:
+        name = (r["op"], r["case"], r["dtype"], r["kernel"])
+        seen[name] = seen.get(name, 0) + 1
+        keyed[(*name, seen[name])] = r
+    return keyed
+
+
+def read_report(path: str = REPORT) -> list[dict]:
+    """The committed report's rows, with its numbers as ints."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for r in rows:
+        for field in ("num_warps", "registers", "stack_bytes", "shared_bytes", "dots"):
+            r[field] = int(r[field])
+    return rows
+
+
+def regressions(rows: list[dict], committed: list[dict]) -> list[str]:
+    """What the compiled ``rows`` do worse than the ``committed`` report (one line each)."""
+    found = [line for line in problems(rows) if "tensor-core" in line]
+    versions = {r["triton"] for r in committed} | {r["triton"] for r in rows}
+    if len(versions) > 1:
+        return found + [f"triton versions differ (compiled vs report: {sorted(versions)}): regenerate the report"]
+    now, before = _keyed(rows), _keyed(committed)
+    for key, r in now.items():
+        allowed = before[key]["stack_bytes"] if key in before else 0
+        if r["stack_bytes"] > allowed:
+            found.append(f"{' '.join(map(str, key[:4]))}: {r['stack_bytes']} stack bytes, the report allows {allowed}")
+    for key in before.keys() - now.keys():
+        found.append(f"{' '.join(map(str, key[:4]))}: in the report, no longer compiled: regenerate the report")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="fail on any spill or CUDA-core bf16 / TF32 dot")
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed CSV instead of writing it; fail on any regression")
     parser.add_argument("--op", help="only this op's kernels, printed, the CSV left as it is")
     args = parser.parse_args()
     rows = measure(args.op)
     if not rows:
         sys.exit(f"--op: no case of an op named {args.op!r}")
+    if args.check:
+        committed = [r for r in read_report() if args.op is None or r["op"] == args.op]
+        found = regressions(rows, committed)
+        for line in found:
+            print("  " + line)
+        print(f"{len(rows)} kernels against {os.path.relpath(REPORT)}: {len(found)} regressions")
+        sys.exit(1 if found else 0)
     if args.op is not None:
         for r in rows:
             print(f"  {r['case'][:40]:40s} {r['dtype']:9s} {r['kernel']:22s} warps {r['num_warps']} "
                   f"registers {r['registers']:3d} stack {r['stack_bytes']:5d} {r['matrix']}")
     else:
         os.makedirs(RESULTS, exist_ok=True)
-        path = os.path.join(RESULTS, "triton_sm90_resources.csv")
-        with open(path, "w", newline="") as handle:
+        with open(REPORT, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        print("wrote", path)
+        print("wrote", REPORT)
     found = problems(rows)
     for line in found:
         print("  " + line)
     print(f"{len(rows)} kernels, {len(found)} problems")
-    if args.check and found:
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ bench/gpu_targets.py must read a GPU run's CSVs right (a wrong "met" would close
 issue on a false figure); bench/harness.tf32 must reach the kernels' precision rule, or the
 "tf32" rows would time full-fp32 kernels under a TF32 label; and a run of some models in
 bench/compare_synthetic.py must keep the other models' rows and curves, not lose them, and
-the same seed must give it the same rows.
+the same seed must give it the same rows; bench/triton_sm90_resources.py --check (run by CI)
+must fail on every kind of regression against the committed report.
 """
 
 from __future__ import annotations
@@ -105,6 +106,37 @@ def test_gpu_check_script_parses_and_refuses_an_unknown_stage(tmp_path):
     done = subprocess.run(["bash", script, "nonsense"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)})
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def resources():
+    return bench_module("triton_sm90_resources")
+
+
+def test_the_resource_check_passes_the_committed_report_against_itself(resources):
+    committed = resources.read_report()
+    assert len(committed) > 50 and {r["op"] for r in committed} >= {"cross_attention", "max_sim"}
+    assert resources.regressions(committed, committed) == []
+
+
+def test_the_resource_check_catches_every_regression(resources):
+    committed = resources.read_report()
+    spill_free = next(i for i, r in enumerate(committed) if r["stack_bytes"] == 0)
+    spilling = next(i for i, r in enumerate(committed) if r["stack_bytes"] > 0)
+
+    def changed(i: int, **fields) -> list[dict]:
+        return [dict(r, **fields) if j == i else dict(r) for j, r in enumerate(committed)]
+
+    assert resources.regressions(changed(spilling, stack_bytes=committed[spilling]["stack_bytes"] - 8), committed) == []
+    for rows in (changed(spill_free, stack_bytes=8),                                        # a new spill
+                 changed(spilling, stack_bytes=committed[spilling]["stack_bytes"] + 8),     # a larger one
+                 changed(spill_free, kernel="_unlisted_kernel", stack_bytes=8),            # new, and spilling
+                 committed[:-1],                                                            # a kernel gone
+                 changed(spill_free, triton="0.0.0")):                                       # another Triton
+        assert len(resources.regressions(rows, committed)) >= 1
+    dot = next(i for i, r in enumerate(committed) if r["dtype"] == "bfloat16" and r["dots"])
+    found = resources.regressions(changed(dot, matrix="fma"), committed)
+    assert len(found) == 1 and "tensor-core" in found[0]
 
 
 SETTINGS = {"setting": "hard", "seed": 0}
