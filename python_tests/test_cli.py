@@ -266,6 +266,23 @@ def test_eval_of_a_checkpoint_in_the_papers_layout(data, tmp_path, capsys):
     assert "--official needs --vocab" in _fails(args[:6], capsys)
 
 
+@pytest.mark.parametrize("instructions", [None, "avx512_bf16"])
+def test_eval_in_bf16_says_when_the_cpu_makes_it_slow(data, tmp_path, capsys, monkeypatch, instructions):
+    from sgfused import _backend
+    from sgfused.data.vocab import Vocabulary
+    from sgfused.models import build_model
+
+    vocab = Vocabulary.load(data / "vocab.json")
+    build_model("sgraf", len(vocab), dict(img_dim=16, embed_size=16, word_dim=8, sim_dim=8)).to_official(
+        tmp_path / "model_best.pth.tar")
+    monkeypatch.setattr(_backend, "cpu_bf16_dot", lambda: instructions)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "model_best.pth.tar"), "--data", str(data), "--official", "sgraf",
+                 "--vocab", str(data / "vocab.json"), "--device", "cpu", "--similarity-dtype", "bf16"]) == 0
+    note = "this CPU has no bf16 dot instructions (avx512_bf16 or AMX), so --similarity-dtype bf16 runs slower"
+    assert (note in capsys.readouterr().err) == (instructions is None)
+
+
 def _options(parser):
     """(command path, action) of every option of every subcommand, walking the subparsers."""
     import argparse

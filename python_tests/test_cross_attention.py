@@ -91,6 +91,15 @@ def test_low_precision(backend, epilogue, dtype):
     check(backend, (3, 6, 2, 5, 16, 8), "clipped_l2", epilogue, "mixed", dtype)
 
 
+def test_cuda_fp16_under_fp16_accumulation(monkeypatch):
+    """torch's fp16-accumulation flag makes mm / bmm's out_dtype overloads refuse fp16: the CUDA kernel
+    then runs its fp16 GEMMs on fp32 operands and still matches the reference."""
+    backend_device("cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", True)
+    for epilogue in ("context", "distance"):
+        check("cuda", (3, 6, 2, 5, 16, 8), "clipped_l2", epilogue, "mixed", torch.float16)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("epilogue", ["context", "distance"])
 def test_tf32_when_allowed(backend, epilogue, tf32_launches):

@@ -34,6 +34,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cpu_bf16_dot() -> str | None:
+    """The CPU's bf16 dot-product instructions ("amx_bf16" or "avx512_bf16"), or None.
+
+    Only with them does a bf16 GEMM on the CPU beat fp32 (without them PyTorch's is a scalar loop,
+    about 100x slower), so the C++ kernels run bf16 GEMMs only then (``SGFUSED_CPU_BF16_GEMM=0/1``
+    forces either way) and ``sgfused eval --similarity-dtype bf16`` says when it will be slow.
+    """
+    return _build._load_extension().cpu_bf16_dot() or None
+
+
 def _why_not(backend: str, device: torch.device, has: Iterable[str]) -> str | None:
     """None if ``backend`` can serve a call on ``device``, else the reason it cannot."""
     if backend not in has:

@@ -282,6 +282,12 @@ def _eval(args: argparse.Namespace, device, sharded: bool, main: bool) -> None:
             check_same_vocabulary(vocab, _vocabulary(data, args.vocab), args.vocab)
     needs = {part: True for part in model_class(model_name).data_requirements}
     split = PrecompSplit(data, args.split, vocab, captions_per_image=args.captions_per_image, **needs)
+    if args.similarity_dtype == "bf16" and torch.device(device).type == "cpu" and not args.quiet:
+        from ._backend import cpu_bf16_dot
+
+        if cpu_bf16_dot() is None:
+            print("sgfused eval: note: this CPU has no bf16 dot instructions (avx512_bf16 or AMX), so "
+                  "--similarity-dtype bf16 runs slower here than fp32", file=sys.stderr)
     results, sims = evaluate_model(
         model.to(device), split, fold5=args.fold5, batch_size=args.batch_size, device=device, progress=not args.quiet,
         similarity_dtype=torch.bfloat16 if args.similarity_dtype == "bf16" else None, shard_rows=sharded,

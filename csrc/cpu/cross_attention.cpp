@@ -16,11 +16,11 @@
 //       place
 //   z   = rows @ W^T                                           one GEMM (nb*R, m)
 //   one pass over (b, r): + bias, n = ||z||, out = z / (n + eps), n -> stats
-// bf16 inputs run the three GEMMs in bf16 (fp32 accumulation inside); everything
-// else runs in the accumulation dtype. Padded query rows j >= len are written as
-// 0 (out and stats); nothing of size (Nq, Nc, Lq, d) or (Nq, Nc, Lq, Lc) is ever
-// held unless "context" asks for it. Results do not depend on which thread runs
-// an item: deterministic.
+// bf16 inputs run the three GEMMs in bf16 (fp32 accumulation inside) where the CPU has bf16 dot
+// instructions (bf16_gemm.h); everything else runs in the accumulation dtype. Padded query rows j >=
+// len are written as 0 (out and stats); nothing of size (Nq, Nc, Lq, d) or (Nq, Nc, Lq, Lc) is ever
+// held unless "context" asks for it. Results do not depend on which thread runs an item:
+// deterministic.
 //
 // Backward: the same work items, in the accumulation dtype. Per item it recomputes
 // S, P and ctx (flash-attention style), then per row the epilogue's backward: for
@@ -37,6 +37,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
+
+#include "bf16_gemm.h"
 
 #include "../input_checks.h"
 
@@ -230,13 +232,13 @@ void attend_item(const Options& o, const Inputs& in, const Plan& p, const Item& 
 }
 
 // The fused forward (see the top of the file). scalar_t: input / output dtype.
-template <typename scalar_t>
+// gemm_t: bf16 for bf16 inputs on a CPU with bf16 dot instructions, so that the three GEMMs run on
+// them (fp32 accumulation inside; the scores, attention weights, contexts and z are rounded to bf16
+// once); else acc_t.
+template <typename scalar_t, typename gemm_t>
 void forward_kernel(const Options& o, const Inputs& in, const int64_t* q_lens, const int64_t* c_lens, Tensor& out,
                     Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  // bf16 inputs run the three GEMMs in bf16 on the bf16 matrix unit (fp32 accumulation inside; the
-  // scores, attention weights, contexts and z are rounded to bf16 once); other dtypes run them in acc_t.
-  using gemm_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, at::BFloat16, acc_t>;
   constexpr bool kRoundGemm = !std::is_same_v<gemm_t, acc_t>;
   const auto gemm_dtype = c10::CppTypeToScalarType<gemm_t>::value;
   const int64_t lq = in.lq, nc = in.nc, lc = in.lc, d = in.d, m = in.m;
@@ -557,14 +559,21 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& queries, const Tensor& cont
                                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                                        double eps) {
   const Options o = make_options(smooth, leaky, norm, epilogue, eps);
+  const bool bf16_gemm = queries.scalar_type() == at::kBFloat16 && bf16_gemm_on_cpu();
   const Inputs in = make_inputs(queries, contexts, query_lens, context_lens, weight, bias, o,
-                                queries.scalar_type() == at::kBFloat16 ? at::kBFloat16  // gemm_t of forward_kernel
-                                                                       : at::toOpMathType(queries.scalar_type()));
+                                bf16_gemm ? at::kBFloat16  // gemm_t of forward_kernel
+                                          : at::toOpMathType(queries.scalar_type()));
   const Tensor q_lens = query_lens.contiguous(), c_lens = context_lens.contiguous();
   Tensor out = at::empty(out_shape(in, o), queries.options());
   Tensor stats = at::zeros({in.nq, in.nc, in.lq, 2}, in.queries.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queries.scalar_type(), "cross_attention_forward_cpu", [&] {
-    forward_kernel<scalar_t>(o, in, q_lens.data_ptr<int64_t>(), c_lens.data_ptr<int64_t>(), out, stats);
+    using acc_t = at::opmath_type<scalar_t>;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (bf16_gemm)
+        return forward_kernel<scalar_t, at::BFloat16>(o, in, q_lens.data_ptr<int64_t>(), c_lens.data_ptr<int64_t>(),
+                                                      out, stats);
+    }
+    forward_kernel<scalar_t, acc_t>(o, in, q_lens.data_ptr<int64_t>(), c_lens.data_ptr<int64_t>(), out, stats);
   });
   return {out, stats};
 }

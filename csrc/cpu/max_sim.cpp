@@ -9,9 +9,14 @@
 // G = Yp @ Xp^T (R, C). Then for every (image, caption) pair of the item, each
 // caption node's row of G is reduced over the image's columns to its max (strict
 // comparison in ascending order: the lowest index wins ties), and the maxima are
-// summed in node order. Every pair lies in exactly one item and is reduced by one
-// thread in a fixed order, so results do not depend on the thread count. Nothing
-// of size (Nx, Ny, Ly, Lx) exists; per thread the scratch is O(kBlockRows * d).
+// summed in node order. bf16 inputs on a CPU with bf16 dot instructions pack bf16
+// and run G in bf16 (fp32 accumulation, each dot rounded to bf16 once): the maxima
+// are the rounded dots, and since rounding is monotone the exact argmax is among the
+// nodes tied at the rounded max, so those ties are decided on exact fp32 dots - the
+// indices (and so the gradients) are those of the fp32 computation. Every pair lies
+// in exactly one item and is reduced by one thread in a fixed order, so results do
+// not depend on the thread count. Nothing of size (Nx, Ny, Ly, Lx) exists; per
+// thread the scratch is O(kBlockRows * d).
 //
 // Backward (the subgradient at the argmax the forward returned), w = grad / y_lens:
 //   grad_x[a, o] = sum_b sum_t w[a, b] [indices[a, b, t] == o] y[b, t]  - one thread per image a,
@@ -25,6 +30,7 @@
 #include <torch/library.h>
 
 #include "../input_checks.h"
+#include "bf16_gemm.h"
 
 #include <algorithm>
 #include <atomic>
@@ -79,35 +85,47 @@ Blocks make_blocks(const int64_t* lens, int64_t n, int64_t padded) {
   return blocks;
 }
 
-// The valid nodes of block `block` of `nodes` (N, padded, d) as consecutive acc_t rows: a view of
+// The valid nodes of block `block` of `nodes` (N, padded, d) as consecutive packed_t rows: a view of
 // the input when nothing needs converting or skipping, else packed into `scratch`.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename packed_t>
 Tensor block_nodes(const Tensor& nodes, const int64_t* lens, const Blocks& blocks, int64_t block, Tensor& scratch) {
   const int64_t s0 = blocks.first[block], s1 = blocks.first[block + 1], padded = nodes.size(1), d = nodes.size(2);
-  if (std::is_same_v<scalar_t, acc_t> && blocks.full[block])
+  if (std::is_same_v<scalar_t, packed_t> && blocks.full[block])
     return nodes.view({-1, d}).narrow(0, s0 * padded, (s1 - s0) * padded);
   const scalar_t* src = nodes.data_ptr<scalar_t>();
-  acc_t* packed = scratch.data_ptr<acc_t>();
+  packed_t* packed = scratch.data_ptr<packed_t>();
   int64_t rows = 0;
   for (int64_t s = s0; s < s1; ++s) {
     const scalar_t* set = src + s * padded * d;
     const int64_t count = lens[s] * d;
-    for (int64_t k = 0; k < count; ++k) packed[rows * d + k] = static_cast<acc_t>(set[k]);
+    for (int64_t k = 0; k < count; ++k) packed[rows * d + k] = static_cast<packed_t>(set[k]);
     rows += lens[s];
   }
   return scratch.narrow(0, 0, rows);
 }
 
-template <typename scalar_t>
+// The dot product of two input rows in acc_t.
+template <typename scalar_t, typename acc_t>
+acc_t exact_dot(const scalar_t* u, const scalar_t* v, int64_t d) {
+  acc_t sum = 0;
+  for (int64_t k = 0; k < d; ++k) sum += static_cast<acc_t>(u[k]) * static_cast<acc_t>(v[k]);
+  return sum;
+}
+
+// gemm_t: the dtype of the packed nodes and of G - bf16 for bf16 inputs on a CPU with bf16 dot
+// instructions (bf16_gemm.h), else acc_t.
+template <typename scalar_t, typename gemm_t>
 void forward_kernel(const Tensor& x, const Tensor& y, const int64_t* x_lens, const int64_t* y_lens, Tensor& scores,
                     int64_t* indices) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kRounded = !std::is_same_v<gemm_t, acc_t>;
+  const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
   const int64_t nx = x.size(0), lx = x.size(1), ny = y.size(0), ly = y.size(1), d = x.size(2);
   const Blocks img = make_blocks(x_lens, nx, lx), cap = make_blocks(y_lens, ny, ly);
   const int64_t n_img = static_cast<int64_t>(img.first.size()) - 1, n_cap = static_cast<int64_t>(cap.first.size()) - 1;
   const int64_t items = n_img * n_cap;
   acc_t* out = scores.data_ptr<acc_t>();
-  const auto options = scores.options();
+  const auto options = scores.options().dtype(c10::CppTypeToScalarType<gemm_t>::value);
 
   // Worker threads run mm_out under the caller's dispatch state.
   const at::ThreadLocalState caller;
@@ -123,14 +141,14 @@ void forward_kernel(const Tensor& x, const Tensor& y, const int64_t* x_lens, con
       const int64_t cb = item / n_img, ib = item % n_img;
       const int64_t b0 = cap.first[cb], b1 = cap.first[cb + 1], a0 = img.first[ib], a1 = img.first[ib + 1];
       if (cb != y_block) {
-        y_rows = block_nodes<scalar_t, acc_t>(y, y_lens, cap, cb, ys);
+        y_rows = block_nodes<scalar_t, gemm_t>(y, y_lens, cap, cb, ys);
         y_block = cb;
       }
-      const Tensor x_rows = block_nodes<scalar_t, acc_t>(x, x_lens, img, ib, xs);
+      const Tensor x_rows = block_nodes<scalar_t, gemm_t>(x, x_lens, img, ib, xs);
       const int64_t rows = y_rows.size(0), cols = x_rows.size(0);
       Tensor g = gs.narrow(0, 0, rows * cols).view({rows, cols});
       at::mm_out(g, y_rows, x_rows.t());
-      const acc_t* gp = g.data_ptr<acc_t>();
+      const gemm_t* gp = g.data_ptr<gemm_t>();
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t col0 = img.node[a], len_x = x_lens[a];
         for (int64_t b = b0; b < b1; ++b) {
@@ -138,14 +156,32 @@ void forward_kernel(const Tensor& x, const Tensor& y, const int64_t* x_lens, con
           int64_t* index = indices ? indices + (a * ny + b) * ly : nullptr;
           acc_t total = 0;
           for (int64_t t = 0; t < len_y; ++t) {
-            const acc_t* row = gp + (row0 + t) * cols + col0;
+            const gemm_t* row = gp + (row0 + t) * cols + col0;
             acc_t best = row[0];
             int64_t arg = 0;
             for (int64_t o = 1; o < len_x; ++o)
-              if (row[o] > best) {
+              if (static_cast<acc_t>(row[o]) > best) {
                 best = row[o];
                 arg = o;
               }
+            if constexpr (kRounded) {
+              // Rounding is monotone, so the exact argmax is one of the nodes whose rounded dot equals
+              // the rounded max: ties there are decided on the exact dots (the lowest index on exact ties).
+              const scalar_t* yt = yp + (b * ly + t) * d;
+              const scalar_t* xa = xp + a * lx * d;
+              bool tied = false;
+              acc_t exact_best = 0;
+              for (int64_t o = arg + 1; o < len_x; ++o) {
+                if (static_cast<acc_t>(row[o]) != best) continue;
+                if (!tied) exact_best = exact_dot<scalar_t, acc_t>(yt, xa + arg * d, d);
+                tied = true;
+                const acc_t exact = exact_dot<scalar_t, acc_t>(yt, xa + o * d, d);
+                if (exact > exact_best) {
+                  exact_best = exact;
+                  arg = o;
+                }
+              }
+            }
             total += best;
             if (index) index[t] = arg;
           }
@@ -166,9 +202,15 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x_in, const Tensor& y_in, c
   const auto acc_type = at::toOpMathType(x.scalar_type());
   Tensor scores = at::empty({nx, ny}, x.options().dtype(acc_type));
   Tensor indices = at::empty({with_indices ? nx * ny * ly : 0}, x.options().dtype(at::kLong));
+  int64_t* index = with_indices ? indices.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_sim_forward_cpu", [&] {
-    forward_kernel<scalar_t>(x, y, x_lens.data_ptr<int64_t>(), y_lens.data_ptr<int64_t>(), scores,
-                             with_indices ? indices.data_ptr<int64_t>() : nullptr);
+    using acc_t = at::opmath_type<scalar_t>;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (bf16_gemm_on_cpu())
+        return forward_kernel<scalar_t, at::BFloat16>(x, y, x_lens.data_ptr<int64_t>(), y_lens.data_ptr<int64_t>(),
+                                                      scores, index);
+    }
+    forward_kernel<scalar_t, acc_t>(x, y, x_lens.data_ptr<int64_t>(), y_lens.data_ptr<int64_t>(), scores, index);
   });
   if (with_indices) indices = indices.view({nx, ny, ly});
   return {scores, indices};

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "bf16_gemm.h"
+
 #include <cmath>
 #include <type_traits>
 
@@ -112,6 +114,41 @@ std::vector<int64_t> out_shape(const Pairs& p) {
   return p.aligned ? std::vector<int64_t>{p.nx, p.m} : std::vector<int64_t>{p.nx, p.ny, p.m};
 }
 
+// The forward in blocks of x rows: e (rows, d) built in gemm_t, z = e W^T, then bias and l2norm in acc_t.
+template <typename scalar_t, typename gemm_t>
+void forward_blocks(const Pairs& p, const Tensor& x, Tensor& out, Tensor& norm) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t step = p.x_rows_per_block();
+  const auto gemm_options = x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value);
+  const Tensor w = p.w.to(gemm_options.dtype());
+  Tensor e = at::empty({p.rows(0, std::min(step, p.nx)), p.d}, gemm_options);
+  Tensor z = at::empty({e.size(0), p.m}, gemm_options);
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  acc_t* norm_ptr = norm.data_ptr<acc_t>();
+  const acc_t* bias_ptr = p.b.defined() ? p.b.data_ptr<acc_t>() : nullptr;
+  for (int64_t i0 = 0; i0 < p.nx; i0 += step) {
+    const int64_t i1 = std::min(p.nx, i0 + step), rows = p.rows(i0, i1), first = p.rows(0, i0);
+    Tensor e_block = e.narrow(0, 0, rows), z_block = z.narrow(0, 0, rows);
+    build_e<acc_t, gemm_t>(p, i0, i1, e_block);
+    at::mm_out(z_block, e_block, w.t());
+    const gemm_t* zp = z_block.data_ptr<gemm_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> row(p.m);
+      for (int64_t r = r0; r < r1; ++r) {
+        acc_t sum = 0;
+        for (int64_t k = 0; k < p.m; ++k) {
+          row[k] = static_cast<acc_t>(zp[r * p.m + k]) + (bias_ptr ? bias_ptr[k] : acc_t(0));
+          sum += row[k] * row[k];
+        }
+        const acc_t n = std::sqrt(sum), scale = acc_t(1) / (n + static_cast<acc_t>(p.eps));
+        norm_ptr[first + r] = n;
+        scalar_t* o = out_ptr + (first + r) * p.m;
+        for (int64_t k = 0; k < p.m; ++k) o[k] = static_cast<scalar_t>(row[k] * scale);
+      }
+    });
+  }
+}
+
 std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& y, const Tensor& weight,
                                        const std::optional<Tensor>& bias, c10::string_view mode_view, double eps,
                                        bool aligned) {
@@ -124,38 +161,12 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& y, const T
     const Pairs p = make_pairs(x, y, weight, bias, mode, eps, aligned, acc);
     out = at::empty(out_shape(p), x.options());
     norm = at::empty(p.aligned ? std::vector<int64_t>{p.nx} : std::vector<int64_t>{p.nx, p.ny}, x.options().dtype(acc));
-    const int64_t step = p.x_rows_per_block();
-    // bf16 inputs: e and W in bf16 on the bf16 matrix unit (fp32 accumulation inside the
-    // GEMM; z is rounded to bf16 once, as the bf16 output will be); otherwise acc_t.
-    using gemm_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, at::BFloat16, acc_t>;
-    const auto gemm_options = x.options().dtype(c10::CppTypeToScalarType<gemm_t>::value);
-    const Tensor w = p.w.to(gemm_options.dtype());
-    Tensor e = at::empty({p.rows(0, std::min(step, p.nx)), p.d}, gemm_options);
-    Tensor z = at::empty({e.size(0), p.m}, gemm_options);
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    acc_t* norm_ptr = norm.data_ptr<acc_t>();
-    const acc_t* bias_ptr = p.b.defined() ? p.b.data_ptr<acc_t>() : nullptr;
-    for (int64_t i0 = 0; i0 < p.nx; i0 += step) {
-      const int64_t i1 = std::min(p.nx, i0 + step), rows = p.rows(i0, i1), first = p.rows(0, i0);
-      Tensor e_block = e.narrow(0, 0, rows), z_block = z.narrow(0, 0, rows);
-      build_e<acc_t, gemm_t>(p, i0, i1, e_block);
-      at::mm_out(z_block, e_block, w.t());
-      const gemm_t* zp = z_block.data_ptr<gemm_t>();
-      at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-        std::vector<acc_t> row(p.m);
-        for (int64_t r = r0; r < r1; ++r) {
-          acc_t sum = 0;
-          for (int64_t k = 0; k < p.m; ++k) {
-            row[k] = static_cast<acc_t>(zp[r * p.m + k]) + (bias_ptr ? bias_ptr[k] : acc_t(0));
-            sum += row[k] * row[k];
-          }
-          const acc_t n = std::sqrt(sum), scale = acc_t(1) / (n + static_cast<acc_t>(p.eps));
-          norm_ptr[first + r] = n;
-          scalar_t* o = out_ptr + (first + r) * p.m;
-          for (int64_t k = 0; k < p.m; ++k) o[k] = static_cast<scalar_t>(row[k] * scale);
-        }
-      });
+    // bf16 inputs on a CPU with bf16 dot instructions: e and W in bf16 (fp32 accumulation inside
+    // the GEMM; z is rounded to bf16 once, as the bf16 output will be); otherwise acc_t.
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (bf16_gemm_on_cpu()) return forward_blocks<scalar_t, at::BFloat16>(p, x, out, norm);
     }
+    forward_blocks<scalar_t, acc_t>(p, x, out, norm);
   });
   return {out, norm};
 }

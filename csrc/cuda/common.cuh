@@ -54,10 +54,13 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
 // in acc run as they are (fp32 follows torch's TF32 flag); fp16 / bf16 operands (the caller rounds
 // them, as the Triton kernels round theirs) run on the tensor cores with fp32 output through
 // mm / bmm's out_dtype overloads (accumulated through a temporary: addmm has no mixed-dtype form).
+// Those overloads refuse fp16 while torch.backends.cuda.matmul.allow_fp16_accumulation is set, so
+// fp16 then runs in acc as before (that flag asks for fp16 accumulation, which this op never does).
 inline void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false) {
   const at::ScalarType acc = out.scalar_type();
   const bool batched = a.dim() == 3;
-  if (a.scalar_type() == acc || a.size(-1) == 0 || out.numel() == 0) {  // empty: any dtype will do
+  const bool fp16_refused = a.scalar_type() == at::kHalf && at::globalContext().allowFP16AccumulationCuBLAS();
+  if (a.scalar_type() == acc || fp16_refused || a.size(-1) == 0 || out.numel() == 0) {  // empty: any dtype will do
     const at::Tensor aa = a.to(acc), ba = b.to(acc);
     if (accumulate) {
       batched ? out.baddbmm_(aa, ba) : out.addmm_(aa, ba);
