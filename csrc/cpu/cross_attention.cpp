@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include "bf16_gemm.h"
+#include "dot.h"
 
 #include "../input_checks.h"
 
@@ -115,20 +116,6 @@ Inputs make_inputs(const Tensor& queries, const Tensor& contexts, const Tensor& 
 std::vector<int64_t> out_shape(const Inputs& in, const Options& o) {
   if (o.cosine) return {in.nq, in.nc, in.lq};
   return {in.nq, in.nc, in.lq, o.context ? in.d : in.m};
-}
-
-// sum_i x[i] y[i] with independent partial sums, so that it vectorises without -ffast-math.
-template <typename T>
-T dot(const T* x, const T* y, int64_t n) {
-  constexpr int64_t kLanes = 128 / sizeof(T);
-  T part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) part[l] += x[i + l] * y[i + l];
-  T sum = 0;
-  for (; i < n; ++i) sum += x[i] * y[i];
-  for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
-  return sum;
 }
 
 // Scores s[k * ld + j] (k < clen, j < len) of one (query set, context set) pair -> attention

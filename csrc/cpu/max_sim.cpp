@@ -6,10 +6,11 @@
 // nodes Yp (R, d) and the valid image nodes Xp (C, d) into fp32 (fp64) scratch -
 // padded nodes are never read, so whatever they hold cannot leak; a block without
 // padding and with nothing to convert is used in place - and runs one GEMM
-// G = Yp @ Xp^T (R, C). Then for every (image, caption) pair of the item, each
-// caption node's row of G is reduced over the image's columns to its max (strict
-// comparison in ascending order: the lowest index wins ties), and the maxima are
-// summed in node order. bf16 inputs on a CPU with bf16 dot instructions pack bf16
+// G^T = Xp @ Yp^T (C, R). Then for every image of the item, every caption node's
+// dots with the image's nodes are reduced to their max (strict comparison in node
+// order: the lowest index wins ties), one image node - a contiguous row of G^T - at
+// a time so that the loop over caption nodes vectorises, and each caption's maxima
+// are summed in node order. bf16 inputs on a CPU with bf16 dot instructions pack bf16
 // and run G in bf16 (fp32 accumulation, each dot rounded to bf16 once): the maxima
 // are the rounded dots, and since rounding is monotone the exact argmax is among the
 // nodes tied at the rounded max, so those ties are decided on exact fp32 dots - the
@@ -31,6 +32,7 @@
 
 #include "../input_checks.h"
 #include "bf16_gemm.h"
+#include "dot.h"
 
 #include <algorithm>
 #include <atomic>
@@ -104,14 +106,6 @@ Tensor block_nodes(const Tensor& nodes, const int64_t* lens, const Blocks& block
   return scratch.narrow(0, 0, rows);
 }
 
-// The dot product of two input rows in acc_t.
-template <typename scalar_t, typename acc_t>
-acc_t exact_dot(const scalar_t* u, const scalar_t* v, int64_t d) {
-  acc_t sum = 0;
-  for (int64_t k = 0; k < d; ++k) sum += static_cast<acc_t>(u[k]) * static_cast<acc_t>(v[k]);
-  return sum;
-}
-
 // gemm_t: the dtype of the packed nodes and of G - bf16 for bf16 inputs on a CPU with bf16 dot
 // instructions (bf16_gemm.h), else acc_t.
 template <typename scalar_t, typename gemm_t>
@@ -119,7 +113,6 @@ void forward_kernel(const Tensor& x, const Tensor& y, const int64_t* x_lens, con
                     int64_t* indices) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kRounded = !std::is_same_v<gemm_t, acc_t>;
-  const scalar_t *xp = x.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
   const int64_t nx = x.size(0), lx = x.size(1), ny = y.size(0), ly = y.size(1), d = x.size(2);
   const Blocks img = make_blocks(x_lens, nx, lx), cap = make_blocks(y_lens, ny, ly);
   const int64_t n_img = static_cast<int64_t>(img.first.size()) - 1, n_cap = static_cast<int64_t>(cap.first.size()) - 1;
@@ -136,6 +129,9 @@ void forward_kernel(const Tensor& x, const Tensor& y, const int64_t* x_lens, con
     Tensor gs = at::empty({cap.max_rows * img.max_rows}, options);
     Tensor y_rows;
     int64_t y_block = -1;  // the caption block y_rows holds
+    std::vector<acc_t> best(cap.max_rows);  // per caption node of the block, against one image
+    std::vector<int32_t> arg(cap.max_rows);
+    std::vector<char> tied(kRounded ? cap.max_rows : 0);
     for (int64_t item; (item = next.fetch_add(1)) < items;) {
       // Caption-block major: a thread's consecutive items mostly share their caption block.
       const int64_t cb = item / n_img, ib = item % n_img;
@@ -146,47 +142,60 @@ void forward_kernel(const Tensor& x, const Tensor& y, const int64_t* x_lens, con
       }
       const Tensor x_rows = block_nodes<scalar_t, gemm_t>(x, x_lens, img, ib, xs);
       const int64_t rows = y_rows.size(0), cols = x_rows.size(0);
-      Tensor g = gs.narrow(0, 0, rows * cols).view({rows, cols});
-      at::mm_out(g, y_rows, x_rows.t());
+      Tensor g = gs.narrow(0, 0, cols * rows).view({cols, rows});
+      at::mm_out(g, x_rows, y_rows.t());  // G^T: each image node's dots with every caption node, contiguous
       const gemm_t* gp = g.data_ptr<gemm_t>();
+      const gemm_t *xr = x_rows.data_ptr<gemm_t>(), *yr = y_rows.data_ptr<gemm_t>();
       for (int64_t a = a0; a < a1; ++a) {
         const int64_t col0 = img.node[a], len_x = x_lens[a];
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t row0 = cap.node[b], len_y = y_lens[b];
-          int64_t* index = indices ? indices + (a * ny + b) * ly : nullptr;
-          acc_t total = 0;
-          for (int64_t t = 0; t < len_y; ++t) {
-            const gemm_t* row = gp + (row0 + t) * cols + col0;
-            acc_t best = row[0];
-            int64_t arg = 0;
-            for (int64_t o = 1; o < len_x; ++o)
-              if (static_cast<acc_t>(row[o]) > best) {
-                best = row[o];
-                arg = o;
-              }
-            if constexpr (kRounded) {
-              // Rounding is monotone, so the exact argmax is one of the nodes whose rounded dot equals
-              // the rounded max: ties there are decided on the exact dots (the lowest index on exact ties).
-              const scalar_t* yt = yp + (b * ly + t) * d;
-              const scalar_t* xa = xp + a * lx * d;
-              bool tied = false;
-              acc_t exact_best = 0;
-              for (int64_t o = arg + 1; o < len_x; ++o) {
-                if (static_cast<acc_t>(row[o]) != best) continue;
-                if (!tied) exact_best = exact_dot<scalar_t, acc_t>(yt, xa + arg * d, d);
-                tied = true;
-                const acc_t exact = exact_dot<scalar_t, acc_t>(yt, xa + o * d, d);
-                if (exact > exact_best) {
-                  exact_best = exact;
-                  arg = o;
-                }
+        // Every caption node's max over a's nodes and its first index (strict ">" in node order), one
+        // image node - a contiguous row of G^T - at a time, so that the loop over caption nodes vectorises.
+        for (int64_t r = 0; r < rows; ++r) {
+          best[r] = static_cast<acc_t>(gp[col0 * rows + r]);
+          arg[r] = 0;
+        }
+        for (int32_t o = 1; o < len_x; ++o) {
+          const gemm_t* node = gp + (col0 + o) * rows;
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t v = static_cast<acc_t>(node[r]);
+            const bool up = v > best[r];
+            best[r] = up ? v : best[r];
+            arg[r] = up ? o : arg[r];
+          }
+        }
+        if constexpr (kRounded) {
+          // Rounding is monotone, so the exact argmax is one of the nodes whose rounded dot equals the
+          // rounded max: where a later node ties, the exact dots decide (the lowest index on exact ties).
+          std::fill(tied.begin(), tied.begin() + rows, char(0));
+          for (int32_t o = 1; o < len_x; ++o) {
+            const gemm_t* node = gp + (col0 + o) * rows;
+            for (int64_t r = 0; r < rows; ++r)
+              tied[r] |= static_cast<char>((o > arg[r]) & (static_cast<acc_t>(node[r]) == best[r]));
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            if (!tied[r]) continue;
+            const gemm_t* yt = yr + r * d;
+            acc_t exact_best = dot<gemm_t, acc_t>(yt, xr + (col0 + arg[r]) * d, d);
+            for (int32_t o = arg[r] + 1; o < len_x; ++o) {
+              if (static_cast<acc_t>(gp[(col0 + o) * rows + r]) != best[r]) continue;
+              const acc_t exact = dot<gemm_t, acc_t>(yt, xr + (col0 + o) * d, d);
+              if (exact > exact_best) {
+                exact_best = exact;
+                arg[r] = o;
               }
             }
-            total += best;
-            if (index) index[t] = arg;
           }
-          if (index) std::fill(index + len_y, index + ly, int64_t(-1));
+        }
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t row0 = cap.node[b], len_y = y_lens[b];
+          acc_t total = 0;
+          for (int64_t t = 0; t < len_y; ++t) total += best[row0 + t];
           out[a * ny + b] = total / static_cast<acc_t>(len_y);
+          if (indices) {
+            int64_t* index = indices + (a * ny + b) * ly;
+            for (int64_t t = 0; t < len_y; ++t) index[t] = arg[row0 + t];
+            std::fill(index + len_y, index + ly, int64_t(-1));
+          }
         }
       }
     }
