@@ -8,10 +8,13 @@
 // run both paths on any machine.
 #pragma once
 
+#include <ATen/OpMathType.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace sgfused {
 
@@ -30,6 +33,21 @@ inline bool bf16_gemm_on_cpu() {
   TORCH_CHECK(std::strcmp(force, "0") == 0 || std::strcmp(force, "1") == 0,
               "SGFUSED_CPU_BF16_GEMM must be 0 or 1 (or unset), got '", force, "'");
   return force[0] == '1';
+}
+
+// Whether inputs of `dtype` run their GEMMs in bf16: bf16 inputs, where bf16_gemm_on_cpu().
+inline bool bf16_gemm_for(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && bf16_gemm_on_cpu();
+}
+
+// fn(gemm_t()) with gemm_t the GEMM dtype of scalar_t inputs: bf16 when `bf16` (bf16_gemm_for), else
+// the accumulation type.
+template <typename scalar_t, typename Fn>
+void with_gemm_type(bool bf16, Fn&& fn) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (bf16) return fn(at::BFloat16());
+  }
+  fn(at::opmath_type<scalar_t>());
 }
 
 }  // namespace sgfused

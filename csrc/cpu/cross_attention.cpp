@@ -546,7 +546,7 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& queries, const Tensor& cont
                                        const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                                        double eps) {
   const Options o = make_options(smooth, leaky, norm, epilogue, eps);
-  const bool bf16_gemm = queries.scalar_type() == at::kBFloat16 && bf16_gemm_on_cpu();
+  const bool bf16_gemm = bf16_gemm_for(queries.scalar_type());
   const Inputs in = make_inputs(queries, contexts, query_lens, context_lens, weight, bias, o,
                                 bf16_gemm ? at::kBFloat16  // gemm_t of forward_kernel
                                           : at::toOpMathType(queries.scalar_type()));
@@ -554,13 +554,10 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& queries, const Tensor& cont
   Tensor out = at::empty(out_shape(in, o), queries.options());
   Tensor stats = at::zeros({in.nq, in.nc, in.lq, 2}, in.queries.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queries.scalar_type(), "cross_attention_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (bf16_gemm)
-        return forward_kernel<scalar_t, at::BFloat16>(o, in, q_lens.data_ptr<int64_t>(), c_lens.data_ptr<int64_t>(),
-                                                      out, stats);
-    }
-    forward_kernel<scalar_t, acc_t>(o, in, q_lens.data_ptr<int64_t>(), c_lens.data_ptr<int64_t>(), out, stats);
+    with_gemm_type<scalar_t>(bf16_gemm, [&](auto gemm) {
+      forward_kernel<scalar_t, decltype(gemm)>(o, in, q_lens.data_ptr<int64_t>(), c_lens.data_ptr<int64_t>(), out,
+                                               stats);
+    });
   });
   return {out, stats};
 }

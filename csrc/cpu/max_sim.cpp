@@ -213,13 +213,10 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x_in, const Tensor& y_in, c
   Tensor indices = at::empty({with_indices ? nx * ny * ly : 0}, x.options().dtype(at::kLong));
   int64_t* index = with_indices ? indices.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_sim_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (bf16_gemm_on_cpu())
-        return forward_kernel<scalar_t, at::BFloat16>(x, y, x_lens.data_ptr<int64_t>(), y_lens.data_ptr<int64_t>(),
-                                                      scores, index);
-    }
-    forward_kernel<scalar_t, acc_t>(x, y, x_lens.data_ptr<int64_t>(), y_lens.data_ptr<int64_t>(), scores, index);
+    with_gemm_type<scalar_t>(bf16_gemm_for(x.scalar_type()), [&](auto gemm) {
+      forward_kernel<scalar_t, decltype(gemm)>(x, y, x_lens.data_ptr<int64_t>(), y_lens.data_ptr<int64_t>(), scores,
+                                               index);
+    });
   });
   if (with_indices) indices = indices.view({nx, ny, ly});
   return {scores, indices};

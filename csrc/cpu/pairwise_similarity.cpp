@@ -163,10 +163,8 @@ std::tuple<Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& y, const T
     norm = at::empty(p.aligned ? std::vector<int64_t>{p.nx} : std::vector<int64_t>{p.nx, p.ny}, x.options().dtype(acc));
     // bf16 inputs on a CPU with bf16 dot instructions: e and W in bf16 (fp32 accumulation inside
     // the GEMM; z is rounded to bf16 once, as the bf16 output will be); otherwise acc_t.
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (bf16_gemm_on_cpu()) return forward_blocks<scalar_t, at::BFloat16>(p, x, out, norm);
-    }
-    forward_blocks<scalar_t, acc_t>(p, x, out, norm);
+    with_gemm_type<scalar_t>(bf16_gemm_for(x.scalar_type()),
+                             [&](auto gemm) { forward_blocks<scalar_t, decltype(gemm)>(p, x, out, norm); });
   });
   return {out, norm};
 }
