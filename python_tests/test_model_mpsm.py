@@ -226,6 +226,39 @@ def test_graphs_move_the_scores_at_initialisation(perspective):
             assert moved > 0.008, f"{switch}=False moves the scores by only {moved:.3g} of their spread"
 
 
+@pytest.mark.parametrize("perspective", ["distance", "direction"])
+def test_kgid_logit_scale_multiplies_eq5_logits_and_moves_scores_more(perspective):
+    """``kgid_logit_scale`` is a multiplier of Eq. 5's logits: a model with scale s equals the default model whose
+    ``propagate`` weights (the logits' only source) are multiplied by s; with the paper's lambda the graphs move the
+    scores more at initialisation than as printed (``P_v`` -> all ones: 0.48 vs 0.027 of the scores' spread for
+    distance, 0.17 vs 0.017 for direction, seed 0); README: bench/compare_synthetic.py's variant."""
+    torch.manual_seed(0)
+    scaled = MPSM(VOCAB, perspective=perspective, kgid_logit_scale=9.0, **DIMS).eval()
+    plain = MPSM(VOCAB, perspective=perspective, **DIMS).eval()
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        for kgid in (plain.visual_kgid, plain.textual_kgid):
+            for layer in kgid.layers:
+                layer.propagate.weight.mul_(9.0)
+    inputs = make_inputs()
+    with torch.no_grad():
+        want = plain.similarity(*encode(plain, *inputs))
+        assert_close(scaled.similarity(*encode(scaled, *inputs)), want, 1e-5, "scale 9 vs weights x 9")
+        moved = {}
+        for name, model in (("scaled", scaled), ("printed", MPSM(VOCAB, perspective=perspective, **DIMS).eval())):
+            model.load_state_dict(scaled.state_dict())
+            full = model.similarity(*encode(model, *inputs))
+            model.spatial_prior = False
+            moved[name] = ((model.similarity(*encode(model, *inputs)) - full).abs().max() / full.std()).item()
+    assert moved["scaled"] > 2 * moved["printed"], moved
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "9"])
+def test_kgid_logit_scale_must_be_a_positive_number(bad):
+    with pytest.raises(ValueError, match=r"kgid_logit_scale must be a finite number > 0, got"):
+        MPSM(VOCAB, **DIMS, kgid_logit_scale=bad)
+
+
 def test_weights_of_the_earlier_graph_reading_are_refused():
     model = make_model("distance")
     state = model.state_dict()

@@ -58,7 +58,9 @@ SGRAF's published code, which MPSM builds on):
   features). Scaling the logits by ``lambda`` too (the scale factor of the paper's
   other softmaxes) made the graphs move scores ~10x more at initialisation, but a
   small model (embed 32) then did not learn on the synthetic scenes in 4 epochs
-  (dev rSum 141 -> 145 -> 141), so it is left out.
+  (dev rSum 141 -> 145 -> 141), so it is left out of the default; the option
+  ``kgid_logit_scale`` applies it, and ``bench/mpsm_relation_probe.py`` measures it at the
+  benchmark's sizes (README, "All models on the synthetic scenes").
   Without ``N``, ``V_k ~ V / N`` (``|V_k| / |V|`` was 0.028 at initialisation):
   the graph term all but vanished and shrank with caption length. ``V`` in Eq. 5-8
   is the current layer's input; Eq. 9's edge update is computed for every layer but
@@ -216,14 +218,17 @@ class KGIDLayer(nn.Module):
     number of valid nodes, so a uniform softmax leaves ``V_k = V``.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, logit_scale: float = 1.0) -> None:
         super().__init__()
+        self.logit_scale = logit_scale
         self.propagate = nn.Linear(dim, dim, bias=False)  # W^(l)
         self.aggregate = nn.Linear(dim, dim)  # W_kg^(l), b^(l)
         xavier_init(self)
 
     def forward(self, nodes: Tensor, edges: Tensor, valid: Tensor | None) -> Tensor:
         logits = self.propagate(edges @ nodes)  # (B, N, d)
+        if self.logit_scale != 1.0:
+            logits = self.logit_scale * logits
         if valid is None:
             count = nodes.new_full((1, 1, 1), nodes.shape[1])
         else:
@@ -258,10 +263,10 @@ class KnowledgeGraphDissemination(nn.Module):
     Padded nodes (``valid`` False) are zero on output and never reach a valid node.
     """
 
-    def __init__(self, dim: int, layers: int, smooth: float) -> None:
+    def __init__(self, dim: int, layers: int, smooth: float, logit_scale: float = 1.0) -> None:
         super().__init__()
         self.smooth = smooth
-        self.layers = nn.ModuleList(KGIDLayer(dim) for _ in range(layers))
+        self.layers = nn.ModuleList(KGIDLayer(dim, logit_scale) for _ in range(layers))
         self.edge_updates = nn.ModuleList(EdgeUpdate(dim) for _ in range(max(layers - 1, 0)))
 
     def forward(self, nodes: Tensor, edges: Tensor, valid: Tensor | None) -> Tensor:
@@ -322,7 +327,9 @@ class MPSM(RetrievalModel):
     lambda, 9) is the temperature of the knowledge-graph softmaxes and of the
     cross-attention; ``spatial_kernels`` the polar kernels of the visual graph;
     ``spatial_prior=False`` / ``dependency_prior=False`` are the graph ablations (``P_v``
-    all ones; ``P_t`` without arcs, self loops only); ``reference=True`` computes
+    all ones; ``P_t`` without arcs, self loops only); ``kgid_logit_scale`` multiplies
+    Eq. 5's logits (1, the default, is the equation as printed; ``bench/mpsm_relation_probe.py``
+    measures the paper's lambda there, module doc); ``reference=True`` computes
     similarities and the loss with the reference ops.
     """
 
@@ -356,6 +363,7 @@ class MPSM(RetrievalModel):
         spatial_kernels: int = 8,
         spatial_prior: bool = True,
         dependency_prior: bool = True,
+        kgid_logit_scale: float = 1.0,
         reference: bool = False,
     ) -> None:
         super().__init__()
@@ -363,6 +371,8 @@ class MPSM(RetrievalModel):
             raise ValueError(f"perspective must be one of {PERSPECTIVES}, got {perspective!r}")
         if kgid_layers < 0:
             raise ValueError(f"kgid_layers must be >= 0, got {kgid_layers}")
+        if isinstance(kgid_logit_scale, bool) or not (isinstance(kgid_logit_scale, (int, float)) and math.isfinite(kgid_logit_scale) and kgid_logit_scale > 0):
+            raise ValueError(f"kgid_logit_scale must be a finite number > 0, got {kgid_logit_scale!r}")
         self.perspective, self.embed_size, self.num_regions = perspective, embed_size, num_regions
         self.lambda_softmax = float(lambda_softmax)
         self.spatial_prior, self.dependency_prior = bool(spatial_prior), bool(dependency_prior)
@@ -371,8 +381,8 @@ class MPSM(RetrievalModel):
         self.text_encoder = GRUTextEncoder(vocab_size, word_dim, embed_size, num_layers, bi_gru, normalize=not no_txtnorm)
         self.text_encoder.embed = _EmbeddingWithDropout(self.text_encoder.embed, DROPOUT)
         self.spatial_graph = PolarSpatialGraph(spatial_kernels)
-        self.visual_kgid = KnowledgeGraphDissemination(embed_size, kgid_layers, self.lambda_softmax)
-        self.textual_kgid = KnowledgeGraphDissemination(embed_size, kgid_layers, self.lambda_softmax)
+        self.visual_kgid = KnowledgeGraphDissemination(embed_size, kgid_layers, self.lambda_softmax, float(kgid_logit_scale))
+        self.textual_kgid = KnowledgeGraphDissemination(embed_size, kgid_layers, self.lambda_softmax, float(kgid_logit_scale))
         self.v_global_w = SelfAttentionPool(embed_size, DROPOUT, num_regions)
         self.t_global_w = SelfAttentionPool(embed_size, DROPOUT)
         self.sim_tranloc_w = nn.Linear(embed_size, sim_dim)  # W^l_d or W^l_c
