@@ -27,10 +27,11 @@ Ablations (test time, on the trained dev-best weights): MPSM with ``spatial_prio
 ``dependency_prior`` off; SGFN, SGM and CMSEI with the visual graphs' relations removed;
 CMSEI with zero boxes (IoU 0 everywhere: no spatial graph edges).
 
-Variants (``VARIANTS``, trained only when named in ``--models``): ``mpsm_dir_scaled`` is MPSM
-(dir) with Eq. 5's logits multiplied by the paper's lambda (``kgid_logit_scale=9``), the
-reading that makes its knowledge graphs move the scores more; run it with its own
-``--results`` folder and the same ``--max-epochs`` as an ``mpsm_dir`` run to compare the two.
+Variants (``VARIANTS``, trained only when named in ``--models``): ``mpsm_dis_scaled`` and
+``mpsm_dir_scaled`` are MPSM with Eq. 5's logits multiplied by the paper's lambda
+(``kgid_logit_scale=9``), the reading that makes its knowledge graphs move the scores more;
+run them with their own ``--results`` folder and the same ``--max-epochs`` as ``mpsm_dis`` /
+``mpsm_dir`` to compare.
 
 Writes ``RESULTS/synthetic_comparison.csv`` (rSum, R@1 both ways, twin accuracies with
 95% Wilson intervals over the twin comparisons), ``RESULTS/synthetic_curves.csv`` and ``.png``
@@ -76,10 +77,11 @@ MODELS = {
     "sgm": ("SGM", "sgm", {}, {}),
     # also an interaction per pair: 33 s per step at the shared sizes (86 min an epoch on 2 cores), so smaller
     "cmsei": ("CMSEI (i2t)", "cmsei", {"direction": "i2t", "embed_size": 128}, {"batch_size": 32}),
-    # a variant, not a paper's model (run only when named in --models): Eq. 5's logits scaled by lambda
+    # variants, not a paper's models (run only when named in --models): Eq. 5's logits scaled by lambda
+    "mpsm_dis_scaled": ("MPSM (dis), Eq. 5 logits x lambda", "mpsm", {"perspective": "distance", "kgid_logit_scale": 9.0}, {}),
     "mpsm_dir_scaled": ("MPSM (dir), Eq. 5 logits x lambda", "mpsm", {"perspective": "direction", "kgid_logit_scale": 9.0}, {}),
 }
-VARIANTS = ("mpsm_dir_scaled",)
+VARIANTS = ("mpsm_dis_scaled", "mpsm_dir_scaled")
 DEFAULT_MODELS = tuple(key for key in MODELS if key not in VARIANTS)  # what a run without --models trains
 ENSEMBLES = {"SGRAF (SGR+SAF average)": ("sgr", "saf"), "MPSM* (dis+dir average)": ("mpsm_dis", "mpsm_dir")}
 
@@ -113,7 +115,7 @@ def _set(name: str, value: Any) -> Callable[[torch.nn.Module], None]:
 ABLATIONS: dict[str, list[tuple[str, Any, Any]]] = {
     **{key: [("spatial prior off", _set("spatial_prior", False), None),
              ("dependency prior off", _set("dependency_prior", False), None)]
-       for key in ("mpsm_dis", "mpsm_dir", "mpsm_dir_scaled")},
+       for key in ("mpsm_dis", "mpsm_dir", *VARIANTS)},
     "sgfn": [("no graph relations", None, _without_relations)],
     "sgm": [("no graph relations", None, _without_relations)],
     "cmsei": [("no graph relations", None, _without_relations), ("zero boxes (no spatial graph)", None, _zero_boxes)],

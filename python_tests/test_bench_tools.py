@@ -191,12 +191,13 @@ def test_a_subset_run_keeps_the_other_models_curves(compare, tmp_path):
 
 
 def test_a_variant_is_trained_only_when_named_and_gets_its_models_ablations(compare):
-    """The default run trains the papers' models; ``mpsm_dir_scaled`` is MPSM (dir) with Eq. 5's logits x lambda."""
+    """The default run trains the papers' models; ``mpsm_*_scaled`` is MPSM with Eq. 5's logits x lambda."""
     assert set(compare.VARIANTS) <= set(compare.MODELS) and not set(compare.VARIANTS) & set(compare.DEFAULT_MODELS)
     assert set(compare.DEFAULT_MODELS) | set(compare.VARIANTS) == set(compare.MODELS)
-    _, registry, options, training = compare.MODELS["mpsm_dir_scaled"]
-    assert (registry, options, training) == ("mpsm", {"perspective": "direction", "kgid_logit_scale": 9.0}, {})
-    assert [a[0] for a in compare.ABLATIONS["mpsm_dir_scaled"]] == [a[0] for a in compare.ABLATIONS["mpsm_dir"]]
+    for tag, perspective in (("dis", "distance"), ("dir", "direction")):
+        _, registry, options, training = compare.MODELS[f"mpsm_{tag}_scaled"]
+        assert (registry, options, training) == ("mpsm", {"perspective": perspective, "kgid_logit_scale": 9.0}, {})
+        assert [a[0] for a in compare.ABLATIONS[f"mpsm_{tag}_scaled"]] == [a[0] for a in compare.ABLATIONS[f"mpsm_{tag}"]]
 
 
 def _quick_comparison(data) -> tuple[list[dict], list[dict]]:

@@ -59,7 +59,7 @@ SGRAF's published code, which MPSM builds on):
   other softmaxes) made the graphs move scores ~10x more at initialisation, but a
   small model (embed 32) then did not learn on the synthetic scenes in 4 epochs
   (dev rSum 141 -> 145 -> 141), so it is left out of the default; the option
-  ``kgid_logit_scale`` applies it, and ``bench/mpsm_relation_probe.py`` measures it at the
+  ``kgid_logit_scale`` applies it, and ``bench/compare_synthetic.py``'s variants measure it at the
   benchmark's sizes (README, "All models on the synthetic scenes").
   Without ``N``, ``V_k ~ V / N`` (``|V_k| / |V|`` was 0.028 at initialisation):
   the graph term all but vanished and shrank with caption length. ``V`` in Eq. 5-8
@@ -328,7 +328,7 @@ class MPSM(RetrievalModel):
     cross-attention; ``spatial_kernels`` the polar kernels of the visual graph;
     ``spatial_prior=False`` / ``dependency_prior=False`` are the graph ablations (``P_v``
     all ones; ``P_t`` without arcs, self loops only); ``kgid_logit_scale`` multiplies
-    Eq. 5's logits (1, the default, is the equation as printed; ``bench/mpsm_relation_probe.py``
+    Eq. 5's logits (1, the default, is the equation as printed; ``bench/compare_synthetic.py``
     measures the paper's lambda there, module doc); ``reference=True`` computes
     similarities and the loss with the reference ops.
     """
