@@ -218,7 +218,7 @@ class KGIDLayer(nn.Module):
     number of valid nodes, so a uniform softmax leaves ``V_k = V``.
     """
 
-    def __init__(self, dim: int, logit_scale: float = 1.0) -> None:
+    def __init__(self, dim: int, logit_scale: float) -> None:
         super().__init__()
         self.logit_scale = logit_scale
         self.propagate = nn.Linear(dim, dim, bias=False)  # W^(l)
@@ -263,7 +263,7 @@ class KnowledgeGraphDissemination(nn.Module):
     Padded nodes (``valid`` False) are zero on output and never reach a valid node.
     """
 
-    def __init__(self, dim: int, layers: int, smooth: float, logit_scale: float = 1.0) -> None:
+    def __init__(self, dim: int, layers: int, smooth: float, logit_scale: float) -> None:
         super().__init__()
         self.smooth = smooth
         self.layers = nn.ModuleList(KGIDLayer(dim, logit_scale) for _ in range(layers))
@@ -371,7 +371,8 @@ class MPSM(RetrievalModel):
             raise ValueError(f"perspective must be one of {PERSPECTIVES}, got {perspective!r}")
         if kgid_layers < 0:
             raise ValueError(f"kgid_layers must be >= 0, got {kgid_layers}")
-        if isinstance(kgid_logit_scale, bool) or not (isinstance(kgid_logit_scale, (int, float)) and math.isfinite(kgid_logit_scale) and kgid_logit_scale > 0):
+        scale = kgid_logit_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"kgid_logit_scale must be a finite number > 0, got {kgid_logit_scale!r}")
         self.perspective, self.embed_size, self.num_regions = perspective, embed_size, num_regions
         self.lambda_softmax = float(lambda_softmax)
@@ -381,8 +382,8 @@ class MPSM(RetrievalModel):
         self.text_encoder = GRUTextEncoder(vocab_size, word_dim, embed_size, num_layers, bi_gru, normalize=not no_txtnorm)
         self.text_encoder.embed = _EmbeddingWithDropout(self.text_encoder.embed, DROPOUT)
         self.spatial_graph = PolarSpatialGraph(spatial_kernels)
-        self.visual_kgid = KnowledgeGraphDissemination(embed_size, kgid_layers, self.lambda_softmax, float(kgid_logit_scale))
-        self.textual_kgid = KnowledgeGraphDissemination(embed_size, kgid_layers, self.lambda_softmax, float(kgid_logit_scale))
+        self.visual_kgid = KnowledgeGraphDissemination(embed_size, kgid_layers, self.lambda_softmax, float(scale))
+        self.textual_kgid = KnowledgeGraphDissemination(embed_size, kgid_layers, self.lambda_softmax, float(scale))
         self.v_global_w = SelfAttentionPool(embed_size, DROPOUT, num_regions)
         self.t_global_w = SelfAttentionPool(embed_size, DROPOUT)
         self.sim_tranloc_w = nn.Linear(embed_size, sim_dim)  # W^l_d or W^l_c
