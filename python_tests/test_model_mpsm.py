@@ -250,7 +250,7 @@ def test_kgid_logit_scale_multiplies_eq5_logits_and_moves_scores_more(perspectiv
             full = model.similarity(*encode(model, *inputs))
             model.spatial_prior = False
             moved[name] = ((model.similarity(*encode(model, *inputs)) - full).abs().max() / full.std()).item()
-    assert moved["scaled"] > 2 * moved["printed"], moved
+    assert moved["scaled"] > 8 * moved["printed"], moved  # 17.7x and 10.1x here
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "9"])
