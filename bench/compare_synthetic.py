@@ -27,11 +27,10 @@ Ablations (test time, on the trained dev-best weights): MPSM with ``spatial_prio
 ``dependency_prior`` off; SGFN, SGM and CMSEI with the visual graphs' relations removed;
 CMSEI with zero boxes (IoU 0 everywhere: no spatial graph edges).
 
-Variants (``VARIANTS``, trained only when named in ``--models``): ``mpsm_dis_scaled`` and
-``mpsm_dir_scaled`` are MPSM with Eq. 5's logits multiplied by the paper's lambda
-(``kgid_logit_scale=9``), the reading that makes its knowledge graphs move the scores more;
-run them with their own ``--results`` folder and the same ``--max-epochs`` as ``mpsm_dis`` /
-``mpsm_dir`` to compare.
+Variants (``VARIANTS``, trained only when named in ``--models``): ``mpsm_dis_printed`` and
+``mpsm_dir_printed`` are MPSM with Eq. 5 as printed (``kgid_logit_scale=1``), where the
+models' default multiplies its logits by the paper's lambda; run them with their own
+``--results`` folder next to ``mpsm_dis`` / ``mpsm_dir`` to compare the two readings.
 
 Writes ``RESULTS/synthetic_comparison.csv`` (rSum, R@1 both ways, twin accuracies with
 95% Wilson intervals over the twin comparisons), ``RESULTS/synthetic_curves.csv`` and ``.png``
@@ -77,11 +76,11 @@ MODELS = {
     "sgm": ("SGM", "sgm", {}, {}),
     # also an interaction per pair: 33 s per step at the shared sizes (86 min an epoch on 2 cores), so smaller
     "cmsei": ("CMSEI (i2t)", "cmsei", {"direction": "i2t", "embed_size": 128}, {"batch_size": 32}),
-    # variants, not a paper's models (run only when named in --models): Eq. 5's logits scaled by lambda
-    "mpsm_dis_scaled": ("MPSM (dis), Eq. 5 logits x lambda", "mpsm", {"perspective": "distance", "kgid_logit_scale": 9.0}, {}),
-    "mpsm_dir_scaled": ("MPSM (dir), Eq. 5 logits x lambda", "mpsm", {"perspective": "direction", "kgid_logit_scale": 9.0}, {}),
+    # variants, not a paper's models (run only when named in --models): Eq. 5's logits as printed, not x lambda
+    "mpsm_dis_printed": ("MPSM (dis), Eq. 5 as printed", "mpsm", {"perspective": "distance", "kgid_logit_scale": 1.0}, {}),
+    "mpsm_dir_printed": ("MPSM (dir), Eq. 5 as printed", "mpsm", {"perspective": "direction", "kgid_logit_scale": 1.0}, {}),
 }
-VARIANTS = ("mpsm_dis_scaled", "mpsm_dir_scaled")
+VARIANTS = ("mpsm_dis_printed", "mpsm_dir_printed")
 DEFAULT_MODELS = tuple(key for key in MODELS if key not in VARIANTS)  # what a run without --models trains
 ENSEMBLES = {"SGRAF (SGR+SAF average)": ("sgr", "saf"), "MPSM* (dis+dir average)": ("mpsm_dis", "mpsm_dir")}
 
@@ -229,11 +228,12 @@ def row(name: str, sims: torch.Tensor, records: list, captions_per_image: int, p
 
 
 def owner(model: str) -> str | None:
-    """The ``MODELS`` key a table row belongs to (the model's row or one of its ablations); None for an ensemble."""
-    for key, (name, *_) in MODELS.items():
-        if model == name or model.startswith(name + ", "):
-            return key
-    return None
+    """The ``MODELS`` key a table row belongs to (the model's row or one of its ablations); None for an ensemble.
+
+    The longest matching name decides, so a variant's rows ("MPSM (dis), Eq. 5 as printed, ...") are not
+    taken for an ablation of the model whose name they start with."""
+    matches = [(len(name), key) for key, (name, *_) in MODELS.items() if model == name or model.startswith(name + ", ")]
+    return max(matches)[1] if matches else None
 
 
 def earlier(path: str, settings: dict, redone: Callable[[dict], bool]) -> list[dict]:

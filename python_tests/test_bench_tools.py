@@ -191,13 +191,23 @@ def test_a_subset_run_keeps_the_other_models_curves(compare, tmp_path):
 
 
 def test_a_variant_is_trained_only_when_named_and_gets_its_models_ablations(compare):
-    """The default run trains the papers' models; ``mpsm_*_scaled`` is MPSM with Eq. 5's logits x lambda."""
+    """The default run trains the papers' models; ``mpsm_*_printed`` is MPSM with Eq. 5 as printed (logits x 1)."""
     assert set(compare.VARIANTS) <= set(compare.MODELS) and not set(compare.VARIANTS) & set(compare.DEFAULT_MODELS)
     assert set(compare.DEFAULT_MODELS) | set(compare.VARIANTS) == set(compare.MODELS)
     for tag, perspective in (("dis", "distance"), ("dir", "direction")):
-        _, registry, options, training = compare.MODELS[f"mpsm_{tag}_scaled"]
-        assert (registry, options, training) == ("mpsm", {"perspective": perspective, "kgid_logit_scale": 9.0}, {})
-        assert [a[0] for a in compare.ABLATIONS[f"mpsm_{tag}_scaled"]] == [a[0] for a in compare.ABLATIONS[f"mpsm_{tag}"]]
+        _, registry, options, training = compare.MODELS[f"mpsm_{tag}_printed"]
+        assert (registry, options, training) == ("mpsm", {"perspective": perspective, "kgid_logit_scale": 1.0}, {})
+        assert [a[0] for a in compare.ABLATIONS[f"mpsm_{tag}_printed"]] == [a[0] for a in compare.ABLATIONS[f"mpsm_{tag}"]]
+
+
+def test_a_variants_rows_belong_to_the_variant_not_to_the_model_its_name_starts_with(compare):
+    """"MPSM (dir), Eq. 5 as printed, spatial prior off" starts with "MPSM (dir), " too: the longest name owns it,
+    so rerunning MPSM (dir) alone keeps the variant's rows, and rerunning the variant replaces them."""
+    assert compare.owner("MPSM (dir)") == "mpsm_dir"
+    assert compare.owner("MPSM (dir), spatial prior off") == "mpsm_dir"
+    assert compare.owner("MPSM (dir), Eq. 5 as printed") == "mpsm_dir_printed"
+    assert compare.owner("MPSM (dir), Eq. 5 as printed, spatial prior off") == "mpsm_dir_printed"
+    assert compare.owner("MPSM* (dis+dir average)") is None
 
 
 def _quick_comparison(data) -> tuple[list[dict], list[dict]]:

@@ -318,7 +318,7 @@ def test_weights_of_the_unnormalised_version_are_refused():
     state = make_model().state_dict()
     make_model(seed=1).load_state_dict(state)  # the current version loads
     state._metadata[""]["version"] = 1
-    with pytest.raises(ValueError, match="SGFN state dict is version 1, the model is version 2 .* retrain"):
+    with pytest.raises(ValueError, match="SGFN state dict is version 1, the oldest this code can use is version 2 .* retrain"):
         make_model(seed=1).load_state_dict(state)
 
 

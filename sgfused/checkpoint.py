@@ -21,7 +21,8 @@ import torch
 from ._files import atomic_write
 from .data.vocab import Vocabulary
 from .model_options import build_checked_model
-from .models import RetrievalModel
+from .models import RetrievalModel, model_class
+from .models.state_versions import config_trained_with
 
 FORMAT = "sgfused-checkpoint-1"
 REQUIRED_KEYS = ("model_name", "model_config", "vocab", "model")  # what every checkpoint needs to rebuild its model
@@ -74,6 +75,16 @@ def unpickling_refusal(error: pickle.UnpicklingError) -> str:
     return f"it holds an object that is not a tensor or a plain container, so it was not loaded (unpickling runs code): {reason}"
 
 
+def checkpoint_model_config(state: dict[str, Any]) -> dict[str, Any]:
+    """The options the checkpoint's model was built with: its stored config, plus the defaults of its version.
+
+    An option the config leaves out gets the default of the weights' state-dict
+    version where the model has changed that default since (``former_defaults``,
+    :mod:`sgfused.models.state_versions`), so an old checkpoint scores as it was trained.
+    """
+    return config_trained_with(model_class(state["model_name"]), state["model_config"], state["model"])
+
+
 def model_from_checkpoint(state: dict[str, Any], source: str = "the checkpoint") -> tuple[RetrievalModel, Vocabulary]:
     """The model (in eval mode, weights loaded) and vocabulary a checkpoint was trained with.
 
@@ -85,7 +96,7 @@ def model_from_checkpoint(state: dict[str, Any], source: str = "the checkpoint")
         raise CheckpointError(f"{source} is an incomplete sgfused checkpoint: it lacks {missing}")
     vocab = Vocabulary.from_dict(state["vocab"], source)
     try:
-        model = build_checked_model(state["model_name"], len(vocab), state["model_config"])
+        model = build_checked_model(state["model_name"], len(vocab), checkpoint_model_config(state))
     except ValueError as error:
         raise CheckpointError(f"{source}: {error}") from error
     try:

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import REQUIRED_KEYS, CheckpointError, check_same_vocabulary, load_checkpoint, save_checkpoint
+from .checkpoint import (REQUIRED_KEYS, CheckpointError, check_same_vocabulary, checkpoint_model_config, load_checkpoint,
+                         save_checkpoint)
 from .data.precomp import PrecompSplit, pair_loader
 from .data.vocab import Vocabulary
 from .distributed import GlobalBatchLoss, barrier, current_world, gather_objects, global_sum, local_device, rank_order
@@ -326,7 +327,8 @@ class Trainer:
         name = self.model.registry_name
         if state["model_name"] != name:
             raise CheckpointError(f"{path} is a {state['model_name']!r} model, not {name!r}; use another --out folder")
-        old, new = effective_model_config(name, state["model_config"]), effective_model_config(name, self.model.build_config)
+        old = effective_model_config(name, checkpoint_model_config(state))
+        new = effective_model_config(name, self.model.build_config)
         changed = [f"{key} was {old.get(key)!r}, now {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
                    if old.get(key) != new.get(key)]
         if changed:

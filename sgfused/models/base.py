@@ -42,6 +42,9 @@ class RetrievalModel(nn.Module):
     registry_name: str = ""
     # Optional dataset parts the model reads: any of "boxes", "image_graphs", "caption_graphs".
     data_requirements: tuple[str, ...] = ()
+    # option: (state-dict version that changed its default, the default before); checkpoints of older
+    # versions that left the option out are rebuilt with the old default (sgfused.models.state_versions)
+    former_defaults: dict[str, tuple[int, Any]] = {}
 
     @classmethod
     def config_keys(cls) -> list[str]:

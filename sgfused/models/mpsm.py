@@ -55,12 +55,15 @@ SGRAF's published code, which MPSM builds on):
   nodes for each feature (each region's "knowledge weight coefficient" relative to the
   others), scaled by ``N`` so that the coefficients average 1 and a uniform softmax
   gives ``V_k = V`` (a scaling the paper implies: coefficients that multiply the node
-  features). Scaling the logits by ``lambda`` too (the scale factor of the paper's
-  other softmaxes) made the graphs move scores ~10x more at initialisation, but a
-  small model (embed 32) then did not learn on the synthetic scenes in 4 epochs
-  (dev rSum 141 -> 145 -> 141), so it is left out of the default; the option
-  ``kgid_logit_scale`` applies it, and ``bench/compare_synthetic.py``'s variants measure it at the
-  benchmark's sizes (README, "All models on the synthetic scenes").
+  features). The logits are multiplied by ``kgid_logit_scale``, by default the
+  paper's ``lambda`` (9, the scale factor of its other softmaxes, Eq. 1, 3, 9):
+  as printed (``kgid_logit_scale=1``) the softmax sees the small logits of
+  l2-normalised nodes through a Xavier ``W`` and stays close to uniform, and the
+  graphs moved scores ~10x less at initialisation; trained to a plateau on the
+  hard synthetic scenes the scaled model is ahead (README, "MPSM: Eq. 5's logits
+  x lambda"; ``bench/compare_synthetic.py``'s ``mpsm_*_printed`` variants). The
+  default changed in state-dict version 3; checkpoints of version 2 that left the
+  option out are rebuilt with 1, as they were trained (``former_defaults``).
   Without ``N``, ``V_k ~ V / N`` (``|V_k| / |V|`` was 0.028 at initialisation):
   the graph term all but vanished and shrank with caption length. ``V`` in Eq. 5-8
   is the current layer's input; Eq. 9's edge update is computed for every layer but
@@ -328,17 +331,19 @@ class MPSM(RetrievalModel):
     cross-attention; ``spatial_kernels`` the polar kernels of the visual graph;
     ``spatial_prior=False`` / ``dependency_prior=False`` are the graph ablations (``P_v``
     all ones; ``P_t`` without arcs, self loops only); ``kgid_logit_scale`` multiplies
-    Eq. 5's logits (1, the default, is the equation as printed; ``bench/compare_synthetic.py``
-    measures the paper's lambda there, module doc); ``reference=True`` computes
-    similarities and the loss with the reference ops.
+    Eq. 5's logits (default: the paper's lambda, 9; 1 is the equation as printed, module
+    doc); ``reference=True`` computes similarities and the loss with the reference ops.
     """
 
     data_requirements = ("boxes", "caption_graphs")
     image_batch_statistics = True  # the image self-attention's BatchNorms (sgfused.distributed)
-    _version = 2  # 2: Eq. 1's softmax leaves the node itself out, Eq. 5 is scaled (module doc); 1 read neither
+    # 3: kgid_logit_scale defaults to lambda; 2: Eq. 1's softmax leaves the node itself out, Eq. 5 is scaled by N
+    # (module doc); 1 read neither and is refused
+    _version = 3
+    former_defaults = {"kgid_logit_scale": (3, 1.0)}
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
-        check_state_version("MPSM", local_metadata, self._version,
+        check_state_version("MPSM", local_metadata, 2,
                             "its knowledge graphs are read differently since version 2")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
@@ -363,7 +368,7 @@ class MPSM(RetrievalModel):
         spatial_kernels: int = 8,
         spatial_prior: bool = True,
         dependency_prior: bool = True,
-        kgid_logit_scale: float = 1.0,
+        kgid_logit_scale: float = 9.0,
         reference: bool = False,
     ) -> None:
         super().__init__()

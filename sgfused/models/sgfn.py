@@ -348,7 +348,7 @@ class SGFN(RetrievalModel):
     _version = 2  # 2: LayerNorms, the agent feeds the nodes (module doc); version-1 weights are refused
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
-        check_state_version("SGFN", local_metadata, self._version,
+        check_state_version("SGFN", local_metadata, 2,
                             "LayerNorms were added and the agent node feeds the nodes since version 2")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
