@@ -184,9 +184,12 @@ def test_edited_or_damaged_checkpoints_are_one_line(data, checkpoint, tmp_path, 
         "config": {**state, "model_config": {**state["model_config"], "embed_size": 8}},
         "types": {**state, "model_config": {**state["model_config"], "embed_size": "16"}},
         "vocab": {key: value for key, value in state.items() if key != "vocab"},
+        "not_mapping": {**state, "model_config": [16]},
+        "name": {**state, "model_name": "vse"},
     }
     messages = {"weights": "the weights do not fit a 'vsepp' model", "config": "the weights do not fit",
-                "types": "model option embed_size must be an integer", "vocab": "incomplete sgfused checkpoint: it lacks ['vocab']"}
+                "types": "model option embed_size must be an integer", "vocab": "incomplete sgfused checkpoint: it lacks ['vocab']",
+                "not_mapping": "model options must be a JSON object of name: value, got list", "name": "unknown model 'vse'"}
     for name, edited in cases.items():
         torch.save(edited, tmp_path / f"{name}.pt")
         assert messages[name] in _fails(["eval", str(tmp_path / f"{name}.pt"), "--data", str(data)], capsys)

@@ -41,8 +41,8 @@ def config_trained_with(model_cls: type, config: dict[str, Any], state_dict: Any
     models of earlier versions were built with.
     """
     found = state_dict_version(state_dict)
-    if found is None:
-        return dict(config)
+    if found is None or not isinstance(config, dict):
+        return config  # current, or not a mapping at all (which the options check reports)
     former = {key: old for key, (since, old) in getattr(model_cls, "former_defaults", {}).items()
               if key not in config and found < since}
     return {**config, **former}
