@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..data.batch import CaptionBatch, ImageBatch, PairBatch
 from ..distributed import global_batch_loss
 from ..ops import hardest_negative_loss
+from .state_versions import check_state_version
 
 
 class RetrievalModel(nn.Module):
@@ -45,6 +46,14 @@ class RetrievalModel(nn.Module):
     # option: (state-dict version that changed its default, the default before); checkpoints of older
     # versions that left the option out are rebuilt with the old default (sgfused.models.state_versions)
     former_defaults: dict[str, tuple[int, Any]] = {}
+    # state dicts older than this version are refused on loading, ``incompatible_change`` saying why
+    oldest_state_version: int | None = None
+    incompatible_change: str = ""
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
+        if self.oldest_state_version is not None:
+            check_state_version(type(self).__name__, local_metadata, self.oldest_state_version, self.incompatible_change)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     @classmethod
     def config_keys(cls) -> list[str]:

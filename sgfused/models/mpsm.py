@@ -124,7 +124,6 @@ from .caption_chunks import caption_chunks, check_lengths, check_token_ids, defa
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import xavier_init
 from .registry import register_model
-from .state_versions import check_state_version
 from .sgraf import DROPOUT, SelfAttentionPool, _EmbeddingWithDropout
 from .similarity_common import caption_batch_norm, update_running_stats
 
@@ -341,11 +340,8 @@ class MPSM(RetrievalModel):
     # (module doc); 1 read neither and is refused
     _version = 3
     former_defaults = {"kgid_logit_scale": (3, 1.0)}
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
-        check_state_version("MPSM", local_metadata, 2,
-                            "its knowledge graphs are read differently since version 2")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+    oldest_state_version = 2
+    incompatible_change = "its knowledge graphs are read differently since version 2"
 
     def __init__(
         self,

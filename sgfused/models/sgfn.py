@@ -119,7 +119,6 @@ from .base import RetrievalModel
 from .encoders import GRUTextEncoder, RegionEncoder, valid_mask
 from .graph_layers import GraphAttention, neighbour_mean, xavier_init
 from .registry import register_model
-from .state_versions import check_state_version
 
 FUSIONS = ("full", "intra", "cross")
 # Elements of one per-pair feature tensor (pairs x (regions + words) x d) held per caption chunk.
@@ -346,11 +345,8 @@ class SGFN(RetrievalModel):
 
     data_requirements = ("image_graphs", "caption_graphs")
     _version = 2  # 2: LayerNorms, the agent feeds the nodes (module doc); version-1 weights are refused
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
-        check_state_version("SGFN", local_metadata, 2,
-                            "LayerNorms were added and the agent node feeds the nodes since version 2")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+    oldest_state_version = 2
+    incompatible_change = "LayerNorms were added and the agent node feeds the nodes since version 2"
 
     def __init__(
         self,

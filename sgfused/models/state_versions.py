@@ -3,9 +3,10 @@
 A model whose computation changed in a way its parameter names do not show (same
 tensors, other meaning) sets the class attribute ``_version`` (PyTorch's own
 state-dict version, stored in a state dict's ``_metadata`` and kept by
-:func:`torch.save`). Its ``_load_from_state_dict`` calls :func:`check_state_version`,
-so an old checkpoint fails with one line that says why, instead of loading into
-weights it was not trained for. A plain dict without metadata is taken as current.
+:func:`torch.save`) and ``oldest_state_version``, the oldest it can still load;
+``RetrievalModel._load_from_state_dict`` calls :func:`check_state_version`, so an
+old checkpoint fails with one line that says why, instead of loading into weights
+it was not trained for. A plain dict without metadata is taken as current.
 
 A checkpoint stores the options its model was built with as the user gave them, so
 an option left at its default takes whatever the default is when the checkpoint is
@@ -43,6 +44,6 @@ def config_trained_with(model_cls: type, config: dict[str, Any], state_dict: Any
     found = state_dict_version(state_dict)
     if found is None or not isinstance(config, dict):
         return config  # current, or not a mapping at all (which the options check reports)
-    former = {key: old for key, (since, old) in getattr(model_cls, "former_defaults", {}).items()
+    former = {key: old for key, (since, old) in model_cls.former_defaults.items()
               if key not in config and found < since}
     return {**config, **former}
