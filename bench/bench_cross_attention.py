@@ -6,7 +6,9 @@ Evaluation: 100 images x 500 captions (1000 x 5000 on a GPU), forward, in chunks
 captions, each chunk reduced to one score per pair (as SGRAF's sim_eval_w does), fp32
 and bf16 inputs; pairs/s, GFLOP/s, and the largest score difference of bf16 from fp32.
 On a GPU both cases are also timed with fp32 inputs under TF32 (dtype "tf32": the
-reference's matmuls and the kernels' products alike, ``harness.tf32``).
+reference's matmuls and the kernels' products alike, ``harness.tf32``). The bf16 evaluation is
+also timed with the Triton forward at one pair per program ("triton-1pair"), against its default
+of several pairs sharing each chunk of W (``GROUP_ROWS``).
 The device's plain fp32 and bf16 matmul rates are measured in the same harness.
 Usage: python bench/bench_cross_attention.py [--device cuda] [--quick]
 """
@@ -75,6 +77,20 @@ def eval_scores(tensors, backend: str, chunk: int):
     return run
 
 
+def one_pair_per_program(fn):
+    """fn with the Triton forward at one pair (a, b) per program instead of a group sharing W."""
+    from sgfused.triton import cross_attention as kernels
+
+    def run():
+        saved, kernels.GROUP_ROWS = kernels.GROUP_ROWS, 1
+        try:
+            return fn()
+        finally:
+            kernels.GROUP_ROWS = saved
+
+    return run
+
+
 def run(device: torch.device, quick: bool) -> list[Row]:
     rows: list[Row] = []
     lq, lc, d, m = (32, 36, 1024, 256) if not quick else (16, 12, 64, 32)
@@ -94,10 +110,14 @@ def run(device: torch.device, quick: bool) -> list[Row]:
         dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         tensors = make(n_cap, n_img, lq, lc, d, m, device, dtype)
         flop = n_img * n_cap * flop_per_pair(tensors[2], lc, d, m)
-        for backend in backends_for(device):
+        grouping_off = ["triton-1pair"] if device.type == "cuda" and dtype == torch.bfloat16 else []
+        for backend in backends_for(device) + grouping_off:
             if dtype == torch.bfloat16 and backend == "reference":
                 continue  # the target compares bf16 kernels with the fp32 reference
-            fn = eval_scores(tensors, backend, 50)
+            if backend == "triton-1pair":
+                fn = one_pair_per_program(eval_scores(tensors, "triton", 50))
+            else:
+                fn = eval_scores(tensors, backend, 50)
             row, scores[(backend, precision)] = measure_call(OP, "eval fwd", backend, device, precision, shape,
                                                              tf32(fn) if precision == "tf32" else fn, flop=flop)
             rows.append(row)

@@ -91,6 +91,31 @@ def test_low_precision(backend, epilogue, dtype):
     check(backend, (3, 6, 2, 5, 16, 8), "clipped_l2", epilogue, "mixed", dtype)
 
 
+@pytest.mark.parametrize("epilogue", ["distance", "direction"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_pairs_sharing_a_program_match_one_pair_per_program(epilogue, dtype, monkeypatch):
+    """With a W epilogue and 16-bit inputs a Triton forward program takes several context sets b at once (GROUP_ROWS);
+    7 of them in groups of 4 leave a partial group, and every b has its own length. The grouped forward
+    (values and the log-sum-exp the backward reads) equals the one-pair-per-program forward, and the
+    gradients through it match the reference."""
+    from sgfused.triton import cross_attention as kernels
+
+    device = backend_device("triton")
+    tensors = make(3, 5, 7, 6, 24, 8, epilogue, "mixed", device, dtype)
+    queries, contexts, q_lens, c_lens, weight, bias = tensors
+    args = (queries, contexts, q_lens, c_lens, 9.0, 0.1, "clipped_l2", epilogue, weight, bias, 1e-8)
+    assert kernels._Setup(*args).group == 4
+    assert kernels._Setup(*(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in args)).group == 1
+    grouped = kernels.forward(*args)
+    monkeypatch.setattr(kernels, "GROUP_ROWS", 16)
+    assert kernels._Setup(*args).group == 1
+    single = kernels.forward(*args)
+    for got, want in zip(grouped, single):
+        assert_scaled_close(got, want, 1e-6)
+    monkeypatch.undo()
+    check("triton", (3, 5, 7, 6, 24, 8), "clipped_l2", epilogue, "mixed", dtype)
+
+
 def test_cuda_fp16_under_fp16_accumulation(monkeypatch):
     """torch's fp16-accumulation flag makes mm / bmm's out_dtype overloads refuse fp16: the CUDA kernel
     then runs its fp16 GEMMs on fp32 operands and still matches the reference."""

@@ -3,12 +3,16 @@
 Semantics: docs/cross_attention_contract.md; ground truth: sgfused/reference/cross_attention.py.
 The two launchers at the bottom are wrapped as ``torch.library.custom_op`` by sgfused.ops.
 
-One program holds one pair (a, b) whole: all Lq query positions and all Lc context positions,
+A program holds each of its pairs (a, b) whole: all Lq query positions and all Lc context positions,
 padded to powers of two (BLOCK_J x BLOCK_C, at least 16 each for ``tl.dot``), with the feature
 dimension d streamed in chunks of BLOCK_D. Loads are masked by the valid lengths, so padded
 positions read as 0 and never influence a valid result.
 
-* ``_forward_kernel``: one program per pair. ``s = Q_a C_b^T`` over d-chunks (BLOCK_J, BLOCK_C);
+* ``_forward_kernel``: one program per pair, or, with a W epilogue and 16-bit inputs, per GROUP pairs
+  (a, b), (a, b + 1), ... of up to GROUP_ROWS query rows in all, whose context rows and query rows the
+  program stacks so that every chunk of W it loads serves them all (W is the largest operand: at
+  1000 x 5000 pairs, m = 256, d = 1024, reading it once per pair moves 2.6 TB through L2).
+  ``s = Q_a C_b^T`` over d-chunks (BLOCK_J, BLOCK_C);
   leaky ReLU and the clipped l2 norm over the valid j (the program has them all); softmax over the
   valid k with temperature ``smooth``, kept in registers as P. Then d-chunk passes, each
   recomputing the chunk ``u = P C_b`` (cheap: Lq x Lc x BLOCK_D): pass 1 reduces ||u||, <u, q> and
@@ -69,6 +73,7 @@ from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native
 BLOCK_D_FWD = 64  # d-chunk of the forward passes
 BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles; halved for 4- and 8-byte inputs)
 TARGET_PROGRAMS_CUDA = 264  # backward splits the partner loop until about this many programs run
+GROUP_ROWS = 64  # a forward program with a W epilogue takes pairs (a, b), (a, b + 1), ... up to this many query rows
 
 EPILOGUES = {"context": 0, "cosine": 1, "distance": 2, "direction": 3}
 NORMS = ("clipped_l2", "none")
@@ -138,6 +143,46 @@ def _logits(s0, jv, kv, smooth, leaky, eps, CLIPPED: tl.constexpr):
 
 
 @triton.jit
+def _attend(p, c, ACC: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """u = P C_b for one d-chunk c of the context rows (a dot operand).
+
+    GROUP == 1: p (BLOCK_J, BLOCK_C), c (BLOCK_C, BLOCK_D). GROUP > 1 pairs at once: p (GROUP, BLOCK_J,
+    BLOCK_C), c the GROUP context sets' rows stacked (GROUP * BLOCK_C, BLOCK_D); u comes back with the
+    pairs' query rows stacked the same way, (GROUP * BLOCK_J, BLOCK_D).
+    """
+    if GROUP == 1:
+        u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
+    else:
+        u3 = tl.dot(p, tl.reshape(c, (GROUP, BLOCK_C, c.shape[1])), input_precision=PRECISION, out_dtype=ACC)
+        u = tl.reshape(u3, (GROUP * p.shape[1], c.shape[1]))
+    return u
+
+
+@triton.jit
+def _softmax(x, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, GROUP: tl.constexpr,
+             BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(P as a dot operand for ``_attend``, log-sum-exp per stacked query row) of the logits x.
+
+    x is (BLOCK_J, GROUP * BLOCK_C): GROUP pairs' columns side by side, each pair's softmax over its own
+    BLOCK_C columns. The log-sum-exp rows are stacked pair by pair, (GROUP * BLOCK_J,).
+    """
+    if GROUP == 1:
+        mx = tl.max(x, axis=1)
+        ex = tl.exp(x - mx[:, None])
+        se = tl.sum(ex, axis=1)
+        p = dot_operand(ex / se[:, None], DOT, NATIVE_DOT)
+        lse = mx + tl.log(se)
+    else:
+        x3 = tl.reshape(x, (BLOCK_J, GROUP, BLOCK_C))
+        mx = tl.max(x3, axis=2)
+        ex = tl.exp(x3 - mx[:, :, None])
+        se = tl.sum(ex, axis=2)
+        p = dot_operand(tl.permute(ex / se[:, :, None], (1, 0, 2)), DOT, NATIVE_DOT)
+        lse = tl.reshape(tl.trans(mx + tl.log(se)), (GROUP * BLOCK_J,))
+    return p, lse
+
+
+@triton.jit
 def _features(u, q, ru, rc, rq, EPI: tl.constexpr):
     """e = (ctx - q)^2 (distance) or l2norm(ctx) * l2norm(q) (direction), ctx = u / ru."""
     ctx = u / ru[:, None]
@@ -151,9 +196,12 @@ def _features(u, q, ru, rc, rq, EPI: tl.constexpr):
 
 @triton.jit
 def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
-                ACC: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row sums of u*u, u*q and q*q over d, with u = P C_b (BLOCK_J,) each; p is a dot operand."""
+                ACC: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr, GROUP: tl.constexpr,
+                BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row sums of u*u, u*q and q*q over d, with u = P C_b (BLOCK_J,) each; p is a dot operand.
+
+    js / jv and ks / kv index the query and context rows (stacked pair by pair when GROUP > 1, see
+    ``_attend``); BLOCK_J is the number of query rows."""
     uu = tl.zeros((BLOCK_J,), ACC)
     uq = tl.zeros((BLOCK_J,), ACC)
     qq = tl.zeros((BLOCK_J,), ACC)
@@ -162,7 +210,7 @@ def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
         dm = ds < D
         c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
         q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
-        u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
+        u = _attend(p, c, ACC, PRECISION, GROUP, BLOCK_C)
         uu += tl.sum(u * u, axis=1)
         uq += tl.sum(u * q, axis=1)
         qq += tl.sum(q * q, axis=1)
@@ -172,16 +220,18 @@ def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
 @triton.jit
 def _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
                   ACC: tl.constexpr, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                  EPI: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BLOCK_J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """z = e W^T + bias (BLOCK_J, BLOCK_M), e built chunk by chunk in registers; p is a dot operand."""
+                  EPI: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+                  BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """z = e W^T + bias (BLOCK_J, BLOCK_M), e built chunk by chunk in registers; p is a dot operand.
+
+    Rows as in ``_pass_norms``: with GROUP pairs stacked, each W chunk is loaded once for all of them."""
     z = tl.zeros((BLOCK_J, BLOCK_M), ACC)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         dm = ds < D
         c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
         q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
-        u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
+        u = _attend(p, c, ACC, PRECISION, GROUP, BLOCK_C)
         e = dot_operand(_features(u, q, ru, rc, rq, EPI), DOT, NATIVE_DOT)
         wt = tl.trans(_operand_rows(w_ptr, 0, ms, mm, ds, dm, D, ACC, NATIVE_DOT))
         z = tl.dot(e, wt, z, input_precision=PRECISION, out_dtype=ACC)
@@ -221,67 +271,78 @@ def _epilogue_grads(u, q, de, g, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI: tl.co
 def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_ptr, stats_ptr,
                     Nc, Lq, Lc, D, M,
                     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr,
-                    EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                    EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, GROUP: tl.constexpr,
                     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """out and stats of pair (a, b) = divmod(program, Nc), all query positions."""
-    pair = tl.program_id(0).to(tl.int64)
-    a = pair // Nc
-    b = pair % Nc
+    """out and stats of the GROUP pairs (a, b0), ..., (a, b0 + GROUP - 1), all query positions.
+
+    The pairs' context rows are stacked (column g * BLOCK_C + k of the score tile is position k of
+    context set b0 + g) and so are their query rows (row g * BLOCK_J + j), so one pass over d serves
+    them all and each chunk of W is loaded once per GROUP pairs. Members past Nc recompute pair
+    (a, Nc - 1) and store nothing.
+    """
+    groups = tl.cdiv(Nc, GROUP)
+    program = tl.program_id(0).to(tl.int64)
+    a = program // groups
+    b0 = (program % groups) * GROUP
     smooth = tl.load(prm_ptr)
     leaky = tl.load(prm_ptr + 1)
     eps = tl.load(prm_ptr + 2)
     lq = tl.minimum(tl.load(ql_ptr + a), Lq)
-    lc = tl.minimum(tl.load(cl_ptr + b), Lc)
     js = tl.arange(0, BLOCK_J)
-    ks = tl.arange(0, BLOCK_C)
     jv = js < lq
-    kv = ks < lc
-    jin = js < Lq
+    cs = tl.arange(0, GROUP * BLOCK_C)  # stacked context rows
+    cset = tl.minimum(b0 + cs // BLOCK_C, Nc - 1)
+    ks = cs % BLOCK_C
+    kv = ks < tl.minimum(tl.load(cl_ptr + cset), Lc)
+    crow = cset * Lc + ks  # row of contexts viewed as (Nc * Lc, d)
+    rs = tl.arange(0, GROUP * BLOCK_J)  # stacked query rows
+    rset = b0 + rs // BLOCK_J
+    rj = rs % BLOCK_J
+    rv = rj < lq
+    rin = (rj < Lq) & (rset < Nc)
     qb = a * Lq * D
-    cb = b * Lc * D
-    row = pair * Lq + js  # (a, b, j) as a row of out / stats
+    row = (a * Nc + rset) * Lq + rj  # (a, b, j) as a row of out / stats
 
-    s0 = _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, NATIVE_DOT, BLOCK_J, BLOCK_C, BLOCK_D)
+    s0 = _scores(q_ptr, c_ptr, qb, 0, js, jv, crow, kv, D, ACC, PRECISION, NATIVE_DOT, BLOCK_J, GROUP * BLOCK_C,
+                 BLOCK_D)
     t, r, x = _logits(s0, jv, kv, smooth, leaky, eps, CLIPPED)
-    mx = tl.max(x, axis=1)
-    ex = tl.exp(x - mx[:, None])
-    se = tl.sum(ex, axis=1)
-    p = dot_operand(ex / se[:, None], DOT, NATIVE_DOT)
-    lse = mx + tl.log(se)
+    p, lse = _softmax(x, DOT, NATIVE_DOT, GROUP, BLOCK_J, BLOCK_C)
 
-    uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, NATIVE_DOT, BLOCK_J, BLOCK_D)
+    uu, uq, qq = _pass_norms(p, q_ptr, c_ptr, qb, 0, rj, rv, crow, kv, D, ACC, PRECISION, NATIVE_DOT, GROUP,
+                             GROUP * BLOCK_J, BLOCK_C, BLOCK_D)
     nu = tl.sqrt(uu)
     ru = nu + eps
-    nz = tl.zeros((BLOCK_J,), ACC)
+    nz = tl.zeros((GROUP * BLOCK_J,), ACC)
     if EPI == 0:
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
-            c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
-            u = tl.dot(p, c, input_precision=PRECISION, out_dtype=ACC)
-            val = tl.where(jv[:, None], u / ru[:, None], 0.0)
+            c = _operand_rows(c_ptr, 0, crow, kv, ds, dm, D, ACC, NATIVE_DOT)
+            u = _attend(p, c, ACC, PRECISION, GROUP, BLOCK_C)
+            val = tl.where(rv[:, None], u / ru[:, None], 0.0)
             tl.store(out_ptr + row[:, None] * D + ds[None, :], cast_rounded(val, out_ptr.dtype.element_ty),
-                     mask=jin[:, None] & dm[None, :])
+                     mask=rin[:, None] & dm[None, :])
     elif EPI == 1:
         nc = nu / ru
         nq = tl.sqrt(qq)
         val = (uq / ru) / tl.maximum(nc * nq, eps)
-        val = tl.where(jv, val, 0.0)
-        tl.store(out_ptr + row, cast_rounded(val, out_ptr.dtype.element_ty), mask=jin)
+        val = tl.where(rv, val, 0.0)
+        tl.store(out_ptr + row, cast_rounded(val, out_ptr.dtype.element_ty), mask=rin)
     else:
         rc = nu / ru + eps
         rq = tl.sqrt(qq) + eps
         ms = tl.arange(0, BLOCK_M)
         mm = ms < M
-        z = _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
-                          ACC, DOT, NATIVE_DOT, PRECISION, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
+        z = _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, 0, rj, rv, crow, kv, ms, mm, D, ru, rc, rq,
+                          ACC, DOT, NATIVE_DOT, PRECISION, EPI, HAS_BIAS, GROUP, GROUP * BLOCK_J, BLOCK_C, BLOCK_M,
+                          BLOCK_D)
         nz = tl.sqrt(tl.sum(z * z, axis=1))
-        val = tl.where(jv[:, None], z / (nz + eps)[:, None], 0.0)
+        val = tl.where(rv[:, None], z / (nz + eps)[:, None], 0.0)
         tl.store(out_ptr + row[:, None] * M + ms[None, :], cast_rounded(val, out_ptr.dtype.element_ty),
-                 mask=jin[:, None] & mm[None, :])
-    tl.store(stats_ptr + row * 2, tl.where(jv, nz, 0.0), mask=jin)
-    tl.store(stats_ptr + row * 2 + 1, tl.where(jv, lse, 0.0), mask=jin)
+                 mask=rin[:, None] & mm[None, :])
+    tl.store(stats_ptr + row * 2, tl.where(rv, nz, 0.0), mask=rin)
+    tl.store(stats_ptr + row * 2 + 1, tl.where(rv, lse, 0.0), mask=rin)
 
 
 @triton.jit
@@ -359,8 +420,8 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
         lse = tl.load(stats_ptr + row * 2 + 1, mask=jv, other=0.0).to(ACC)
         p = tl.where(pm, tl.exp(x - lse[:, None]), 0.0)
         pd = dot_operand(p, DOT, NATIVE_DOT)
-        uu, uq, qq = _pass_norms(pd, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, NATIVE_DOT, BLOCK_J,
-                                 BLOCK_D)
+        uu, uq, qq = _pass_norms(pd, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, NATIVE_DOT, 1,
+                                 BLOCK_J, BLOCK_C, BLOCK_D)
         nu = tl.sqrt(uu)
         ru = nu + eps
         nc = nu / ru
@@ -384,7 +445,7 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             k3 = tl.where(nq > 0, d_den * nc / tl.where(nq > 0, nq, 1.0), 0.0)  # through ||q||
         if EPI >= 2:
             z = _pass_project(pd, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
-                              ACC, DOT, NATIVE_DOT, PRECISION, EPI, HAS_BIAS, BLOCK_J, BLOCK_M, BLOCK_D)
+                              ACC, DOT, NATIVE_DOT, PRECISION, EPI, HAS_BIAS, 1, BLOCK_J, BLOCK_C, BLOCK_M, BLOCK_D)
             gz = tl.load(g_ptr + row[:, None] * M + ms[None, :], mask=jv[:, None] & mm[None, :], other=0.0).to(ACC)
             nz = tl.sqrt(tl.sum(z * z, axis=1))
             rz = nz + eps
@@ -507,17 +568,21 @@ class _Setup:
         self.block_j = _pow2(self.lq)
         self.block_c = _pow2(self.lc)
         self.block_m = _pow2(self.m)
-        tiles = max(self.block_j * self.block_c, self.block_j * self.block_m)
-        self.num_warps = 8 if tiles >= 8192 else 4
+        # pairs per forward program: with W (distance / direction) and 16-bit inputs several share each W
+        # chunk they load; fp32 stays at one (grouped, its sm_90 forward spills: bench/triton_sm90_resources.py)
+        grouped = self.uses_w and self.dtype.itemsize == 2
+        self.group = max(1, min(GROUP_ROWS // self.block_j, _pow2(self.nc, 1))) if grouped else 1
         self.native_dot = native_dot(self.dtype, self.device)  # fp16 / bf16 contractions on the tensor cores
         self.precision = dot_precision(self.dtype)
 
-    def const(self, block_d: int) -> dict:
+    def const(self, block_d: int, group: int = 1) -> dict:
+        """The constexprs and launch options of a kernel whose programs take ``group`` pairs at once."""
+        tiles = max(self.block_j * self.block_c, self.block_j * self.block_m) * group
         return dict(
             ACC=tl_dtype(self.acc), DOT=tl_dtype(self.dtype), PRECISION=self.precision, CLIPPED=self.clipped, EPI=self.epi,
             HAS_BIAS=self.bias is not None,
             NATIVE_DOT=self.native_dot, BLOCK_J=self.block_j, BLOCK_C=self.block_c,
-            BLOCK_D=min(block_d, _pow2(self.d)), BLOCK_M=self.block_m, num_warps=self.num_warps,
+            BLOCK_D=min(block_d, _pow2(self.d)), BLOCK_M=self.block_m, num_warps=8 if tiles >= 8192 else 4,
         )
 
     @property
@@ -564,10 +629,10 @@ def forward(
     if s.d == 0 or s.lc == 0:
         raise ValueError("cross_attention: d and Lc must be positive")
     w, b = s.ptrs()
-    _forward_kernel[(s.nq * s.nc,)](
+    _forward_kernel[(s.nq * triton.cdiv(s.nc, s.group),)](
         s.q, s.c, s.ql, s.cl, w, b, s.params, out, stats,
         s.nc, s.lq, s.lc, s.d, max(s.m, 1),
-        **s.const(BLOCK_D_FWD),
+        GROUP=s.group, **s.const(BLOCK_D_FWD, s.group),
     )
     return out, stats
 
