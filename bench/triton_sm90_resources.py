@@ -18,7 +18,12 @@ list may not spill at all), a bf16 / TF32 ``tl.dot`` (a ``tt.dot`` in the kernel
 misses the tensor cores, a listed kernel is no longer compiled, or Triton is not the CSV's version.
 So a change that makes a kernel spill fails CI, and one that changes the kernels regenerates the CSV.
 
-    python bench/triton_sm90_resources.py [--check] [--op NAME]
+    python bench/triton_sm90_resources.py [--check] [--op NAME] [--report CSV]
+
+The GPU machines run an older Triton (3.6) than this environment: its report is
+``bench/results/triton_sm90_resources_triton3.6.0.csv``, written and checked with that Triton
+first on the path and ``--report`` naming it (``scripts/check_triton_compile.sh`` does the check
+when it is given the version).
 
 ``--op`` compiles one op's kernels only and prints their rows without touching the CSV (for tuning
 one kernel's block sizes).
@@ -216,28 +221,31 @@ def main() -> None:
     parser.add_argument("--check", action="store_true",
                         help="compare with the committed CSV instead of writing it; fail on any regression")
     parser.add_argument("--op", help="only this op's kernels, printed, the CSV left as it is")
+    parser.add_argument("--report", default=REPORT,
+                        help="the CSV to write or check (default: the report of the environment's Triton, "
+                             "bench/results/triton_sm90_resources.csv)")
     args = parser.parse_args()
     rows = measure(args.op)
     if not rows:
         sys.exit(f"--op: no case of an op named {args.op!r}")
     if args.check:
-        committed = [r for r in read_report() if args.op is None or r["op"] == args.op]
+        committed = [r for r in read_report(args.report) if args.op is None or r["op"] == args.op]
         found = regressions(rows, committed)
         for line in found:
             print("  " + line)
-        print(f"{len(rows)} kernels against {os.path.relpath(REPORT)}: {len(found)} regressions")
+        print(f"{len(rows)} kernels against {os.path.relpath(args.report)}: {len(found)} regressions")
         sys.exit(1 if found else 0)
     if args.op is not None:
         for r in rows:
             print(f"  {r['case'][:40]:40s} {r['dtype']:9s} {r['kernel']:22s} warps {r['num_warps']} "
                   f"registers {r['registers']:3d} stack {r['stack_bytes']:5d} {r['matrix']}")
     else:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(REPORT, "w", newline="") as handle:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+        with open(args.report, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        print("wrote", REPORT)
+        print("wrote", args.report)
     found = problems(rows)
     for line in found:
         print("  " + line)

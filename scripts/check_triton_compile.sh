@@ -9,7 +9,9 @@
 #
 # PYTHON (default .venv/bin/python) must have sgfused installed. TRITON_VERSION, if given, is
 # installed into a throwaway folder that shadows the environment's triton for this check only
-# (3.6.0 is the Triton of torch 2.11, the oldest we support).
+# (3.6.0 is the Triton of torch 2.11, the oldest we support, and of the GPU machines); then, if
+# bench/results/triton_sm90_resources_triton<VERSION>.csv exists, checks that no kernel spills more
+# under that Triton than it says (bench/triton_sm90_resources.py --check --report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${1:-.venv/bin/python}"
@@ -32,4 +34,9 @@ print(*sorted(f for name in OPS for f in [f"python_tests/test_{name}.py", *glob.
 # them) are not compiled for sm_90 here.
 PYTHONPATH="${overlay:+$overlay:}$PWD/scripts" "$python" -P -m pytest -q -p triton_compile_only -W ignore \
   "${tests[@]}" -k "triton and not gradcheck and not opcheck"
+# that Triton's register report, where one is committed: no kernel may spill more than it says
+report="bench/results/triton_sm90_resources_triton${2:-}.csv"
+if [[ -n "${2:-}" && -f "$report" ]]; then
+  PYTHONPATH="$overlay" "$python" -P bench/triton_sm90_resources.py --check --report "$report"
+fi
 echo "check_triton_compile: OK"
