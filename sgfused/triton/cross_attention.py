@@ -70,12 +70,12 @@ from torch import Tensor
 
 from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype, widened
 
-BLOCK_D_FWD = 64  # d-chunk of the forward passes
+BLOCK_D_FWD = 64  # d-chunk of the forward passes (halved for 4- and 8-byte inputs, and divided by GROUP)
 BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles; halved for 4- and 8-byte inputs)
 TARGET_PROGRAMS_CUDA = 264  # backward splits the partner loop until about this many programs run
 GROUP_ROWS = 64  # a forward program with a W epilogue takes pairs (a, b), (a, b + 1), ... up to this many query rows
-# (with GROUP pairs its d-chunk is BLOCK_D_FWD / GROUP). Only 16-bit inputs are grouped: on sm_90 at SGRAF's sizes
-# 2 bf16 pairs fit without spilling in Triton 3.6 and 3.9; fp32 grouped spills 776-840 B, TF32 32 B in Triton 3.6.
+# Only 16-bit inputs are grouped: on sm_90 at SGRAF's sizes 2 bf16 pairs fit without spilling in Triton 3.6 and 3.9,
+# 4 do not; 2 fp32 pairs at a d-chunk of 32 spilled 776-840 B, TF32 32 B in Triton 3.6.
 
 EPILOGUES = {"context": 0, "cosine": 1, "distance": 2, "direction": 3}
 NORMS = ("clipped_l2", "none")
@@ -631,10 +631,12 @@ def forward(
     if s.d == 0 or s.lc == 0:
         raise ValueError("cross_attention: d and Lc must be positive")
     w, b = s.ptrs()
+    # (GROUP * BLOCK_J, BLOCK_D) tiles of a fixed size in bytes: fp32 at 64 spilled on sm_90 (Triton 3.6)
+    block_d = BLOCK_D_FWD // (2 if s.dtype.itemsize > 2 else 1) // s.group
     _forward_kernel[(s.nq * triton.cdiv(s.nc, s.group),)](
         s.q, s.c, s.ql, s.cl, w, b, s.params, out, stats,
         s.nc, s.lq, s.lc, s.d, max(s.m, 1),
-        GROUP=s.group, **s.const(BLOCK_D_FWD // s.group, s.group),  # (GROUP * BLOCK_J, BLOCK_D) tiles: a fixed size
+        GROUP=s.group, **s.const(block_d, s.group),
     )
     return out, stats
 
