@@ -578,8 +578,13 @@ class _Setup:
         self.precision = dot_precision(self.dtype)
 
     def const(self, block_d: int, group: int = 1) -> dict:
-        """The constexprs and launch options of a kernel whose programs take ``group`` pairs at once."""
+        """The constexprs and launch options of a kernel whose programs take ``group`` pairs at once.
+
+        The d-chunk is ``block_d`` for 16-bit inputs, halved for 4- and 8-byte ones and divided by the
+        group, so the (group * BLOCK_J, BLOCK_D) tiles keep their size in bytes (wider ones spilled on sm_90).
+        """
         tiles = max(self.block_j * self.block_c, self.block_j * self.block_m) * group
+        block_d = block_d // (2 if self.dtype.itemsize > 2 else 1) // group
         return dict(
             ACC=tl_dtype(self.acc), DOT=tl_dtype(self.dtype), PRECISION=self.precision, CLIPPED=self.clipped, EPI=self.epi,
             HAS_BIAS=self.bias is not None,
@@ -631,12 +636,10 @@ def forward(
     if s.d == 0 or s.lc == 0:
         raise ValueError("cross_attention: d and Lc must be positive")
     w, b = s.ptrs()
-    # (GROUP * BLOCK_J, BLOCK_D) tiles of a fixed size in bytes: fp32 at 64 spilled on sm_90 (Triton 3.6)
-    block_d = BLOCK_D_FWD // (2 if s.dtype.itemsize > 2 else 1) // s.group
     _forward_kernel[(s.nq * triton.cdiv(s.nc, s.group),)](
         s.q, s.c, s.ql, s.cl, w, b, s.params, out, stats,
         s.nc, s.lq, s.lc, s.d, max(s.m, 1),
-        GROUP=s.group, **s.const(block_d, s.group),
+        GROUP=s.group, **s.const(BLOCK_D_FWD, s.group),
     )
     return out, stats
 
@@ -675,8 +678,7 @@ def backward(
         gb = torch.zeros_like(bias) if bias is not None else empty_b
         return torch.zeros_like(queries), torch.zeros_like(contexts), gw, gb
     w, b = s.ptrs()
-    # fp32 / fp64 chunks hold twice the bytes of 16-bit ones: halved, the sm_90 backward spills less
-    const = s.const(BLOCK_D_BWD // (2 if s.dtype.itemsize > 2 else 1))
+    const = s.const(BLOCK_D_BWD)
 
     # dQ (and the weight / bias partials): programs per (a, split of b)
     split_q = _splits(s.nq, s.nc, device)
