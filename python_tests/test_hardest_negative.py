@@ -188,6 +188,36 @@ def test_embeddings_match_reference(backend, max_violation, n, d, captions_per_i
         torch.testing.assert_close(g.float() if g.is_floating_point() else g, w.float() if w.is_floating_point() else w, **tol)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+@pytest.mark.parametrize("kind", ["ties", "nonsquare_ids", "no_negatives"])
+def test_embeddings_hardest_indices_over_many_blocks(backend, kind):
+    """Exact ties (integer products), repeated and missing ids, rows without negatives, with more rows and
+    columns than one 64-wide block: the hardest image of every caption and caption of every image are the
+    reference's (lowest index on ties, -1 where none), though the Triton forward takes a row's maximum
+    from partials over column blocks."""
+    device = backend_device(backend)
+    n_img, n_cap = 150, 203
+    img = torch.randint(-1, 2, (n_img, 3)).float()
+    cap = torch.randint(-1, 2, (n_cap, 3)).float()
+    if kind == "ties":
+        ids, cap_ids = torch.arange(n_img), torch.arange(n_cap) % n_img
+    elif kind == "nonsquare_ids":
+        ids, cap_ids = torch.randint(0, 40, (n_img,)), torch.randint(0, 80, (n_cap,))
+    else:  # images 0-99 share id 0 with every caption: they have no negative
+        ids = torch.where(torch.arange(n_img) < 100, 0, 1)
+        cap_ids = torch.zeros(n_cap, dtype=torch.long)
+    img, cap, ids, cap_ids = img.to(device), cap.to(device), ids.to(device), cap_ids.to(device)
+    for max_violation in (True, False):
+        got = hardest_negative_loss_from_embeddings(img, cap, 0.2, img_ids=ids, cap_img_ids=cap_ids,
+                                                    max_violation=max_violation, reduction="none",
+                                                    return_indices=True, backend=backend)
+        want = reference.hardest_negative_embed_terms(img, cap, ids, cap_ids, 0.2, max_violation)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        torch.testing.assert_close(got[0], want[0])
+    if kind == "no_negatives":
+        assert (got[1][:100] == -1).all() and (got[1][100:] >= 0).all()
+
+
 @pytest.mark.parametrize("backend", ["triton"])  # in the test id: the sm_90 compile check selects by it
 @pytest.mark.parametrize("max_violation", [True, False])
 def test_embeddings_tf32_when_allowed(backend, max_violation, tf32_launches):

@@ -12,6 +12,9 @@ Kernels:
 
 * ``_hardest_kernel``: one program per block of columns, loops over row tiles; max / argmax over
   the negative rows (lowest index on ties, -1 if none). On ``S`` -> ``hard_img``, on ``S^T`` -> ``hard_cap``.
+  From embeddings one pass gives both: each ``A @ B^T`` tile also yields its rows' maxima over the
+  program's columns, into (column blocks, Ni) partials that torch reduces (the products are the
+  cost there, so computing every tile once instead of twice halves the forward's work).
 * ``_positive_kernel``: one program per block of captions, loops over each caption's positive rows
   (a contiguous range of the id-sorted rows); sums ``cost_cap + cost_img`` into ``per_caption``.
   For the sum of hinges it scans the positive's row and column (``_hinge_scans``); with GRAD it
@@ -26,7 +29,8 @@ Kernels:
 All arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input); ``tl.dot`` runs in full
 precision, or TF32 for fp32 inputs when the user allows it (``_common.dot_precision``). No atomics, every output
 element is written by one program in a fixed order, so results are deterministic. The launchers'
-only extra memory is O(Ni + Nc) (sorted ids, ranges, per-row / per-column maxima and weights).
+only extra memory is O(Ni + Nc) (sorted ids, ranges, per-row / per-column maxima and weights), plus
+the row partials of the embedding forward, 8 bytes x Ni x ceil(Nc / 64) (32 MiB at Ni = Nc = 16384).
 """
 
 from __future__ import annotations
@@ -169,10 +173,14 @@ def _neg_hinge_grad(x_ptr, a_ptr, b_ptr, D, sxr, sxc, s, rows, cols, rmask, cmas
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _hardest_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr, sxc,
-                    max_ptr, idx_ptr,
+                    max_ptr, idx_ptr, part_max_ptr, part_idx_ptr,
                     ACC: tl.constexpr, EMBED: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per column of X: max over its negative rows and the lowest row reaching it (-inf / -1 if none)."""
+                    ROWS_TOO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per column of X: max over its negative rows and the lowest row reaching it (-inf / -1 if none).
+
+    ROWS_TOO: from the same tiles, per row, the max over the negative columns of this program's block
+    and the lowest column reaching it, into row ``program_id`` of the (column blocks, R) partials.
+    """
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     cid = tl.load(col_ids_ptr + cols, mask=cmask, other=0)
@@ -187,6 +195,13 @@ def _hardest_kernel(x_ptr, a_ptr, b_ptr, row_ids_ptr, col_ids_ptr, R, C, D, sxr,
         s = tl.where(neg, s, float("-inf"))
         tile_max = tl.max(s, axis=0)
         tile_idx = tl.min(tl.where(s == tile_max[None, :], rows[:, None], R), axis=0)
+        if ROWS_TOO:
+            row_max = tl.max(s, axis=1)
+            row_idx = tl.min(tl.where(s == row_max[:, None], cols[None, :], C), axis=1)
+            row_idx = tl.where(row_max > float("-inf"), row_idx, -1)
+            part = tl.program_id(0).to(tl.int64) * R + rows
+            tl.store(part_max_ptr + part, row_max, mask=rmask)
+            tl.store(part_idx_ptr + part, row_idx.to(part_idx_ptr.dtype.element_ty), mask=rmask)
         better = tile_max > best  # strict: an earlier tile keeps a tie
         best_idx = tl.where(better, tile_idx.to(tl.int64), best_idx)
         best = tl.where(better, tile_max, best)
@@ -488,16 +503,30 @@ def _margin(p: _Problem, margin: float) -> Tensor:
     return torch.full((1,), float(margin), dtype=p.acc, device=p.a.device)
 
 
-def _hardest(p: _Problem) -> tuple[Tensor, Tensor]:
-    """Per column of X: max over the negative rows (-inf if none) and its lowest argmax (-1 if none)."""
-    best = torch.empty(p.n_cols, dtype=p.acc, device=p.a.device)
-    idx = torch.empty(p.n_cols, dtype=torch.int64, device=p.a.device)
-    _hardest_kernel[(triton.cdiv(p.n_cols, BLOCK),)](
-        *p.head, best, idx,
-        ACC=p.tl_acc, EMBED=p.embed, NATIVE_DOT=p.native_dot, PRECISION=p.precision,
+def _hardest(p: _Problem, rows_too: bool = False) -> tuple[Tensor, ...]:
+    """Per column of X: max over the negative rows (-inf if none) and its lowest argmax (-1 if none).
+
+    rows_too: also per row (max over the negative columns, lowest argmax), from the same tiles: one
+    pass over X instead of a second one over X^T, which halves the products of ``a @ b^T`` at the
+    price of (column blocks, R) partials (8 bytes each), reduced here in torch (lowest index on ties).
+    """
+    device = p.a.device
+    best = torch.empty(p.n_cols, dtype=p.acc, device=device)
+    idx = torch.empty(p.n_cols, dtype=torch.int64, device=device)
+    n_blocks = triton.cdiv(p.n_cols, BLOCK)
+    part_max = torch.empty((n_blocks, p.n_rows) if rows_too else (0,), dtype=p.acc, device=device)
+    part_idx = torch.empty(part_max.shape, dtype=torch.int32, device=device)
+    _hardest_kernel[(n_blocks,)](
+        *p.head, best, idx, part_max, part_idx,
+        ACC=p.tl_acc, EMBED=p.embed, NATIVE_DOT=p.native_dot, PRECISION=p.precision, ROWS_TOO=rows_too,
         BLOCK_R=BLOCK, BLOCK_C=BLOCK, BLOCK_D=_block_d(p.d, BLOCK_D),
     )
-    return best, idx
+    if not rows_too:
+        return best, idx
+    row_max = part_max.max(0).values
+    # the lowest column among the blocks reaching the max (a row without negatives: every block -1)
+    row_idx = torch.where(part_max == row_max, part_idx, p.n_cols).min(0).values.to(torch.int64)
+    return best, idx, row_max, row_idx
 
 
 def _terms(p: _Problem, margin: float, max_violation: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -508,8 +537,11 @@ def _terms(p: _Problem, margin: float, max_violation: bool) -> tuple[Tensor, Ten
             torch.full((p.n_rows,), -1, dtype=torch.int64, device=device),
             torch.full((p.n_cols,), -1, dtype=torch.int64, device=device),
         )
-    row_max, hard_cap = _hardest(p.t())
-    col_max, hard_img = _hardest(p)
+    if p.embed:  # compute-bound: one pass over the products gives both directions
+        col_max, hard_img, row_max, hard_cap = _hardest(p, rows_too=True)
+    else:  # memory-bound: a second read of the stored scores costs less than the partials
+        row_max, hard_cap = _hardest(p.t())
+        col_max, hard_img = _hardest(p)
     per_caption = torch.empty(p.n_cols, dtype=p.acc, device=device)
     _positive_kernel[(triton.cdiv(p.n_cols, BLOCK),)](
         *p.head, p.row_perm, p.col_lo, p.col_hi, row_max, hard_cap, col_max, hard_img,

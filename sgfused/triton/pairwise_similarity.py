@@ -208,10 +208,20 @@ def _block_m(m: int) -> int:
     return _pow2(m)
 
 
-def _block_p(block_m: int, halved: int) -> int:
-    """Pairs per program of the (BLOCK_P, BLOCK_M) z tile: about 8K accumulators for 16-bit inputs,
-    4K for 4- and 8-byte ones (whose operand tiles are twice as large)."""
-    return max(16, min(64, 8192 // halved // block_m))
+def _block_p(block_m: int, halved: int, tensor_cores: bool) -> int:
+    """Pairs per program of the (BLOCK_P, BLOCK_M) z tile (and rows per step of the row gradients).
+
+    Tensor-core products (16-bit, TF32) take 64 pairs where about 16K accumulators allow it: sm_90's
+    ``wgmma`` works on 64-row tiles, and at 32 rows (m = 256) these kernels compiled to the older
+    ``mma``. Full fp32 / fp64 runs on the CUDA cores and keeps about 4K (wider tiles spilled).
+    """
+    budget = 16384 if tensor_cores else 8192 // halved
+    return max(16, min(64, budget // block_m))
+
+
+def _num_warps(block_p: int, block_m: int) -> int:
+    """8 warps (two warpgroups) for z tiles of 16K accumulators or more, else 4."""
+    return 8 if block_p * block_m >= 16384 else 4
 
 
 def _block_k(d: int, cap: int) -> int:
@@ -265,7 +275,8 @@ class _Setup:
         # the sm_90 kernels within the register file (the static resource report showed 0.9 KB spilled)
         self.halved = 2 if x.element_size() > 2 else 1
         self.block_m = _block_m(self.m)
-        self.block_p = _block_p(self.block_m, self.halved)
+        tensor_cores = x.element_size() == 2 or self.precision == "tf32"
+        self.block_p = _block_p(self.block_m, self.halved, tensor_cores)
         self.block_k = _block_k(self.d, BLOCK_K // self.halved)
         # a device scalar in the accumulation dtype (a Python float argument would be fp32)
         self.eps_t = torch.full((1,), self.eps, dtype=self.acc, device=x.device)
@@ -288,6 +299,7 @@ class _Setup:
             **self.dots, DISTANCE=self.distance, ALIGNED=self.aligned,
             HAS_BIAS=self.bias is not None, GRAD=g is not None,
             BLOCK_P=self.block_p, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
+            num_warps=_num_warps(self.block_p, self.block_m),
         )
 
 
