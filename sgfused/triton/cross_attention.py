@@ -71,7 +71,7 @@ from torch import Tensor
 from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype, widened
 
 BLOCK_D_FWD = 64  # d-chunk of the forward passes (halved for 4- and 8-byte inputs, and divided by GROUP)
-BLOCK_D_BWD = 32  # d-chunk of the backward passes (more live tiles; halved for 4- and 8-byte inputs)
+BLOCK_D_BWD = 16  # d-chunk of the backward passes (more live tiles): at 32 the bf16 dQ pass spilled 96-208 B on sm_90
 TARGET_PROGRAMS_CUDA = 264  # backward splits the partner loop until about this many programs run
 GROUP_ROWS = 64  # a forward program with a W epilogue takes pairs (a, b), (a, b + 1), ... up to this many query rows
 # Only 16-bit inputs are grouped: on sm_90 at SGRAF's sizes 2 bf16 pairs fit without spilling in Triton 3.6 and 3.9,
@@ -581,10 +581,11 @@ class _Setup:
         """The constexprs and launch options of a kernel whose programs take ``group`` pairs at once.
 
         The d-chunk is ``block_d`` for 16-bit inputs, halved for 4- and 8-byte ones and divided by the
-        group, so the (group * BLOCK_J, BLOCK_D) tiles keep their size in bytes (wider ones spilled on sm_90).
+        group, so the (group * BLOCK_J, BLOCK_D) tiles keep their size in bytes (wider ones spilled on sm_90),
+        and at least 16, ``tl.dot``'s smallest inner dimension.
         """
         tiles = max(self.block_j * self.block_c, self.block_j * self.block_m) * group
-        block_d = block_d // (2 if self.dtype.itemsize > 2 else 1) // group
+        block_d = max(16, block_d // (2 if self.dtype.itemsize > 2 else 1) // group)
         return dict(
             ACC=tl_dtype(self.acc), DOT=tl_dtype(self.dtype), PRECISION=self.precision, CLIPPED=self.clipped, EPI=self.epi,
             HAS_BIAS=self.bias is not None,
