@@ -71,7 +71,7 @@ from torch import Tensor
 from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype, widened
 
 BLOCK_D_FWD = 64  # d-chunk of the forward passes (halved for 4- and 8-byte inputs, and divided by GROUP)
-BLOCK_D_BWD = 16  # d-chunk of the backward passes (more live tiles): at 32 the bf16 dQ pass spilled 96-208 B on sm_90
+BLOCK_D_BWD = 16  # d-chunk of the backward passes (more live tiles; at 32 the bf16 dQ pass spilled 96-208 B on sm_90)
 TARGET_PROGRAMS_CUDA = 264  # backward splits the partner loop until about this many programs run
 GROUP_ROWS = 64  # a forward program with a W epilogue takes pairs (a, b), (a, b + 1), ... up to this many query rows
 # Only 16-bit inputs are grouped: on sm_90 at SGRAF's sizes 2 bf16 pairs fit without spilling in Triton 3.6 and 3.9,

@@ -208,14 +208,14 @@ def _block_m(m: int) -> int:
     return _pow2(m)
 
 
-def _block_p(block_m: int, halved: int, tensor_cores: bool) -> int:
+def _block_p(block_m: int, tensor_cores: bool) -> int:
     """Pairs per program of the (BLOCK_P, BLOCK_M) z tile (and rows per step of the row gradients).
 
     Tensor-core products (16-bit, TF32) take 64 pairs where about 16K accumulators allow it: sm_90's
     ``wgmma`` works on 64-row tiles, and at 32 rows (m = 256) these kernels compiled to the older
     ``mma``. Full fp32 / fp64 runs on the CUDA cores and keeps about 4K (wider tiles spilled).
     """
-    budget = 16384 if tensor_cores else 8192 // halved
+    budget = 16384 if tensor_cores else 4096
     return max(16, min(64, budget // block_m))
 
 
@@ -271,12 +271,11 @@ class _Setup:
         else:
             self.a, self.xn = _l2norm_rows(self.x, self.acc, self.eps)
             self.b, self.yn = _l2norm_rows(self.y, self.acc, self.eps)
-        # fp32 / fp64 tiles hold twice the bytes of 16-bit ones; halving their pair and d blocks keeps
-        # the sm_90 kernels within the register file (the static resource report showed 0.9 KB spilled)
+        # fp32 / fp64 tiles hold twice the bytes of 16-bit ones; halving their d blocks (and, off the tensor
+        # cores, their pair blocks) keeps the sm_90 kernels within the register file (0.9 KB had spilled)
         self.halved = 2 if x.element_size() > 2 else 1
         self.block_m = _block_m(self.m)
-        tensor_cores = x.element_size() == 2 or self.precision == "tf32"
-        self.block_p = _block_p(self.block_m, self.halved, tensor_cores)
+        self.block_p = _block_p(self.block_m, tensor_cores=x.element_size() == 2 or self.precision == "tf32")
         self.block_k = _block_k(self.d, BLOCK_K // self.halved)
         # a device scalar in the accumulation dtype (a Python float argument would be fp32)
         self.eps_t = torch.full((1,), self.eps, dtype=self.acc, device=x.device)
