@@ -112,6 +112,17 @@ def test_tf32_when_allowed(backend, mode, tf32_launches):
         assert_scaled_close(g, w, TF32_TOL)
 
 
+@pytest.mark.parametrize("shape", [(70, 5, 9, 24), (5, 70, 9, 24)], ids=["x-rows", "y-rows"])
+@pytest.mark.parametrize("mode", ["distance", "direction"])
+def test_triton_backward_partials_over_many_splits(monkeypatch, shape, mode):
+    """Every partner in its own split and two row blocks (the larger side is the rows either way):
+    the Triton backward's partial sums of both ends' gradients and of grad_weight add up."""
+    from sgfused.triton import pairwise_similarity as kernels
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS_CPU", 10_000)
+    assert kernels._split_count(5, 2, torch.device("cpu")) == 5
+    check_against_reference("triton", shape, mode, True, False, torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_aligned_equals_diagonal_of_all_pairs(backend):
     device = backend_device(backend)

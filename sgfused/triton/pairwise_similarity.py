@@ -13,26 +13,34 @@ Kernels:
 
 * ``_pairs_kernel``: one program per block of BLOCK_P pairs holding all m outputs of each pair
   (BLOCK_M = next power of two >= m): z = e @ W^T + b over d-chunks, then the l2norm epilogue.
-  Forward: writes out and norm. GRAD: recomputes z (exact even for fp16 / bf16 outputs) and writes
-  ``dz = g / r - z (z . g) / (r^2 ||z||)`` (second term 0 when ||z|| = 0) into a (P, m) buffer in
-  the accumulation dtype: the same size as grad_out, so z is recomputed once, not once per gradient.
-* ``_grad_rows_kernel``: gradient of the a rows, one program per (row, d-chunk). All pairs: loops
-  over the partner rows in blocks, ``dE = dz_tile @ W_chunk`` and reduces ``2 (a_i - b_j) dE``
-  (distance) or ``dE * b_j`` (direction) over j in order. Run on (x, y) for grad_x and on (y, x)
-  with the dz strides swapped for grad_y (the formula is symmetric). Aligned: one program per
-  block of rows, each row its own single pair.
+  Forward: writes out and norm. GRAD: writes ``dz = g / r - z (z . g) / (r^2 ||z||)`` (second term 0
+  when ||z|| = 0) into a (P, m) buffer in the accumulation dtype (the size of grad_out). z comes back
+  as out * (norm + eps) for fp32 / fp64 outputs (no product, as the CUDA kernels do); fp16 / bf16
+  outputs were rounded, so there z is recomputed (exact, once, not once per gradient).
+* ``_grad_ends_kernel``: both row gradients from one product per pair, ``dE = dz @ W_chunk``, which
+  gives the row r ``2 (a_r - b_c) dE`` (distance) or ``dE * b_c`` (direction) and its partner c
+  ``-2 (a_r - b_c) dE`` or ``dE * a_r``. All pairs: the larger of x, y is the rows (BLOCK_P per
+  program, the product's M side), the other their partners, stepped through one at a time over a
+  contiguous split, in order; the row sums stay in registers over the split and go to a
+  (split, rows, d) partial, each partner's sum over the row block to a (row blocks, partners, d)
+  partial; the launcher sums both (torch, deterministic). Aligned: one program per block of rows,
+  each row its own single pair, both gradients written directly.
 * ``_grad_weight_kernel``: one program per (m-block, d-chunk, split): ``sum_p outer(dz_p, e_p)`` over a
   contiguous range of pairs, in order, into a (split, m, d) partial; the launcher sums the splits
   (torch, deterministic). grad_bias is the (deterministic) torch sum of dz over pairs.
 
-Direction mode: the row kernels give the gradients of l2norm(x) / l2norm(y); the launcher takes
+Products with W per pair, fwd+bwd: three for fp32 / fp64 (z, dE, grad_weight), as the reference
+does; four for fp16 / bf16 (z recomputed).
+
+Direction mode: ``_grad_ends_kernel`` gives the gradients of l2norm(x) / l2norm(y); the launcher takes
 them through l2norm per row with torch (O((Nx + Ny) d)); a zero row (||v|| = 0) gets du / eps, the
 second term dropped as for dz (the reference's autograd gives NaN there).
 
-Extra memory: the dz buffer (P, m), the (split, m, d) grad_weight partials, and O((Nx + Ny) d)
-for l2norm(x), l2norm(y) (direction) and the row-gradient buffers.
+Extra memory: the dz buffer (P, m), the (split, m, d) grad_weight partials, the row-gradient
+partials ((split + row blocks) x (Nx + Ny) x d at most) and O((Nx + Ny) d) for l2norm(x),
+l2norm(y) (direction).
 
-Stores to bf16 go through ``_cast``, which rounds to nearest even by hand: the interpreter's
+Stores to bf16 go through ``cast_rounded``, which rounds to nearest even by hand: the interpreter's
 fp32 -> bf16 conversion truncates, the GPU's rounds; this gives the same bits on both.
 
 Element-wise arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input). Every tl.dot
@@ -54,9 +62,11 @@ from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native
 
 BLOCK_K = 32  # d-chunk of one tl.dot (halved for 4- and 8-byte inputs)
 BLOCK_KW = 64  # d columns of grad_weight per program (halved for 4- and 8-byte inputs)
+BLOCK_KE = 64  # d columns of the row gradients per program (halved for 4- and 8-byte inputs)
 BLOCK_MW = 64  # m rows of grad_weight per program
 BLOCK_PW = 32  # pairs per step of the grad_weight loop
-TARGET_PROGRAMS_CUDA = 512  # grad_weight splits the pairs until about this many programs run
+TARGET_PROGRAMS_CUDA = 512  # the backward kernels split their loops until about this many programs run
+TARGET_PROGRAMS_CPU = 2  # (the interpreter: few, but enough that the tests take more than one split)
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -89,31 +99,39 @@ def _e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC: tl.constexpr, DISTANCE
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_ptr,
+def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, saved_ptr, out_ptr, norm_ptr,
                   P, Ny, D, M,
                   ACC: tl.constexpr, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, GRAD: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, GRAD: tl.constexpr, RECOVER: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """z of BLOCK_P pairs (all m); forward: out = z / (||z|| + eps), norm = ||z||; GRAD: out = dz."""
+    """z of BLOCK_P pairs (all m); forward: out = z / (||z|| + eps), norm = ||z||; GRAD: out = dz.
+
+    RECOVER (GRAD with fp32 / fp64 outputs): z = saved * (norm + eps) from the forward's output and
+    norm, no product; otherwise z is recomputed from e and W.
+    """
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < P
-    i, j = _pair_index(p, Ny, ALIGNED)
     ms = tl.arange(0, BLOCK_M)
     mmask = ms < M
-    z = tl.zeros((BLOCK_P, BLOCK_M), ACC)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < D
-        e = dot_operand(_e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC, DISTANCE), DOT, NATIVE_DOT)
-        wt = tl.load(w_ptr + ms[None, :] * D + ks[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
-        z = tl.dot(e, dot_operand(wt, DOT, NATIVE_DOT), z, input_precision=PRECISION, out_dtype=ACC)
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + ms, mask=mmask, other=0.0).to(ACC)[None, :]
-    eps = tl.load(eps_ptr)
-    nrm = tl.sqrt(tl.sum(z * z, axis=1))
-    r = nrm + eps
     pm = p.to(tl.int64)[:, None] * M + ms[None, :]
     msk = pmask[:, None] & mmask[None, :]
+    eps = tl.load(eps_ptr)
+    if RECOVER:
+        nrm = tl.load(norm_ptr + p, mask=pmask, other=0.0).to(ACC)
+        z = tl.load(saved_ptr + pm, mask=msk, other=0.0).to(ACC) * (nrm + eps)[:, None]
+    else:
+        i, j = _pair_index(p, Ny, ALIGNED)
+        z = tl.zeros((BLOCK_P, BLOCK_M), ACC)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < D
+            e = dot_operand(_e_tile(a_ptr, b_ptr, i, j, pmask, ks, kmask, D, ACC, DISTANCE), DOT, NATIVE_DOT)
+            wt = tl.load(w_ptr + ms[None, :] * D + ks[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
+            z = tl.dot(e, dot_operand(wt, DOT, NATIVE_DOT), z, input_precision=PRECISION, out_dtype=ACC)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + ms, mask=mmask, other=0.0).to(ACC)[None, :]
+        nrm = tl.sqrt(tl.sum(z * z, axis=1))
+    r = nrm + eps
     if GRAD:
         g = tl.load(g_ptr + pm, mask=msk, other=0.0).to(ACC)
         zg = tl.sum(z * g, axis=1)
@@ -126,51 +144,59 @@ def _pairs_kernel(a_ptr, b_ptr, w_ptr, bias_ptr, eps_ptr, g_ptr, out_ptr, norm_p
 
 
 @triton.jit
-def _grad_rows_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, out_ptr, R, C, D, M, s_r, s_c,
+def _grad_ends_kernel(a_ptr, b_ptr, w_ptr, dz_ptr, ga_ptr, gb_ptr, R, C, D, M, s_r, s_c, cols_per_split,
                       ACC: tl.constexpr, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr, DISTANCE: tl.constexpr, ALIGNED: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[r, ks] = sum over the partners c of r of dE_rc * (2 (a_r - b_c) | b_c), dE_rc = W^T dz_rc.
+    """Both ends' gradients from one product per pair: dE_rc = W^T dz_rc onto a row r and its partner c.
 
-    dz of pair (r, c) is at dz_ptr + r * s_r + c * s_c (m contiguous values); aligned: r's only
-    partner is c = r and its dz is at r * M.
+    The row gets dE * 2 (a_r - b_c) (distance) or dE * b_c (direction), the partner -dE * 2 (a_r - b_c)
+    or dE * a_r. dz of pair (r, c) is at dz_ptr + r * s_r + c * s_c (m contiguous values).
+    Aligned: c = r, dz at r * M; ga[r] and gb[r] are written as they are.
+    All pairs: program (row block, column split s, d-chunk) steps through the split's partners c in
+    order; ga[s, r] holds row r's sum over them, gb[row block, c] partner c's sum over the block's
+    rows (partials in ACC, which the launcher sums in a fixed order).
     """
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rmask = rows < R
+    ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < D
     ms = tl.arange(0, BLOCK_M)
     mmask = ms < M
     w = tl.load(w_ptr + ms[:, None] * D + ks[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
     w = dot_operand(w, DOT, NATIVE_DOT)
+    msk = rmask[:, None] & kmask[None, :]
+    a = tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
     if ALIGNED:
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        rmask = rows < R
         dz = tl.load(dz_ptr + rows[:, None] * M + ms[None, :], mask=rmask[:, None] & mmask[None, :], other=0.0)
         de = tl.dot(dot_operand(dz, DOT, NATIVE_DOT), w, input_precision=PRECISION, out_dtype=ACC)
-        msk = rmask[:, None] & kmask[None, :]
-        a = tl.load(a_ptr + rows[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
         b = tl.load(b_ptr + rows[:, None] * D + ks[None, :], mask=msk, other=0.0).to(ACC)
         if DISTANCE:
-            res = 2.0 * (a - b) * de
+            ta = 2.0 * (a - b) * de
+            tb = -ta
         else:
-            res = de * b
-        tl.store(out_ptr + rows[:, None] * D + ks[None, :], cast_rounded(res, out_ptr.dtype.element_ty), mask=msk)
+            ta = de * b
+            tb = de * a
+        tl.store(ga_ptr + rows[:, None] * D + ks[None, :], cast_rounded(ta, ga_ptr.dtype.element_ty), mask=msk)
+        tl.store(gb_ptr + rows[:, None] * D + ks[None, :], cast_rounded(tb, gb_ptr.dtype.element_ty), mask=msk)
     else:
-        row = tl.program_id(0).to(tl.int64)
-        a = tl.load(a_ptr + row * D + ks, mask=kmask, other=0.0).to(ACC)
-        acc = tl.zeros((BLOCK_K,), ACC)
-        for c0 in range(0, C, BLOCK_R):
-            cols = (c0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-            cmask = cols < C
-            dz = tl.load(dz_ptr + row * s_r + cols[:, None] * s_c + ms[None, :],
-                         mask=cmask[:, None] & mmask[None, :], other=0.0)
+        s = tl.program_id(1).to(tl.int64)
+        start = s * cols_per_split  # int64, and so is c: c * s_c passes 2^31 at large Nx * Ny * m
+        end = tl.minimum(start + cols_per_split, C)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), ACC)
+        for c in range(start, end):
+            dz = tl.load(dz_ptr + rows[:, None] * s_r + c * s_c + ms[None, :],
+                         mask=rmask[:, None] & mmask[None, :], other=0.0)
             de = tl.dot(dot_operand(dz, DOT, NATIVE_DOT), w, input_precision=PRECISION, out_dtype=ACC)
-            b = tl.load(b_ptr + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :],
-                        other=0.0).to(ACC)
+            b = tl.load(b_ptr + c * D + ks, mask=kmask, other=0.0).to(ACC)
             if DISTANCE:
-                t = 2.0 * (a[None, :] - b) * de
+                t = 2.0 * (a - b[None, :]) * de
+                acc += t
+                tb = -tl.sum(t, axis=0)
             else:
-                t = de * b
-            acc += tl.sum(t, axis=0)
-        tl.store(out_ptr + row * D + ks, cast_rounded(acc, out_ptr.dtype.element_ty), mask=kmask)
+                acc += de * b[None, :]
+                tb = tl.sum(de * a, axis=0)
+            tl.store(gb_ptr + (tl.program_id(0).to(tl.int64) * C + c) * D + ks, tb, mask=kmask)
+        tl.store(ga_ptr + (s * R + rows[:, None]) * D + ks[None, :], acc, mask=msk)
 
 
 @triton.jit
@@ -220,7 +246,7 @@ def _block_p(block_m: int, tensor_cores: bool) -> int:
 
 
 def _num_warps(block_p: int, block_m: int) -> int:
-    """8 warps (two warpgroups) for z tiles of 16K accumulators or more, else 4."""
+    """8 warps (two warpgroups) for (pairs, m) tiles (z, dz) of 16K elements or more, else 4."""
     return 8 if block_p * block_m >= 16384 else 4
 
 
@@ -289,34 +315,69 @@ class _Setup:
     def out_shape(self) -> tuple:
         return (self.nx, self.m) if self.aligned else (self.nx, self.ny, self.m)
 
-    def pairs(self, g: Tensor | None, out: Tensor, norm: Tensor | None) -> None:
+    def pairs(self, g: Tensor | None, out: Tensor, norm: Tensor, saved: Tensor | None = None) -> None:
+        """Forward (g None): out and norm. Backward: dz of grad_out ``g`` into ``out``; with fp32 / fp64
+        outputs z is recovered from the forward's ``saved`` output and ``norm``, else recomputed."""
         w = self.w
-        _pairs_kernel[(triton.cdiv(self.p, self.block_p),)](
+        recover = g is not None and self.x.element_size() > 2
+        # recovering z is element-wise: no product, so no 64-row tiles for the tensor cores
+        block_p = _block_p(self.block_m, tensor_cores=False) if recover else self.block_p
+        _pairs_kernel[(triton.cdiv(self.p, block_p),)](
             self.a, self.b, w, w if self.bias is None else self.bias, self.eps_t,
-            out if g is None else g, out, out if norm is None else norm,
+            out if g is None else g, out if saved is None else saved, out, norm,
             self.p, self.ny, self.d, self.m,
             **self.dots, DISTANCE=self.distance, ALIGNED=self.aligned,
-            HAS_BIAS=self.bias is not None, GRAD=g is not None,
-            BLOCK_P=self.block_p, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
-            num_warps=_num_warps(self.block_p, self.block_m),
+            HAS_BIAS=self.bias is not None, GRAD=g is not None, RECOVER=recover,
+            BLOCK_P=block_p, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
+            num_warps=_num_warps(block_p, self.block_m),
         )
 
 
-def _grad_rows(s: _Setup, a: Tensor, b: Tensor, dz: Tensor, n_rows: int, n_cols: int,
-               s_r: int, s_c: int, dtype: torch.dtype) -> Tensor:
-    out = torch.empty((n_rows, s.d), dtype=dtype, device=dz.device)
-    if n_rows == 0 or n_cols == 0 or s.d == 0:
-        return out.zero_()
+def _split_count(n_steps: int, other_programs: int, device: torch.device) -> int:
+    """Into how many contiguous ranges a kernel splits its n_steps so about enough programs run.
+
+    Depends on the shapes and the device type only, so the summation order (and the result) is
+    fixed for a given problem.
+    """
+    target = TARGET_PROGRAMS_CUDA if device.type == "cuda" else TARGET_PROGRAMS_CPU
+    return max(1, min(n_steps, triton.cdiv(target, other_programs)))
+
+
+def _grad_ends(s: _Setup, dz: Tensor, gx_dtype: torch.dtype, gy_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(gradient of the a rows, of the b rows) from ``_grad_ends_kernel``: one product with W per pair.
+
+    All pairs: the larger side is the kernel's rows (its tiles fill up), the smaller their partners.
+    """
+    device = dz.device
+    if s.p == 0 or s.d == 0:
+        return (torch.zeros((s.nx, s.d), dtype=gx_dtype, device=device),
+                torch.zeros((s.ny, s.d), dtype=gy_dtype, device=device))
+    block_k = _block_k(s.d, BLOCK_KE // s.halved)
+    n_k = triton.cdiv(s.d, block_k)
+    common = dict(**s.dots, DISTANCE=s.distance, ALIGNED=s.aligned,
+                  BLOCK_R=s.block_p, BLOCK_M=s.block_m, BLOCK_K=block_k,
+                  num_warps=_num_warps(s.block_p, s.block_m))  # its dz tile is the size of the z tile
     if s.aligned:
-        grid = (triton.cdiv(n_rows, s.block_p), triton.cdiv(s.d, s.block_k))
-    else:
-        grid = (n_rows, triton.cdiv(s.d, s.block_k))
-    _grad_rows_kernel[grid](
-        a, b, s.w, dz, out, n_rows, n_cols, s.d, s.m, s_r, s_c,
-        **s.dots, DISTANCE=s.distance, ALIGNED=s.aligned,
-        BLOCK_R=s.block_p, BLOCK_M=s.block_m, BLOCK_K=s.block_k,
-    )
-    return out
+        gx = torch.empty((s.nx, s.d), dtype=gx_dtype, device=device)
+        gy = torch.empty((s.ny, s.d), dtype=gy_dtype, device=device)
+        _grad_ends_kernel[(triton.cdiv(s.nx, s.block_p), 1, n_k)](
+            s.a, s.b, s.w, dz, gx, gy, s.nx, s.nx, s.d, s.m, s.m, 0, 1, **common)
+        return gx, gy
+    x_rows = s.nx >= s.ny
+    a, b = (s.a, s.b) if x_rows else (s.b, s.a)
+    n_rows, n_cols = (s.nx, s.ny) if x_rows else (s.ny, s.nx)
+    s_r, s_c = (s.ny * s.m, s.m) if x_rows else (s.m, s.ny * s.m)
+    n_r = triton.cdiv(n_rows, s.block_p)
+    split = _split_count(n_cols, n_r * n_k, device)
+    cols_per_split = triton.cdiv(n_cols, split)
+    split = triton.cdiv(n_cols, cols_per_split)
+    part_rows = torch.empty((split, n_rows, s.d), dtype=s.acc, device=device)
+    part_cols = torch.empty((n_r, n_cols, s.d), dtype=s.acc, device=device)
+    _grad_ends_kernel[(n_r, split, n_k)](
+        a, b, s.w, dz, part_rows, part_cols, n_rows, n_cols, s.d, s.m, s_r, s_c, cols_per_split, **common)
+    g_rows, g_cols = part_rows.sum(0), part_cols.sum(0)
+    gx, gy = (g_rows, g_cols) if x_rows else (g_cols, g_rows)
+    return gx.to(gx_dtype), gy.to(gy_dtype)
 
 
 def _grad_weight(s: _Setup, dz: Tensor) -> Tensor:
@@ -327,10 +388,7 @@ def _grad_weight(s: _Setup, dz: Tensor) -> Tensor:
     block_kw = _block_k(s.d, BLOCK_KW // s.halved)
     n_mk = triton.cdiv(s.m, block_mw) * triton.cdiv(s.d, block_kw)
     n_blocks = triton.cdiv(s.p, BLOCK_PW)
-    # split the pairs into contiguous ranges so enough programs run; the split count depends on the
-    # shapes and device only, so the summation order (and the result) is fixed for a given problem.
-    target = TARGET_PROGRAMS_CUDA if device.type == "cuda" else 2
-    split = max(1, min(n_blocks, triton.cdiv(target, n_mk)))
+    split = _split_count(n_blocks, n_mk, device)
     pairs_per_split = triton.cdiv(n_blocks, split) * BLOCK_PW
     split = triton.cdiv(s.p, pairs_per_split)
     part = torch.empty((split, s.m, s.d), dtype=s.acc, device=device)
@@ -370,29 +428,22 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_y, grad_weight, grad_bias), each in its input's dtype; grad_bias is (0,) without bias.
 
-    z is recomputed from x, y, weight and bias (not recovered from the rounded ``out``), so ``out``
-    and ``norm`` are not read.
+    fp32 / fp64: z is recovered as out * (norm + eps). fp16 / bf16: z is recomputed from x, y,
+    weight and bias, since ``out`` was rounded (``out`` and ``norm`` are not read).
     """
     s = _Setup(x, y, weight, bias, mode, eps, aligned)
     device = x.device
     # dz of every pair, (P, m) in the accumulation dtype (the size of grad_out)
     dz = torch.empty((s.p, s.m), dtype=s.acc, device=device)
     if s.p > 0:
-        s.pairs(grad_out.contiguous(), dz, None)
+        s.pairs(grad_out.contiguous(), dz, norm.contiguous(), saved=out.contiguous())
     grad_bias = (
         torch.empty((0,), dtype=weight.dtype, device=device)
         if bias is None
         else dz.sum(0).to(bias.dtype)
     )
-    # the row kernels write the gradient itself (distance) or that of l2norm(x) / l2norm(y) (direction)
-    gx_dtype = x.dtype if s.distance else s.acc
-    gy_dtype = y.dtype if s.distance else s.acc
-    if s.aligned:
-        gx = _grad_rows(s, s.a, s.b, dz, s.nx, s.ny, s.m, 0, gx_dtype)
-        gy = _grad_rows(s, s.b, s.a, dz, s.ny, s.nx, s.m, 0, gy_dtype)
-    else:
-        gx = _grad_rows(s, s.a, s.b, dz, s.nx, s.ny, s.ny * s.m, s.m, gx_dtype)
-        gy = _grad_rows(s, s.b, s.a, dz, s.ny, s.nx, s.m, s.ny * s.m, gy_dtype)
+    # the gradients themselves (distance) or those of l2norm(x) / l2norm(y) (direction)
+    gx, gy = _grad_ends(s, dz, x.dtype if s.distance else s.acc, y.dtype if s.distance else s.acc)
     if not s.distance:
         gx = _l2norm_backward(s.x, s.xn, gx, s.eps).to(x.dtype)
         gy = _l2norm_backward(s.y, s.yn, gy, s.eps).to(y.dtype)
