@@ -88,6 +88,28 @@ def triton_backwards(rows: Rows) -> tuple[str, bool | None]:
             f"{len(found)} rows"), worst.speedup_vs_reference >= 1.0
 
 
+def auto_picks(rows: Rows) -> tuple[str, bool | None]:
+    """Whether ``backend="auto"``'s pick (CUDA C++ where the op has one, before Triton) was the fastest
+    backend in every benchmarked call (op, case, dtype, shape) that timed both kernels: Triton within
+    5% of it or slower, and the reference (which auto never takes, since it holds more memory) slower."""
+    calls: dict[tuple[str, str, str, str], dict[str, Row]] = {}
+    for op_rows in rows.values():
+        for r in op_rows:
+            if r.backend in ("cuda", "triton", "reference"):
+                calls.setdefault((r.op, r.case, r.dtype, r.shape), {})[r.backend] = r
+    both = {call: found for call, found in calls.items() if "cuda" in found and "triton" in found}
+    if not both:
+        return "not measured", None
+    slower = [(found["cuda"].ms / found["triton"].ms, call) for call, found in both.items()
+              if found["cuda"].ms > 1.05 * found["triton"].ms]
+    beaten = sum(1 for found in both.values() if "reference" in found and found["reference"].ms < found["cuda"].ms)
+    text = f"CUDA slower than Triton in {len(slower)} of {len(both)} calls; the reference faster in {beaten}"
+    if slower:
+        worst, (op, case, dtype, shape) = max(slower)
+        text += f" (worst {worst:.2f}x: {op}, {case}, {dtype}, {shape})"
+    return text, not slower and not beaten
+
+
 TARGETS: list[tuple[str, Callable[[Rows], tuple[str, bool | None]]]] = [
     ("SGRAF SGR 1000 x 5000, bf16 < 1 s", seconds_under(1.0, "sgraf", "eval SGR similarity", ("bfloat16",))),
     ("SGRAF SGR 1000 x 5000, fp32 / TF32 < 2 s", seconds_under(2.0, "sgraf", "eval SGR similarity", ("float32", "tf32"))),
@@ -104,6 +126,7 @@ TARGETS: list[tuple[str, Callable[[Rows], tuple[str, bool | None]]]] = [
     ("SGFN training step >= 2x", ratio_at_least(2.0, "sgfn", "train step full")),
     ("SGM training step >= 2x", ratio_at_least(2.0, "sgm", "train step")),
     ("every Triton backward >= 1x the reference", triton_backwards),
+    ("backend=\"auto\" (CUDA, else Triton) picks the fastest", auto_picks),
 ]
 
 

@@ -21,6 +21,8 @@ import pytest
 import torch
 from conftest import BENCH, bench_module
 
+AUTO = 'backend="auto" (CUDA, else Triton) picks the fastest'  # the target line of backend="auto"
+
 @pytest.fixture(scope="module")
 def targets():
     return bench_module("gpu_targets")
@@ -55,6 +57,24 @@ def test_report_reads_the_committed_h100_run(targets):
     assert lines["cross_attention eval 1000 x 5000, bf16 < 0.3 s"].endswith("NOT MET")
     assert "0.51x, memory 0.030x (triton" in lines["hardest_negative embeddings N = 16384 >= 1x, <= 1/30 memory"]
     assert lines["SGRAF SGR 1000 x 5000, bf16 < 1 s"].split()[-3:] == ["not", "measured", "-"]
+    auto = lines[AUTO]
+    assert "CUDA slower than Triton in 0 of 19 calls; the reference faster in 2" in auto and auto.endswith("NOT MET")
+
+
+def test_auto_is_judged_on_every_call_that_timed_both_kernels(targets, harness, tmp_path):
+    op = "pairwise_similarity"
+    fast = [_row(harness, op, "train fwd+bwd float32", "cuda", "float32", "s", 1.0),
+            _row(harness, op, "train fwd+bwd float32", "triton", "float32", "s", 1.04),
+            _row(harness, op, "train fwd+bwd float32", "reference", "float32", "s", 2.0),
+            _row(harness, op, "eval fwd", "triton", "bfloat16", "s", 0.1)]  # no CUDA row: not judged
+    _write(tmp_path, op, fast)
+    assert _lines(targets, tmp_path)[AUTO].endswith(" met")
+    _write(tmp_path, op, fast + [_row(harness, op, "eval fwd", "cuda", "bfloat16", "s", 0.3)])
+    line = _lines(targets, tmp_path)[AUTO]
+    assert "CUDA slower than Triton in 1 of 2 calls" in line and "3.00x: pairwise_similarity, eval fwd" in line
+    assert line.endswith("NOT MET")
+    _write(tmp_path, op, fast[:2] + [_row(harness, op, "train fwd+bwd float32", "reference", "float32", "s", 0.9)])
+    assert _lines(targets, tmp_path)[AUTO].endswith("NOT MET")  # the reference was faster
 
 
 def test_met_needs_every_condition_of_the_target(targets, harness, tmp_path):
