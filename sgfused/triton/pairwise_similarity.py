@@ -239,15 +239,18 @@ def _block_p(block_m: int, tensor_cores: bool) -> int:
 
     Tensor-core products (16-bit, TF32) take 64 pairs where about 16K accumulators allow it: sm_90's
     ``wgmma`` works on 64-row tiles, and at 32 rows (m = 256) these kernels compiled to the older
-    ``mma``. Full fp32 / fp64 runs on the CUDA cores and keeps about 4K (wider tiles spilled).
+    ``mma``. Full fp32 / fp64 runs on the CUDA cores at half that per thread (``_num_warps``): about
+    8K, 32 pairs at m = 256, where 16 spent twice the L2 traffic on W (each program reads all of it).
     """
-    budget = 16384 if tensor_cores else 4096
+    budget = 16384 if tensor_cores else 8192
     return max(16, min(64, budget // block_m))
 
 
-def _num_warps(block_p: int, block_m: int) -> int:
-    """8 warps (two warpgroups) for (pairs, m) tiles (z, dz) of 16K elements or more, else 4."""
-    return 8 if block_p * block_m >= 16384 else 4
+def _num_warps(block_p: int, block_m: int, tensor_cores: bool) -> int:
+    """4 warps, or 8 (two warpgroups) where 4 would hold more than 64 (tensor cores) or 32 (CUDA cores)
+    elements of a (pairs, m) tile (z, dz) per thread."""
+    per_thread_at_4 = block_p * block_m // 128
+    return 8 if per_thread_at_4 > (64 if tensor_cores else 32) else 4
 
 
 def _block_k(d: int, cap: int) -> int:
@@ -301,7 +304,8 @@ class _Setup:
         # cores, their pair blocks) keeps the sm_90 kernels within the register file (0.9 KB had spilled)
         self.halved = 2 if x.element_size() > 2 else 1
         self.block_m = _block_m(self.m)
-        self.block_p = _block_p(self.block_m, tensor_cores=x.element_size() == 2 or self.precision == "tf32")
+        self.tensor_cores = x.element_size() == 2 or self.precision == "tf32"
+        self.block_p = _block_p(self.block_m, self.tensor_cores)
         self.block_k = _block_k(self.d, BLOCK_K // self.halved)
         # a device scalar in the accumulation dtype (a Python float argument would be fp32)
         self.eps_t = torch.full((1,), self.eps, dtype=self.acc, device=x.device)
@@ -321,7 +325,8 @@ class _Setup:
         w = self.w
         recover = g is not None and self.x.element_size() > 2
         # recovering z is element-wise: no product, so no 64-row tiles for the tensor cores
-        block_p = _block_p(self.block_m, tensor_cores=False) if recover else self.block_p
+        tensor_cores = self.tensor_cores and not recover
+        block_p = _block_p(self.block_m, tensor_cores)
         _pairs_kernel[(triton.cdiv(self.p, block_p),)](
             self.a, self.b, w, w if self.bias is None else self.bias, self.eps_t,
             out if g is None else g, out if saved is None else saved, out, norm,
@@ -329,7 +334,7 @@ class _Setup:
             **self.dots, DISTANCE=self.distance, ALIGNED=self.aligned,
             HAS_BIAS=self.bias is not None, GRAD=g is not None, RECOVER=recover,
             BLOCK_P=block_p, BLOCK_M=self.block_m, BLOCK_K=self.block_k,
-            num_warps=_num_warps(block_p, self.block_m),
+            num_warps=_num_warps(block_p, self.block_m, tensor_cores),
         )
 
 
@@ -356,7 +361,7 @@ def _grad_ends(s: _Setup, dz: Tensor, gx_dtype: torch.dtype, gy_dtype: torch.dty
     n_k = triton.cdiv(s.d, block_k)
     common = dict(**s.dots, DISTANCE=s.distance, ALIGNED=s.aligned,
                   BLOCK_R=s.block_p, BLOCK_M=s.block_m, BLOCK_K=block_k,
-                  num_warps=_num_warps(s.block_p, s.block_m))  # its dz tile is the size of the z tile
+                  num_warps=_num_warps(s.block_p, s.block_m, s.tensor_cores))  # its dz tile: the z tile's size
     if s.aligned:
         gx = torch.empty((s.nx, s.d), dtype=gx_dtype, device=device)
         gy = torch.empty((s.ny, s.d), dtype=gy_dtype, device=device)
