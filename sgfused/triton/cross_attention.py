@@ -29,9 +29,10 @@ positions read as 0 and never influence a valid result.
   partner in a fixed order; the launcher sums the splits with torch in a fixed order. The
   per-pair chain is: dz (distance / direction, z recomputed exactly) -> d-chunk pass for the
   direction l2norm terms -> d-chunk pass accumulating ``d_ctx C^T``, ``(u / ||u||) C^T`` and
-  <u / ||u||, d_ctx> (which give ``dP = du C^T`` without forming du first) -> softmax, clipped-l2 and leaky-ReLU
-  backward on the (BLOCK_J, BLOCK_C) tile -> d-chunk pass writing ``dQ += d_q + dS C`` or
-  ``dC += P^T du + dS^T Q`` (and ``dW += dz^T e``).
+  <u / ||u||, d_ctx> (which give ``dP = du C^T`` without forming du first; FOR_Q also adds the
+  direct share ``d_q`` to dQ there, as it needs no dS) -> softmax, clipped-l2 and leaky-ReLU
+  backward on the (BLOCK_J, BLOCK_C) tile -> d-chunk pass writing ``dQ += dS C`` (and
+  ``dW += dz^T e``: no ``dz W`` product in that pass) or ``dC += P^T du + dS^T Q``.
 
 Extra memory: backward only: fp32 / fp64 accumulators for dQ (split x Nq x Lq x d), dC
 (split x Nc x Lc x d), and, with a weight, grad_weight partials (split x Nq x m x d) and grad_bias
@@ -486,6 +487,11 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             d1 = tl.dot(dot_operand(d_ctx, DOT, NATIVE_DOT), ct, d1, input_precision=PRECISION, out_dtype=ACC)
             d2 = tl.dot(dot_operand(uu_, DOT, NATIVE_DOT), ct, d2, input_precision=PRECISION, out_dtype=ACC)
             a_u += tl.sum(uu_ * d_ctx, axis=1)
+            if FOR_Q:
+                if EPI >= 1:  # the query's direct share needs no dS: added here, so the last pass needs no dE
+                    ptrs = acc_ptr + (slot * Lq + js[:, None]) * D + ds[None, :]
+                    msk = jin[:, None] & dm[None, :]
+                    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + d_q, mask=msk)
         dp = (d1 - d2 * a_u[:, None]) / ru[:, None] + d2 * (a_u * eps / (ru * ru))[:, None]
 
         # ---- softmax, clipped l2 and leaky ReLU backward on the (j, k) tile
@@ -505,21 +511,24 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
-            c, q, u, d_ctx, d_q = _chunk_grads(pd, dzd, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms,
-                                               mm, ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC,
-                                               NATIVE_DOT, PRECISION)
             if FOR_Q:
-                val = d_q + tl.dot(ds0, c, input_precision=PRECISION, out_dtype=ACC)
+                c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
+                val = tl.dot(ds0, c, input_precision=PRECISION, out_dtype=ACC)
                 ptrs = acc_ptr + (slot * Lq + js[:, None]) * D + ds[None, :]
                 msk = jin[:, None] & dm[None, :]
                 tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + val, mask=msk)
                 if EPI >= 2:
+                    q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
+                    u = tl.dot(pd, c, input_precision=PRECISION, out_dtype=ACC)
                     e = dot_operand(_features(u, q, ru, rc, rq, EPI), DOT, NATIVE_DOT)
                     dwc = tl.dot(tl.trans(dzd), e, input_precision=PRECISION, out_dtype=ACC)
                     wptrs = dw_ptr + (slot * M + ms[:, None]) * D + ds[None, :]
                     wmsk = mm[:, None] & dm[None, :]
                     tl.store(wptrs, tl.load(wptrs, mask=wmsk, other=0.0) + dwc, mask=wmsk)
             else:
+                c, q, u, d_ctx, d_q = _chunk_grads(pd, dzd, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr,
+                                                   ms, mm, ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC,
+                                                   NATIVE_DOT, PRECISION)
                 du = dot_operand(_norm_grad(d_ctx, _unit(u, nu), a_u, ru, eps), DOT, NATIVE_DOT)
                 val = tl.dot(tl.trans(pd), du, input_precision=PRECISION, out_dtype=ACC)
                 val = tl.dot(tl.trans(ds0), dot_operand(q, DOT, NATIVE_DOT), val, input_precision=PRECISION,
