@@ -47,6 +47,23 @@ def compiles_for_gpu(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def split_count(n_steps: int, other_programs: int, target: int) -> int:
+    """Into how many contiguous ranges (1 to n_steps) a kernel splits a loop of n_steps, so that with
+    ``other_programs`` programs per range about ``target`` programs run.
+
+    It depends on the shapes and the target only, so the order in which the launcher sums the
+    ranges' partials (and so the result) is fixed for a given problem.
+    """
+    if other_programs == 0:
+        return 1
+    return max(1, min(n_steps, triton.cdiv(target, other_programs)))
+
+
+def sum_partials(part: torch.Tensor) -> torch.Tensor:
+    """The sum of per-range partials over their leading axis, in a fixed order (no copy for one range)."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
+
+
 def _tf32_allowed() -> bool:
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: reflects the new and the legacy settings alike

@@ -69,7 +69,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype, widened
+from ._common import (acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, split_count, sum_partials,
+                      tl_dtype, widened)
 
 BLOCK_D_FWD = 64  # d-chunk of the forward passes (halved for 4- and 8-byte inputs, and divided by GROUP)
 BLOCK_D_BWD = 16  # d-chunk of the backward passes (more live tiles; at 32 the bf16 dQ pass spilled 96-208 B on sm_90)
@@ -618,9 +619,8 @@ class _Setup:
 
 
 def _splits(n_mine: int, n_partners: int, device: torch.device) -> int:
-    if device.type != "cuda" or n_mine == 0:
-        return 1
-    return max(1, min(n_partners, triton.cdiv(TARGET_PROGRAMS_CUDA, n_mine)))
+    """Splits of the partner loop: one in the interpreter, about TARGET_PROGRAMS_CUDA programs on CUDA."""
+    return split_count(n_partners, n_mine, TARGET_PROGRAMS_CUDA if device.type == "cuda" else 0)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -717,8 +717,8 @@ def backward(
         FOR_Q=False, **const,
     )
 
-    grad_q = (dq[0] if split_q == 1 else dq.sum(0)).to(queries.dtype)
-    grad_c = (dc[0] if split_c == 1 else dc.sum(0)).to(contexts.dtype)
+    grad_q = sum_partials(dq).to(queries.dtype)
+    grad_c = sum_partials(dc).to(contexts.dtype)
     if weight is not None and s.uses_w:
         grad_w = dw.sum((0, 1)).to(weight.dtype)
     elif weight is not None:

@@ -58,7 +58,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, tl_dtype
+from ._common import (acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, split_count, sum_partials,
+                      tl_dtype)
 
 BLOCK_K = 32  # d-chunk of one tl.dot (halved for 4- and 8-byte inputs)
 BLOCK_KW = 64  # d columns of grad_weight per program (halved for 4- and 8-byte inputs)
@@ -339,13 +340,8 @@ class _Setup:
 
 
 def _split_count(n_steps: int, other_programs: int, device: torch.device) -> int:
-    """Into how many contiguous ranges a kernel splits its n_steps so about enough programs run.
-
-    Depends on the shapes and the device type only, so the summation order (and the result) is
-    fixed for a given problem.
-    """
-    target = TARGET_PROGRAMS_CUDA if device.type == "cuda" else TARGET_PROGRAMS_CPU
-    return max(1, min(n_steps, triton.cdiv(target, other_programs)))
+    """``_common.split_count`` towards TARGET_PROGRAMS_CUDA, or TARGET_PROGRAMS_CPU in the interpreter."""
+    return split_count(n_steps, other_programs, TARGET_PROGRAMS_CUDA if device.type == "cuda" else TARGET_PROGRAMS_CPU)
 
 
 def _grad_ends(s: _Setup, dz: Tensor, gx_dtype: torch.dtype, gy_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -380,7 +376,7 @@ def _grad_ends(s: _Setup, dz: Tensor, gx_dtype: torch.dtype, gy_dtype: torch.dty
     part_cols = torch.empty((n_r, n_cols, s.d), dtype=s.acc, device=device)
     _grad_ends_kernel[(n_r, split, n_k)](
         a, b, s.w, dz, part_rows, part_cols, n_rows, n_cols, s.d, s.m, s_r, s_c, cols_per_split, **common)
-    g_rows, g_cols = part_rows.sum(0), part_cols.sum(0)
+    g_rows, g_cols = sum_partials(part_rows), sum_partials(part_cols)
     gx, gy = (g_rows, g_cols) if x_rows else (g_cols, g_rows)
     return gx.to(gx_dtype), gy.to(gy_dtype)
 
@@ -402,7 +398,7 @@ def _grad_weight(s: _Setup, dz: Tensor) -> Tensor:
         **s.dots, DISTANCE=s.distance, ALIGNED=s.aligned,
         BLOCK_P=BLOCK_PW, BLOCK_MW=block_mw, BLOCK_K=block_kw,
     )
-    gw = part[0] if split == 1 else part.sum(0)
+    gw = sum_partials(part)
     return gw.to(s.w.dtype)
 
 
