@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, main, measure, measure_call, train_step  # noqa: E402
+from harness import Row, add_ratios, fused_label, main, measure, measure_call, train_step  # noqa: E402
 from bench_sgraf import PAPER, QUICK, TOKENS, VOCAB  # noqa: E402  (the same sizes as SGRAF's benchmark)
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch  # noqa: E402
@@ -74,13 +74,13 @@ def eval_rows(device: torch.device, quick: bool) -> list[Row]:
             half = tuple(t[:n_cap] for t in caption_enc)
             case = f"eval {direction} similarity"
             scores = {}
-            for name, m in (("reference", reference), (device.type, model)):
+            for name, m in (("reference", reference), (fused_label(device), model)):
                 row, scores[name] = measure_call(OP, case, name, device, torch.float32, f"{n_img}img x {n_cap}cap",
                                                  lambda m=m: m.similarity(image_enc, half))
                 rows.append(row)
-            double = measure(OP, f"{case} x2 captions", device.type, device, torch.float32,
+            double = measure(OP, f"{case} x2 captions", fused_label(device), device, torch.float32,
                              f"{n_img}img x {2 * n_cap}cap", lambda: model.similarity(image_enc, caption_enc))
-        diff = (scores[device.type] - scores["reference"]).abs().max().item()
+        diff = (scores[fused_label(device)] - scores["reference"]).abs().max().item()
         extra = 4 * n_img * n_cap / 2**20  # the larger score matrix
         print(f"{case}: max |score - reference| = {diff:.2e}; peak {rows[-1].peak_mib:.1f} MiB at {n_cap} captions, "
               f"{double.peak_mib:.1f} MiB at {2 * n_cap} (score matrix +{extra:.1f} MiB)")
@@ -108,7 +108,7 @@ def train_rows(device: torch.device, quick: bool) -> list[Row]:
     shape = f"batch {n}, embed {sizes['embed_size']}"
     rows = [
         measure(OP, "train i2t Adam step", "reference", device, torch.float32, shape, train_step(reference, batch)),
-        measure(OP, "train i2t Adam step", device.type, device, torch.float32, shape, train_step(fused, batch)),
+        measure(OP, "train i2t Adam step", fused_label(device), device, torch.float32, shape, train_step(fused, batch)),
     ]
     add_ratios(rows)
     for r in rows:

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, add_ratios, main, measure, measure_call, train_step  # noqa: E402
+from harness import Row, add_ratios, fused_label, main, measure, measure_call, train_step  # noqa: E402
 from bench_sgraf import PAPER, QUICK, TOKENS, VOCAB  # noqa: E402  (MPSM is benchmarked at SGRAF's sizes)
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch  # noqa: E402
@@ -67,11 +67,11 @@ def eval_rows(device: torch.device, quick: bool) -> list[Row]:
                        model.encode_text(ids.to(device), lens.to(device), graphs))
             case = f"eval {perspective} similarity"
             scores = {}
-            for name, m in (("reference", reference), (device.type, model)):
+            for name, m in (("reference", reference), (fused_label(device), model)):
                 row, scores[name] = measure_call(OP, case, name, device, torch.float32, shape,
                                                  lambda m=m: m.similarity(*encoded))
                 rows.append(row)
-        diff = (scores[device.type] - scores["reference"]).abs().max().item()
+        diff = (scores[fused_label(device)] - scores["reference"]).abs().max().item()
         print(f"{case}: max |score - reference| = {diff:.2e}")
     add_ratios(rows)
     for r in rows:
@@ -95,7 +95,7 @@ def train_rows(device: torch.device, quick: bool) -> list[Row]:
     shape = f"batch {n}, embed {dims['embed_size']}, sim {dims['sim_dim']}"
     rows = [
         measure(OP, "train distance Adam step", "reference", device, torch.float32, shape, train_step(reference, batch)),
-        measure(OP, "train distance Adam step", device.type, device, torch.float32, shape, train_step(fused, batch)),
+        measure(OP, "train distance Adam step", fused_label(device), device, torch.float32, shape, train_step(fused, batch)),
     ]
     add_ratios(rows)
     for r in rows:

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Row, main, measure, measure_call, tf32, train_step  # noqa: E402
+from harness import Row, fused_label, main, measure, measure_call, tf32, train_step  # noqa: E402
 
 from sgfused.data.batch import CaptionBatch, ImageBatch, PairBatch  # noqa: E402
 from sgfused.models.sgraf import SGRAF, sgraf_loop_similarity  # noqa: E402
@@ -72,17 +72,18 @@ def eval_rows(device: torch.device, quick: bool) -> list[Row]:
     regions, words, lens = eval_inputs(n_img, n_cap, dims, device)
     shape = f"{n_img}img x {n_cap}cap"
     rows = []
+    fused = fused_label(device)
     for module in ("SGR", "SAF"):
         torch.manual_seed(0)
         model = SGRAF(VOCAB, module=module, **dims).to(device).eval()
         case = f"eval {module} similarity"
         paths = {
             ("loop", "float32"): lambda: sgraf_loop_similarity(model, regions, words, lens),
-            (device.type, "float32"): lambda: model.similarity(regions, words, lens),
-            (device.type, "bfloat16"): lambda: model.similarity(regions, words, lens, dtype=torch.bfloat16),
+            (fused, "float32"): lambda: model.similarity(regions, words, lens),
+            (fused, "bfloat16"): lambda: model.similarity(regions, words, lens, dtype=torch.bfloat16),
         }
         if device.type == "cuda":
-            paths[(device.type, "tf32")] = tf32(paths[(device.type, "float32")])
+            paths[(fused, "tf32")] = tf32(paths[(fused, "float32")])
         scores = {}
         with torch.no_grad():
             for (backend, precision), fn in paths.items():
@@ -110,7 +111,7 @@ def train_rows(device: torch.device, quick: bool) -> list[Row]:
     shape = f"batch {n}, embed {dims['embed_size']}, sim {dims['sim_dim']}"
     rows = [
         measure(OP, "train SGR Adam step", "reference", device, torch.float32, shape, train_step(reference, batch)),
-        measure(OP, "train SGR Adam step", device.type, device, torch.float32, shape, train_step(fused, batch)),
+        measure(OP, "train SGR Adam step", fused_label(device), device, torch.float32, shape, train_step(fused, batch)),
     ]
     relative_to(rows[0], rows)
     for r in rows:

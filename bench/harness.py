@@ -42,6 +42,12 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads, {cpu_bf16_dot() or 'no bf16 dot'})"
 
 
+def fused_label(device: torch.device) -> str:
+    """The backend name of a model's rows on its fused kernels: "auto" on a GPU, where auto's measure rule
+    picks CUDA C++ or Triton per call, and "cpu" on the CPU, where the C++ kernels are auto's only pick."""
+    return "auto" if device.type == "cuda" else "cpu"
+
+
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)

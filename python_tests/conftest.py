@@ -1,5 +1,8 @@
 """Test setup: Triton in interpreter mode without a GPU, and every test isolated from the others' global state.
 
+``backend="auto"`` follows its order rule here (``SGFUSED_AUTO=order``, unless set outside), so
+which kernel a test runs never depends on a timing; the measure rule's own tests set it.
+
 Triton's mode must be set before triton loads. Process-wide settings (torch's thread count, default
 dtype, grad mode, deterministic-algorithm and matmul-precision flags, the environment variables such
 as ``SGFUSED_BACKEND``) are snapshotted around every test: a test that leaves one changed fails, and
@@ -20,6 +23,7 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SGFUSED_AUTO", "order")
 
 import sgfused  # noqa: E402  (after TRITON_INTERPRET)
 
@@ -167,6 +171,8 @@ GLOBAL_SETTINGS: tuple[tuple[str, Callable[[], Any], Callable[[Any], None]], ...
         _set_cuda_matmul,
     ),
     ("os.environ", _environ, _set_environ),
+    ("sgfused.measured_choices()", sgfused.measured_choices,
+     lambda saved: (sgfused.forget_measurements(), sgfused._backend._MEASURED.update(saved))),
     # spawned workers inherit it: the source tree ahead of the installed package would shadow its kernels
     ("sys.path", lambda: _sys_path(), lambda saved: _set_sys_path(saved)),
 )

@@ -21,7 +21,8 @@ import pytest
 import torch
 from conftest import BENCH, bench_module
 
-AUTO = 'backend="auto" (CUDA, else Triton) picks the fastest'  # the target line of backend="auto"
+AUTO = 'backend="auto", order rule (CUDA, else Triton) picks the fastest'  # the target lines of backend="auto"
+MEASURED = 'backend="auto", measure rule (default) as fast as the faster kernel'
 
 @pytest.fixture(scope="module")
 def targets():
@@ -59,6 +60,7 @@ def test_report_reads_the_committed_h100_run(targets):
     assert lines["SGRAF SGR 1000 x 5000, bf16 < 1 s"].split()[-3:] == ["not", "measured", "-"]
     auto = lines[AUTO]
     assert "CUDA slower than Triton in 0 of 19 calls; the reference faster in 2" in auto and auto.endswith("NOT MET")
+    assert lines[MEASURED].split()[-3:] == ["not", "measured", "-"]  # that run had no "auto" rows
 
 
 def test_auto_is_judged_on_every_call_that_timed_both_kernels(targets, harness, tmp_path):
@@ -75,6 +77,24 @@ def test_auto_is_judged_on_every_call_that_timed_both_kernels(targets, harness, 
     assert line.endswith("NOT MET")
     _write(tmp_path, op, fast[:2] + [_row(harness, op, "train fwd+bwd float32", "reference", "float32", "s", 0.9)])
     assert _lines(targets, tmp_path)[AUTO].endswith("NOT MET")  # the reference was faster
+
+
+def test_measured_auto_is_judged_against_the_faster_kernel_of_each_call(targets, harness, tmp_path):
+    op = "max_sim"
+    rows = [_row(harness, op, "forward", "cuda", "float32", "s", 1.0),
+            _row(harness, op, "forward", "triton", "float32", "s", 0.5),
+            _row(harness, op, "forward", "auto", "float32", "s", 0.52),
+            _row(harness, op, "forward", "reference", "float32", "s", 0.4),  # counted, not held against it
+            _row(harness, op, "fwd+bwd", "cuda", "float32", "s", 1.0),
+            _row(harness, op, "fwd+bwd", "triton", "float32", "s", 2.0),
+            _row(harness, op, "fwd+bwd", "auto", "float32", "s", 1.01),
+            _row(harness, op, "bf16 forward", "auto", "bfloat16", "s", 9.0)]  # no kernel rows: not judged
+    _write(tmp_path, op, rows)
+    line = _lines(targets, tmp_path)[MEASURED]
+    assert "by over 5% in 0 of 2 calls; the reference faster than both in 1" in line and line.endswith(" met")
+    _write(tmp_path, op, rows + [_row(harness, op, "forward", "auto", "float32", "s", 0.6)])  # replaces 0.52
+    line = _lines(targets, tmp_path)[MEASURED]
+    assert "in 1 of 2 calls (worst 1.20x: max_sim, forward, float32, s)" in line and line.endswith("NOT MET")
 
 
 def test_met_needs_every_condition_of_the_target(targets, harness, tmp_path):

@@ -8,6 +8,7 @@ import torch
 import sgfused
 from sgfused._backend import choose_backend
 from sgfused._build import BuildMismatch, check_torch_version
+from conftest import backend_device
 
 ALL = ("reference", "cpu", "cuda", "triton")
 
@@ -89,3 +90,112 @@ def test_triton_dot_precision_follows_torch_matmul():
         assert dot_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(saved)
+
+
+# ---------------------------------------------------------------- auto's measure rule
+def _two_kernels_on_cpu(monkeypatch) -> None:
+    """Let auto see two kernels for CPU tensors (C++ and Triton in interpreter mode), as it does for CUDA ones."""
+    from sgfused import _backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SGFUSED_AUTO", "measure")
+    monkeypatch.delenv("SGFUSED_BACKEND", raising=False)
+    monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("cpu", "triton", "reference"))
+    monkeypatch.setattr(_backend, "_MEASURED", {})
+
+
+def test_measure_rule_keeps_the_faster_kernel_for_each_kind_of_call(monkeypatch):
+    from sgfused import _backend
+
+    _two_kernels_on_cpu(monkeypatch)
+    seconds = {"cpu": 2.0, "triton": 1.0}
+    implementations = {"reference": None, "cpu": "cpu", "triton": "triton"}  # _seconds is faked: names suffice
+    timed = []
+    monkeypatch.setattr(_backend, "_seconds", lambda impl, args, backward, device: timed.append(impl) or seconds[impl])
+
+    def choose(*args):
+        return choose_backend("op", "auto", torch.device("cpu"), implementations, args)
+
+    assert choose(torch.zeros(100, 8), "distance") == "triton" and timed == ["cpu", "triton"]
+    seconds.update(cpu=0.5)
+    assert choose(torch.zeros(128, 8), "distance") == "triton" and len(timed) == 2  # same bucket: kept, not timed
+    assert choose(torch.zeros(129, 8), "distance") == "cpu" and len(timed) == 4  # the next power of two: timed
+    assert choose(torch.zeros(100, 8), "direction") == "cpu"  # another option
+    assert choose(torch.zeros(100, 8, dtype=torch.float64), "distance") == "cpu"  # another dtype
+    assert choose(torch.zeros(100, 8, requires_grad=True), "distance") == "cpu"  # fwd+bwd
+    with torch.no_grad():  # no backward: the forward's choice
+        assert choose(torch.zeros(100, 8, requires_grad=True), "distance") == "triton"
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 products: another kind of call
+        assert choose(torch.zeros(100, 8), "distance") == "cpu" and len(timed) == 12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert len(sgfused.measured_choices()) == 6
+    monkeypatch.setenv("SGFUSED_AUTO", "order")
+    assert choose(torch.zeros(100, 8), "distance") == "cpu" and len(timed) == 12  # the order, nothing timed
+    assert choose_backend("op", "auto", torch.device("cpu"), implementations) == "cpu"  # no arguments to time
+    monkeypatch.setenv("SGFUSED_AUTO", "fastest")
+    with pytest.raises(ValueError, match=r"SGFUSED_AUTO must be one of \('measure', 'order'\), got 'fastest'"):
+        choose(torch.zeros(100, 8), "distance")
+    sgfused.forget_measurements()
+    assert sgfused.measured_choices() == {}
+
+
+def test_measure_rule_times_forward_and_backward_without_touching_the_callers_graph(monkeypatch):
+    """A real op: both kernels are timed on the call's inputs (backward included), the caller gets the
+    chosen kernel's values and gradients, and the timing neither reaches the caller's .grad nor frees the
+    graph behind the inputs (tanh keeps its output for its backward), nor fires the leaf's gradient hooks."""
+    from sgfused import _backend
+
+    _two_kernels_on_cpu(monkeypatch)
+    runs = []
+    real_run = _backend._run
+    monkeypatch.setattr(_backend, "_run", lambda impl, args, backward: runs.append(backward) or real_run(impl, args, backward))
+    torch.manual_seed(0)
+    x, y, w = torch.randn(5, 16), torch.randn(7, 16), torch.randn(8, 16) / 4
+    leaves = [t.clone().requires_grad_() for t in (x, y, w)]
+    out = sgfused.ops.pairwise_similarity(leaves[0].tanh(), leaves[1].tanh(), leaves[2])  # W: a leaf
+    assert runs == [True] * 2 * (1 + _backend.TIMED_RUNS)  # one untimed and TIMED_RUNS timed, each kernel
+    assert all(t.grad is None for t in leaves)
+    hooked = []
+    leaves[2].register_post_accumulate_grad_hook(hooked.append)  # what DDP and optimizers-in-backward use
+    sgfused.forget_measurements()
+    sgfused.ops.pairwise_similarity(x.tanh(), y.tanh(), leaves[2])  # timed again, with the hook on
+    assert hooked == [] and leaves[2].grad is None
+    ((kind, chosen),) = sgfused.measured_choices().items()
+    assert kind[:3] == ("pairwise_similarity", "cpu", "fwd+bwd") and chosen in ("cpu", "triton")
+    out.sum().backward()
+    want = [t.clone().requires_grad_() for t in (x, y, w)]
+    sgfused.ops.pairwise_similarity(want[0].tanh(), want[1].tanh(), want[2], backend=chosen).sum().backward()
+    assert torch.equal(out, sgfused.ops.pairwise_similarity(x.tanh(), y.tanh(), w, backend=chosen))
+    for got, ref in zip(leaves, want):
+        assert torch.equal(got.grad, ref.grad)
+
+
+def test_measure_rule_times_nothing_under_torch_compile(monkeypatch):
+    from sgfused import _backend
+
+    _two_kernels_on_cpu(monkeypatch)
+    monkeypatch.setattr(_backend, "_seconds", lambda *args: pytest.fail("timed while tracing"))
+    torch._dynamo.reset()
+    x, y, w = torch.randn(5, 16), torch.randn(7, 16), torch.randn(8, 16) / 4
+    compiled = torch.compile(lambda a, b, c: sgfused.ops.pairwise_similarity(a, b, c), fullgraph=True)
+    torch.testing.assert_close(compiled(x, y, w), sgfused.ops.pairwise_similarity(x, y, w, backend="cpu"))
+    assert sgfused.measured_choices() == {}
+
+
+def test_measure_rule_on_a_gpu(monkeypatch):
+    """On CUDA tensors both kernels are timed between synchronisations and the faster one serves the call."""
+    from sgfused import _backend
+
+    device = backend_device("cuda")
+    backend_device("triton")
+    monkeypatch.setenv("SGFUSED_AUTO", "measure")
+    monkeypatch.delenv("SGFUSED_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_MEASURED", {})
+    x, y, w = torch.randn(64, 256, device=device), torch.randn(96, 256, device=device), torch.randn(32, 256, device=device)
+    out = sgfused.ops.pairwise_similarity(x, y, w / 16)
+    ((kind, chosen),) = sgfused.measured_choices().items()
+    assert kind[:3] == ("pairwise_similarity", str(x.device), "fwd") and chosen in ("cuda", "triton")
+    assert torch.equal(out, sgfused.ops.pairwise_similarity(x, y, w / 16, backend=chosen))

@@ -9,7 +9,8 @@ from ._build import build_info, load as _load
 _load()
 
 from . import nn, ops, reference  # noqa: E402  (the operators must be registered first)
-from ._backend import BackendUnavailable  # noqa: E402
+from ._backend import BackendUnavailable, forget_measurements, measured_choices  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "ops", "nn", "reference", "BackendUnavailable", "__version__"]
+__all__ = ["build_info", "ops", "nn", "reference", "BackendUnavailable", "measured_choices", "forget_measurements",
+           "__version__"]

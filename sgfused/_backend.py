@@ -1,9 +1,19 @@
 """Backend choice for every op: which implementation serves a call, and why not the others.
 
-``backend="auto"`` tries, in order, CUDA C++ -> Triton -> reference for CUDA
-tensors and C++ CPU -> reference for CPU tensors. The environment variable
-``SGFUSED_BACKEND`` replaces ``"auto"`` globally. A backend that was asked for by
-name but cannot serve the call raises :class:`BackendUnavailable` with the reason;
+``backend="auto"`` takes the fused kernels that can serve the call (CUDA C++ and Triton for
+CUDA tensors, C++ for CPU tensors), never the reference while one can: the reference's memory
+grows with the pairs times the feature size, which is what the kernels exist to avoid. Where
+two can serve (CUDA tensors of an op with both kernels), the rule ``SGFUSED_AUTO`` says which:
+
+- ``measure`` (the default): the first eager call of each kind times both on its own inputs
+  (forward, and backward too when the inputs require grad, to the op's inputs only, so that the
+  caller's graph and ``.grad`` are untouched) and keeps the faster for every later call of that
+  kind: same op, device, options, dtypes, grad mode and sizes rounded up to powers of two.
+  Under ``torch.compile`` tracing or CUDA-graph capture nothing is timed: the order rule applies.
+- ``order``: CUDA C++ before Triton, always (the same backend on every run, nothing timed).
+
+The environment variable ``SGFUSED_BACKEND`` replaces ``"auto"`` globally. A backend that was
+asked for by name but cannot serve the call raises :class:`BackendUnavailable` with the reason;
 under ``"auto"`` it is skipped silently.
 """
 
@@ -11,14 +21,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterable
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from . import _build
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+AUTO_RULES = ("measure", "order")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+TIMED_RUNS = 3  # after one untimed run (Triton compiles then); one if a run takes over ONE_RUN_SECONDS
+ONE_RUN_SECONDS = 0.1
+_MEASURED: dict[tuple, str] = {}  # the measure rule's choices, by kind of call
 
 
 class BackendUnavailable(RuntimeError):
@@ -63,10 +79,106 @@ def _why_not(backend: str, device: torch.device, has: Iterable[str]) -> str | No
     return None
 
 
-def choose_backend(op: str, requested: str, device: torch.device, has: Iterable[str]) -> str:
+def tf32_allowed() -> bool:
+    """Whether the user allows TF32 for fp32 CUDA matmuls (torch's products and the Triton kernels follow it)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: reflects the new and the legacy settings alike
+        return matmul.fp32_precision == "tf32"  # (get_float32_matmul_precision raises once both were used)
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def auto_rule() -> str:
+    """How ``"auto"`` chooses between two kernels that can serve a call: ``SGFUSED_AUTO``, default "measure"."""
+    rule = os.environ.get("SGFUSED_AUTO", "measure") or "measure"
+    if rule not in AUTO_RULES:
+        raise ValueError(f"SGFUSED_AUTO must be one of {AUTO_RULES}, got {rule!r}")
+    return rule
+
+
+def measured_choices() -> dict[tuple, str]:
+    """The measure rule's choices so far: kind of call -> backend (a copy)."""
+    return dict(_MEASURED)
+
+
+def forget_measurements() -> None:
+    """Drop the measure rule's choices, so that the next call of each kind is timed again."""
+    _MEASURED.clear()
+
+
+def _bucket(size: int) -> int:
+    """``size`` rounded up to a power of two: calls that differ only a little share a choice."""
+    return 1 << max(size - 1, 0).bit_length()
+
+
+def _call_kind(op: str, device: torch.device, args: tuple) -> tuple:
+    """What a measured choice is kept for: op, device, grad mode, whether TF32 is allowed, each argument's dtype, bucketed sizes and whether it gets a gradient (tensors)
+    or value (options)."""
+    grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    described = tuple(
+        (str(a.dtype)[6:], tuple(_bucket(n) for n in a.shape), grad and a.requires_grad)
+        if isinstance(a, torch.Tensor) else a
+        for a in args
+    )
+    return (op, str(device), "fwd+bwd" if grad else "fwd", "tf32" if tf32_allowed() else "ieee", described)
+
+
+def _run(implementation: Callable[..., object], args: tuple, backward: bool) -> None:
+    """One call on ``args``; with ``backward``, also the gradients of its outputs to ``args`` alone
+    (``autograd.grad``: nothing reaches ``.grad``, and the graph behind ``args`` is neither run nor freed)."""
+    if not backward:
+        with torch.no_grad():
+            implementation(*args)
+        return
+    out = implementation(*args)
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs], allow_unused=True)
+
+
+def _seconds(implementation: Callable[..., object], args: tuple, backward: bool, device: torch.device) -> float:
+    """Median seconds of ``implementation`` on ``args`` (after an untimed run), device work included."""
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        _run(implementation, args, backward)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    _run(implementation, args, backward)
+    times = [timed()]
+    if times[0] <= ONE_RUN_SECONDS:
+        times += [timed() for _ in range(TIMED_RUNS - 1)]
+    return statistics.median(times)
+
+
+def _measured(op: str, candidates: list[str], device: torch.device, implementations: Mapping[str, Callable[..., object]],
+              args: tuple) -> str:
+    """The faster of ``candidates`` for this kind of call, timed on its first call."""
+    kind = _call_kind(op, device, args)
+    if kind not in _MEASURED:
+        backward = kind[2] == "fwd+bwd"
+        times = {name: _seconds(implementations[name], args, backward, device) for name in candidates}
+        _MEASURED[kind] = min(candidates, key=times.__getitem__)
+    return _MEASURED[kind]
+
+
+def _may_time(device: torch.device) -> bool:
+    """Whether a call can be timed here: eagerly, and not while a CUDA graph is captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def choose_backend(op: str, requested: str, device: torch.device, has: Iterable[str] | Mapping[str, Callable[..., object]],
+                   args: tuple | None = None) -> str:
     """The backend that serves a call of ``op`` on ``device``.
 
-    ``has`` lists the implementations ``op`` provides.
+    ``has`` lists the implementations ``op`` provides; to let the measure rule time them, it
+    maps each name to its implementation and ``args`` are the call's arguments.
     """
     if requested not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")
@@ -74,14 +186,18 @@ def choose_backend(op: str, requested: str, device: torch.device, has: Iterable[
         requested = os.environ.get("SGFUSED_BACKEND", "auto") or "auto"
         if requested not in BACKENDS:
             raise ValueError(f"SGFUSED_BACKEND must be one of {BACKENDS}, got {requested!r}")
+        rule = auto_rule()
+    implementations = has
     has = tuple(has)
     if requested != "auto":
         reason = _why_not(requested, device, has)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {requested!r} cannot serve this call: {reason}")
         return requested
-    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-        if _why_not(candidate, device, has) is None:
-            return candidate
-    return "reference"
+    candidates = [c for c in _AUTO_ORDER.get(device.type, ()) if c != "reference" and _why_not(c, device, has) is None]
+    if not candidates:
+        return "reference"
+    if len(candidates) > 1 and args is not None and rule == "measure" and _may_time(device):
+        return _measured(op, candidates, device, implementations, args)
+    return candidates[0]
 

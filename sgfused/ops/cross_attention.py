@@ -220,8 +220,6 @@ def cross_attention(
                       weight=weight, bias=bias)
     q_lens = checked_lengths("query_lens", query_lens, queries.shape[0], queries.shape[1], queries.device)
     c_lens = checked_lengths("context_lens", context_lens, contexts.shape[0], contexts.shape[1], queries.device)
-    chosen = choose_backend("cross_attention", backend, queries.device, _IMPLEMENTATIONS)
-    return _IMPLEMENTATIONS[chosen](
-        queries.contiguous(), contexts.contiguous(), q_lens, c_lens, smooth, leaky, norm, epilogue,
-        None if weight is None else weight.contiguous(), bias, eps,
-    )
+    args = (queries.contiguous(), contexts.contiguous(), q_lens, c_lens, smooth, leaky, norm, epilogue,
+            None if weight is None else weight.contiguous(), bias, eps)
+    return _IMPLEMENTATIONS[choose_backend("cross_attention", backend, queries.device, _IMPLEMENTATIONS, args)](*args)

@@ -295,11 +295,12 @@ def hardest_negative_loss(
     check_same_device(scores=scores, img_ids=img_ids, cap_img_ids=cap_img_ids)
     margin = _check_options(margin, reduction)
     img_ids, cap_img_ids = _positive_ids(scores.shape[0], scores.shape[1], img_ids, cap_img_ids, scores.device)
-    chosen = choose_backend("hardest_negative_loss", backend, scores.device, _SCORE_TERMS)
+    args = (scores.contiguous(), img_ids, cap_img_ids, margin, bool(max_violation))
+    chosen = choose_backend("hardest_negative_loss", backend, scores.device, _SCORE_TERMS, args)
     terms = _SCORE_TERMS[chosen]
     if chosen == "reference":
         terms = _reference_checked({"scores": scores}, terms)
-    per_caption, hard_cap, hard_img = terms(scores.contiguous(), img_ids, cap_img_ids, margin, bool(max_violation))
+    per_caption, hard_cap, hard_img = terms(*args)
     loss = _reduce(per_caption, img_ids, cap_img_ids, reduction)
     return (loss, hard_cap, hard_img) if return_indices else loss
 

@@ -170,9 +170,7 @@ def max_sim(
     y_lens = checked_lengths("y_lens", y_lens, y.shape[0], y.shape[1], x.device)
     x_lens = _checked_finite_nodes("x", x, x_lens)
     y_lens = _checked_finite_nodes("y", y, y_lens)
-    chosen = choose_backend("max_sim", backend, x.device, _IMPLEMENTATIONS)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    scores, indices = _IMPLEMENTATIONS[chosen](
-        x.contiguous(), y.contiguous(), x_lens, y_lens, bool(return_indices) or needs_grad
-    )
+    args = (x.contiguous(), y.contiguous(), x_lens, y_lens, bool(return_indices) or needs_grad)
+    scores, indices = _IMPLEMENTATIONS[choose_backend("max_sim", backend, x.device, _IMPLEMENTATIONS, args)](*args)
     return (scores, indices) if return_indices else scores

@@ -149,7 +149,5 @@ def pairwise_similarity(
     if aligned and x.shape[0] != y.shape[0]:
         raise ValueError(f"aligned pairs need as many x as y rows, got x {tuple(x.shape)} and y {tuple(y.shape)}")
     eps = check_option("eps", eps, 0.0, 1.0)
-    chosen = choose_backend("pairwise_similarity", backend, x.device, _IMPLEMENTATIONS)
-    return _IMPLEMENTATIONS[chosen](
-        x.contiguous(), y.contiguous(), weight.contiguous(), bias, mode, eps, bool(aligned)
-    )
+    args = (x.contiguous(), y.contiguous(), weight.contiguous(), bias, mode, eps, bool(aligned))
+    return _IMPLEMENTATIONS[choose_backend("pairwise_similarity", backend, x.device, _IMPLEMENTATIONS, args)](*args)

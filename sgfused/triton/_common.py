@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import tf32_allowed
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """The ``input_precision`` of the kernels' ``tl.dot`` for inputs of ``dtype``: torch.matmul's rule.
@@ -16,7 +18,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     rule does not look at the device, so the CPU tests launch (and CI compiles for sm_90) the
     TF32 specialisations too; the interpreter computes every product in full precision.
     """
-    return "tf32" if dtype == torch.float32 and _tf32_allowed() else "ieee"
+    return "tf32" if dtype == torch.float32 and tf32_allowed() else "ieee"
 
 
 def native_dot(dtype: torch.dtype, device: torch.device) -> bool:
@@ -62,13 +64,6 @@ def split_count(n_steps: int, other_programs: int, target: int) -> int:
 def sum_partials(part: torch.Tensor) -> torch.Tensor:
     """The sum of per-range partials over their leading axis, in a fixed order (no copy for one range)."""
     return part[0] if part.shape[0] == 1 else part.sum(0)
-
-
-def _tf32_allowed() -> bool:
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: reflects the new and the legacy settings alike
-        return matmul.fp32_precision == "tf32"  # (get_float32_matmul_precision raises once both were used)
-    return torch.get_float32_matmul_precision() != "highest"
 
 
 @triton.jit
