@@ -132,6 +132,8 @@ def test_measure_rule_keeps_the_faster_kernel_for_each_kind_of_call(monkeypatch)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert len(sgfused.measured_choices()) == 6
+    first = sgfused.measured_choices()[("op", "cpu", "fwd", "ieee", (("float32", (128, 8), False), "distance"))]
+    assert first == ("triton", {"cpu": 2.0, "triton": 1.0})
     monkeypatch.setenv("SGFUSED_AUTO", "order")
     assert choose(torch.zeros(100, 8), "distance") == "cpu" and len(timed) == 12  # the order, nothing timed
     assert choose_backend("op", "auto", torch.device("cpu"), implementations) == "cpu"  # no arguments to time
@@ -163,8 +165,9 @@ def test_measure_rule_times_forward_and_backward_without_touching_the_callers_gr
     sgfused.forget_measurements()
     sgfused.ops.pairwise_similarity(x.tanh(), y.tanh(), leaves[2])  # timed again, with the hook on
     assert hooked == [] and leaves[2].grad is None
-    ((kind, chosen),) = sgfused.measured_choices().items()
-    assert kind[:3] == ("pairwise_similarity", "cpu", "fwd+bwd") and chosen in ("cpu", "triton")
+    ((kind, (chosen, seconds)),) = sgfused.measured_choices().items()
+    assert kind[:3] == ("pairwise_similarity", "cpu", "fwd+bwd") and chosen == min(seconds, key=seconds.get)
+    assert set(seconds) == {"cpu", "triton"}
     out.sum().backward()
     want = [t.clone().requires_grad_() for t in (x, y, w)]
     sgfused.ops.pairwise_similarity(want[0].tanh(), want[1].tanh(), want[2], backend=chosen).sum().backward()
@@ -196,6 +199,7 @@ def test_measure_rule_on_a_gpu(monkeypatch):
     monkeypatch.setattr(_backend, "_MEASURED", {})
     x, y, w = torch.randn(64, 256, device=device), torch.randn(96, 256, device=device), torch.randn(32, 256, device=device)
     out = sgfused.ops.pairwise_similarity(x, y, w / 16)
-    ((kind, chosen),) = sgfused.measured_choices().items()
-    assert kind[:3] == ("pairwise_similarity", str(x.device), "fwd") and chosen in ("cuda", "triton")
+    ((kind, (chosen, seconds)),) = sgfused.measured_choices().items()
+    assert kind[:3] == ("pairwise_similarity", str(x.device), "fwd") and set(seconds) == {"cuda", "triton"}
+    assert chosen == min(seconds, key=seconds.get)
     assert torch.equal(out, sgfused.ops.pairwise_similarity(x, y, w / 16, backend=chosen))

@@ -24,6 +24,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +35,16 @@ AUTO_RULES = ("measure", "order")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 TIMED_RUNS = 3  # after one untimed run (Triton compiles then); one if a run takes over ONE_RUN_SECONDS
 ONE_RUN_SECONDS = 0.1
-_MEASURED: dict[tuple, str] = {}  # the measure rule's choices, by kind of call
+
+
+class Choice(NamedTuple):
+    """The measure rule's pick for one kind of call, and the median seconds it measured per kernel."""
+
+    backend: str
+    seconds: dict[str, float]
+
+
+_MEASURED: dict[tuple, Choice] = {}  # the measure rule's choices, by kind of call
 
 
 class BackendUnavailable(RuntimeError):
@@ -95,8 +105,8 @@ def auto_rule() -> str:
     return rule
 
 
-def measured_choices() -> dict[tuple, str]:
-    """The measure rule's choices so far: kind of call -> backend (a copy)."""
+def measured_choices() -> dict[tuple, Choice]:
+    """The measure rule's choices so far, kind of call -> :class:`Choice` (a copy)."""
     return dict(_MEASURED)
 
 
@@ -162,8 +172,8 @@ def _measured(op: str, candidates: list[str], device: torch.device, implementati
     if kind not in _MEASURED:
         backward = kind[2] == "fwd+bwd"
         times = {name: _seconds(implementations[name], args, backward, device) for name in candidates}
-        _MEASURED[kind] = min(candidates, key=times.__getitem__)
-    return _MEASURED[kind]
+        _MEASURED[kind] = Choice(min(candidates, key=times.__getitem__), times)
+    return _MEASURED[kind].backend
 
 
 def _may_time(device: torch.device) -> bool:
