@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import TRAINING_FEATURE_DIM
 
+import sgfused
 import sgfused.models.base
 import sgfused.train
 from sgfused.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -108,6 +109,21 @@ def test_resume_puts_back_the_python_numpy_and_torch_states(dataset, tmp_path, m
     now = np.random.get_state()
     assert now[0] == numpy[0] and np.array_equal(now[1], numpy[1]) and now[2:] == numpy[2:]
     assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_resume_puts_back_the_kernels_auto_chose(dataset, tmp_path, monkeypatch):
+    """A GPU run's measure-rule choices go into last.pt and come back on resume, so the resumed part runs the
+    kernels the first part ran (a new timing could pick the other kernel: no longer bit for bit)."""
+    from sgfused import _backend
+
+    monkeypatch.setattr(_backend, "_MEASURED", {})
+    kind = ("cross_attention", "cuda:0", "fwd+bwd", "ieee", (("float32", (128, 32, 1024), True), None, 0.5))
+    _backend.restore_choices([(kind, "triton", {"cuda": 2e-3, "triton": 1e-3})])  # as measured on a GPU
+    _trainer(dataset, tmp_path, checkpoint_every=3).fit(stop_after_steps=4)
+    assert load_checkpoint(tmp_path / "last.pt")["rng"]["auto_choices"] == [(kind, "triton", {"cuda": 2e-3, "triton": 1e-3})]
+    sgfused.forget_measurements()  # another process
+    assert _trainer(dataset, tmp_path, checkpoint_every=3).resume()
+    assert sgfused.measured_choices() == {kind: ("triton", {"cuda": 2e-3, "triton": 1e-3})}
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -115,6 +115,17 @@ def forget_measurements() -> None:
     _MEASURED.clear()
 
 
+def choices_state() -> list[tuple[tuple, str, dict[str, float]]]:
+    """The measure rule's choices as plain tuples (``torch.load(weights_only=True)`` reads them back)."""
+    return [(kind, choice.backend, choice.seconds) for kind, choice in _MEASURED.items()]
+
+
+def restore_choices(state: list[tuple[tuple, str, dict[str, float]]]) -> None:
+    """Put back the choices of :func:`choices_state`: a resumed run runs the kernels its first part chose."""
+    for kind, backend, seconds in state:
+        _MEASURED[kind] = Choice(backend, dict(seconds))
+
+
 def _bucket(size: int) -> int:
     """``size`` rounded up to a power of two: calls that differ only a little share a choice."""
     return 1 << max(size - 1, 0).bit_length()

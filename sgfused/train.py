@@ -53,6 +53,7 @@ from .data.precomp import PrecompSplit, pair_loader
 from .data.vocab import Vocabulary
 from .distributed import GlobalBatchLoss, barrier, current_world, gather_objects, global_sum, local_device, rank_order
 from .evaluate import evaluate_model
+from ._backend import choices_state, restore_choices
 from ._files import remove_stale_temporaries
 from .model_options import effective_model_config
 from .models import RetrievalModel
@@ -173,19 +174,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_states() -> dict[str, Any]:
+def _process_states() -> dict[str, Any]:
+    """What a resumed process must get back to continue bit for bit: the random-number states, and the
+    kernels ``backend="auto"``'s measure rule chose (timings could choose the other one next time)."""
     np_state = np.random.get_state()
     states = {
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": torch.get_rng_state(),
+        "auto_choices": choices_state(),
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def _restore_rng_states(states: dict[str, Any]) -> None:
+def _restore_process_states(states: dict[str, Any]) -> None:
     version, state, *rest = states["python"]
     random.setstate((version, tuple(state), *rest))
     name, keys, *rest = states["numpy"]
@@ -194,6 +198,7 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    restore_choices(states.get("auto_choices", []))  # last.pt files from before the measure rule have none
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -270,7 +275,7 @@ class Trainer:
     def save_last(self) -> None:
         """Rank 0 writes ``last.pt`` (with every rank's random-number states); every rank waits for it."""
         state = self._model_state()
-        rng = _rng_states()
+        rng = _process_states()
         state.update(
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
@@ -319,7 +324,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration, self.step = state["epoch"], state["iteration"], state["step"]
         self.best_rsum = state["best_rsum"]
-        _restore_rng_states(state["rng_ranks"][self.world.rank] if self.world.size > 1 else state["rng"])
+        _restore_process_states(state["rng_ranks"][self.world.rank] if self.world.size > 1 else state["rng"])
         self._truncate_log(self.step)
         return True
 
