@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from sgfused._backend import cpu_bf16_dot
+from sgfused._backend import cpu_bf16_dot, measured_choices
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -293,6 +293,9 @@ def main(op: str, run: Callable[[torch.device, bool], list[Row]], doc: str | Non
     args = parser.parse_args()
     device = torch.device(args.device)
     print("wrote", write(op, run(device, args.quick), device, args.quick))
+    for kind, (backend, seconds) in measured_choices().items():  # what the "auto" rows ran (bench_gpu.log keeps it)
+        timed = ", ".join(f"{name} {s * 1e3:.3f} ms" for name, s in seconds.items())
+        print(f"auto chose {backend} ({timed}) for {kind}")
 
 
 if __name__ == "__main__":
