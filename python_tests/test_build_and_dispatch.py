@@ -144,6 +144,28 @@ def test_measure_rule_keeps_the_faster_kernel_for_each_kind_of_call(monkeypatch)
     assert sgfused.measured_choices() == {}
 
 
+def test_measure_rule_passes_over_a_kernel_that_runs_out_of_memory(monkeypatch):
+    from sgfused import _backend
+
+    _two_kernels_on_cpu(monkeypatch)
+    short = {"triton"}
+
+    def seconds(impl, args, backward, device):
+        if impl in short:
+            raise torch.OutOfMemoryError(f"{impl}: out of memory")
+        return 1.0
+
+    monkeypatch.setattr(_backend, "_seconds", seconds)
+    implementations = {"reference": None, "cpu": "cpu", "triton": "triton"}
+    assert choose_backend("op", "auto", torch.device("cpu"), implementations, (torch.zeros(3),)) == "cpu"
+    assert list(sgfused.measured_choices().values()) == [("cpu", {"cpu": 1.0, "triton": float("inf")})]
+    short.add("cpu")
+    with pytest.raises(torch.OutOfMemoryError, match="triton: out of memory"):  # neither fits: the call's own error
+        choose_backend("op", "auto", torch.device("cpu"), implementations, (torch.zeros(5),))
+    short.discard("triton")
+    assert choose_backend("op", "auto", torch.device("cpu"), implementations, (torch.zeros(9),)) == "triton"
+
+
 def test_measure_rule_times_forward_and_backward_without_touching_the_callers_graph(monkeypatch):
     """A real op: both kernels are timed on the call's inputs (backward included), the caller gets the
     chosen kernel's values and gradients, and the timing neither reaches the caller's .grad nor frees the

@@ -8,7 +8,8 @@ two can serve (CUDA tensors of an op with both kernels), the rule ``SGFUSED_AUTO
 - ``measure`` (the default): the first eager call of each kind times both on its own inputs
   (forward, and backward too when the inputs require grad, to the op's inputs only, so that the
   caller's graph and ``.grad`` are untouched) and keeps the faster for every later call of that
-  kind: same op, device, options, dtypes, grad mode and sizes rounded up to powers of two.
+  kind: same op, device, options, dtypes, grad mode, TF32 setting and sizes rounded up to
+  powers of two.
   Under ``torch.compile`` tracing or CUDA-graph capture nothing is timed: the order rule applies.
 - ``order``: CUDA C++ before Triton, always (the same backend on every run, nothing timed).
 
@@ -132,8 +133,8 @@ def _bucket(size: int) -> int:
 
 
 def _call_kind(op: str, device: torch.device, args: tuple) -> tuple:
-    """What a measured choice is kept for: op, device, grad mode, whether TF32 is allowed, each argument's dtype, bucketed sizes and whether it gets a gradient (tensors)
-    or value (options)."""
+    """What a measured choice is kept for: op, device, grad mode, whether TF32 is allowed, and each
+    argument's dtype, bucketed sizes and whether it gets a gradient (tensors) or value (options)."""
     grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     described = tuple(
         (str(a.dtype)[6:], tuple(_bucket(n) for n in a.shape), grad and a.requires_grad)
@@ -178,11 +179,22 @@ def _seconds(implementation: Callable[..., object], args: tuple, backward: bool,
 
 def _measured(op: str, candidates: list[str], device: torch.device, implementations: Mapping[str, Callable[..., object]],
               args: tuple) -> str:
-    """The faster of ``candidates`` for this kind of call, timed on its first call."""
+    """The faster of ``candidates`` for this kind of call, timed on its first call.
+
+    A kernel that runs out of memory while timed counts as infinitely slow (the other one can serve
+    the call); if every one does, the last error is raised, as the call itself would have.
+    """
     kind = _call_kind(op, device, args)
     if kind not in _MEASURED:
         backward = kind[2] == "fwd+bwd"
-        times = {name: _seconds(implementations[name], args, backward, device) for name in candidates}
+        times, short = {}, None
+        for name in candidates:
+            try:
+                times[name] = _seconds(implementations[name], args, backward, device)
+            except torch.OutOfMemoryError as error:
+                times[name], short = float("inf"), error
+        if min(times.values()) == float("inf"):
+            raise short
         _MEASURED[kind] = Choice(min(candidates, key=times.__getitem__), times)
     return _MEASURED[kind].backend
 
