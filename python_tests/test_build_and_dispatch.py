@@ -174,6 +174,7 @@ def test_measure_rule_times_forward_and_backward_without_touching_the_callers_gr
 
     _two_kernels_on_cpu(monkeypatch)
     runs = []
+    monkeypatch.setattr(_backend, "ONE_RUN_SECONDS", float("inf"))  # never "long" (the interpreter is slow)
     real_run = _backend._run
     monkeypatch.setattr(_backend, "_run", lambda impl, args, backward: runs.append(backward) or real_run(impl, args, backward))
     torch.manual_seed(0)
@@ -182,11 +183,6 @@ def test_measure_rule_times_forward_and_backward_without_touching_the_callers_gr
     out = sgfused.ops.pairwise_similarity(leaves[0].tanh(), leaves[1].tanh(), leaves[2])  # W: a leaf
     assert runs == [True] * 2 * (1 + _backend.TIMED_RUNS)  # one untimed and TIMED_RUNS timed, each kernel
     assert all(t.grad is None for t in leaves)
-    hooked = []
-    leaves[2].register_post_accumulate_grad_hook(hooked.append)  # what DDP and optimizers-in-backward use
-    sgfused.forget_measurements()
-    sgfused.ops.pairwise_similarity(x.tanh(), y.tanh(), leaves[2])  # timed again, with the hook on
-    assert hooked == [] and leaves[2].grad is None
     ((kind, (chosen, seconds)),) = sgfused.measured_choices().items()
     assert kind[:3] == ("pairwise_similarity", "cpu", "fwd+bwd") and chosen == min(seconds, key=seconds.get)
     assert set(seconds) == {"cpu", "triton"}
@@ -196,6 +192,29 @@ def test_measure_rule_times_forward_and_backward_without_touching_the_callers_gr
     assert torch.equal(out, sgfused.ops.pairwise_similarity(x.tanh(), y.tanh(), w, backend=chosen))
     for got, ref in zip(leaves, want):
         assert torch.equal(got.grad, ref.grad)
+
+    hooked = []
+    leaf = w.clone().requires_grad_()
+    leaf.register_post_accumulate_grad_hook(hooked.append)  # what DDP and optimizers-in-backward use
+    sgfused.ops.pairwise_similarity(leaves[0].tanh(), leaves[1].tanh(), leaf)  # the same kind: kept, not timed
+    assert len(runs) == 2 * (1 + _backend.TIMED_RUNS)
+    sgfused.forget_measurements()
+    sgfused.ops.pairwise_similarity(leaves[0].tanh(), leaves[1].tanh(), leaf)  # timed again, with the hook on
+    assert len(runs) == 4 * (1 + _backend.TIMED_RUNS) and hooked == [] and leaf.grad is None
+
+    runs.clear()
+    monkeypatch.setattr(_backend, "ONE_RUN_SECONDS", -1.0)  # every run "long": one timed run after the untimed one
+    sgfused.ops.pairwise_similarity(x, y, w)  # no grad wanted: a new kind, forward only
+    assert runs == [False] * 2 * 2
+
+
+def test_measure_rule_times_nothing_while_a_cuda_graph_is_captured(monkeypatch):
+    from sgfused import _backend
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not _backend._may_time(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _backend._may_time(torch.device("cuda", 0))
 
 
 def test_measure_rule_times_nothing_under_torch_compile(monkeypatch):
