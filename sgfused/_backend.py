@@ -206,12 +206,13 @@ def _may_time(device: torch.device) -> bool:
     return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
-def choose_backend(op: str, requested: str, device: torch.device, has: Iterable[str] | Mapping[str, Callable[..., object]],
+def choose_backend(op: str, requested: str, device: torch.device,
+                   implementations: Iterable[str] | Mapping[str, Callable[..., object]],
                    args: tuple | None = None) -> str:
     """The backend that serves a call of ``op`` on ``device``.
 
-    ``has`` lists the implementations ``op`` provides; to let the measure rule time them, it
-    maps each name to its implementation and ``args`` are the call's arguments.
+    ``implementations`` names the backends ``op`` provides; to let the measure rule time them,
+    it maps each name to its implementation and ``args`` are the call's arguments.
     """
     if requested not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")
@@ -220,14 +221,13 @@ def choose_backend(op: str, requested: str, device: torch.device, has: Iterable[
         if requested not in BACKENDS:
             raise ValueError(f"SGFUSED_BACKEND must be one of {BACKENDS}, got {requested!r}")
         rule = auto_rule()
-    implementations = has
-    has = tuple(has)
+    names = tuple(implementations)
     if requested != "auto":
-        reason = _why_not(requested, device, has)
+        reason = _why_not(requested, device, names)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {requested!r} cannot serve this call: {reason}")
         return requested
-    candidates = [c for c in _AUTO_ORDER.get(device.type, ()) if c != "reference" and _why_not(c, device, has) is None]
+    candidates = [c for c in _AUTO_ORDER.get(device.type, ()) if c != "reference" and _why_not(c, device, names) is None]
     if not candidates:
         return "reference"
     if len(candidates) > 1 and args is not None and rule == "measure" and _may_time(device):
