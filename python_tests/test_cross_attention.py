@@ -92,6 +92,35 @@ def test_low_precision(backend, epilogue, dtype):
 
 
 @pytest.mark.parametrize("epilogue", ["distance", "direction"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_in_launches_of_a_few_query_sets_matches_one_launch(epilogue, dtype, monkeypatch):
+    """With a W epilogue the Triton dQ backward runs in launches of as many query sets as fit
+    WEIGHT_ROWS_BYTES (each writes its pairs' e and dz rows, and grad_weight adds their product): 5 query
+    sets in launches of 2, 2 and 1 give the gradients of a single launch and of the reference."""
+    from sgfused.triton import cross_attention as kernels
+
+    device = backend_device("triton")
+    shape = (5, 4, 3, 6, 24, 8)
+    tensors = make(*shape, epilogue, "mixed", device, dtype)
+    with torch.no_grad():
+        upstream = torch.randn(ref("clipped_l2", epilogue)(*tensors).shape, device=device)
+    _, whole = run(ours("triton", "clipped_l2", epilogue), tensors, upstream)
+    per_a = 3 * 4 * 24 * 4  # Nc x Lq x max(d, m) x 4 bytes (bf16 rows are fp32 in the interpreter)
+    monkeypatch.setattr(kernels, "WEIGHT_ROWS_BYTES", 2 * per_a)
+    launches = []
+    launch = kernels._backward_kernel.__getitem__
+    monkeypatch.setattr(kernels, "_backward_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or launch(grid)})())
+    _, split = run(ours("triton", "clipped_l2", epilogue), tensors, upstream)
+    assert [grid[0] for grid in launches] == [2, 2, 1, 3]  # three dQ launches, then the dC one
+    for got, want in zip(split, whole):
+        assert_scaled_close(got, want, 1e-6)
+    _, want = run(ref("clipped_l2", epilogue), tensors, upstream)
+    for got, w in zip(split, want):
+        assert_scaled_close(got, w, SCALED_TOL[dtype][1])
+
+
+@pytest.mark.parametrize("epilogue", ["distance", "direction"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_pairs_sharing_a_program_match_one_pair_per_program(epilogue, dtype, monkeypatch):
     """With a W epilogue and 16-bit inputs a Triton forward program takes several context sets b at once (GROUP_ROWS);

@@ -87,6 +87,21 @@ def test_resume_with_dropout_gives_the_same_weights(dataset, tmp_path):
     _assert_same_weights(uninterrupted.model, resumed.model)
 
 
+def test_how_often_a_run_validates_does_not_change_what_it_learns(dataset, tmp_path):
+    """Guards "val_every changes how often it validates, not what one step does" where dropout draws from
+    torch's global generator (SGR): validating every 3 steps ends with the weights of a run that validates
+    only at each epoch's end, and an evaluation leaves the global generator where it was."""
+    quiet = _trainer(dataset, tmp_path / "a", "sgraf")
+    quiet.fit()
+    busy = _trainer(dataset, tmp_path / "b", "sgraf", val_every=3)
+    busy.fit()
+    assert len(_log(tmp_path / "b")) > len(_log(tmp_path / "a"))  # it did validate more often
+    _assert_same_weights(quiet.model, busy.model)
+    before = torch.random.get_rng_state()
+    evaluate_model(busy.model, dataset[3], batch_size=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_resume_puts_back_the_python_numpy_and_torch_states(dataset, tmp_path, monkeypatch):
     """The three global generators are, after a resume, where they were when last.pt was written."""
     at_save = []
@@ -294,6 +309,30 @@ def test_resume_refuses_an_option_in_one_line_and_writes_nothing(dataset, tmp_pa
     assert "\n" not in message
     assert f"train option {option} was {old!r}, now {value!r}" in message and "--no-resume" in message
     assert _files(tmp_path) == before
+
+
+def test_resume_refuses_other_data_in_one_line_and_follows_a_moved_folder(dataset, tmp_path):
+    """best.pt keeps the best dev rSum so far, so a resume that validates on another split (--dev-split) or
+    trains on other data is refused in one line naming the split, and the folder is left as it was; the
+    same data copied to another folder resumes."""
+    import shutil
+
+    from sgfused.data.precomp import PrecompSplit
+
+    root, vocab, train, dev = dataset
+    _trainer(dataset, tmp_path / "run", checkpoint_every=3).fit(stop_after_steps=4)
+    before = _files(tmp_path / "run")
+    for other in ((root, vocab, train, PrecompSplit(root, "test", vocab)), (root, vocab, dev, dev)):
+        with pytest.raises(CheckpointError) as error:
+            _trainer(other, tmp_path / "run", checkpoint_every=3).fit()
+        message = str(error.value)
+        assert "\n" not in message and "--no-resume" in message
+        assert ("dev split was" in message) if other[2] is train else ("train split was" in message)
+        assert _files(tmp_path / "run") == before
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    copy = (moved, vocab, PrecompSplit(moved, "train", vocab), PrecompSplit(moved, "dev", vocab))
+    assert _trainer(copy, tmp_path / "run", checkpoint_every=3).fit()["finished"]
 
 
 def test_model_options_are_compared_with_the_defaults_filled_in(dataset, tmp_path, capsys):

@@ -270,7 +270,23 @@ class Trainer:
             "iteration": self.iteration,
             "step": self.step,
             "best_rsum": self.best_rsum,
+            "data": self._data_identity(),
         }
+
+    def _data_identity(self) -> dict[str, Any]:
+        return {"train": self.train.identity(), "dev": self.dev.identity()}
+
+    def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
+        """A one-line error when this run trains or validates on other data than ``last.pt`` (best.pt would
+        compare dev rSums of different splits). Checkpoints from before the record resume unchecked."""
+        saved, now = state.get("data"), self._data_identity()
+        if saved is None or saved == now:
+            return
+        changed = [f"{role} split was {saved[role]}, now {now[role]}" for role in now if saved.get(role) != now[role]]
+        raise CheckpointError(
+            f"cannot resume {path}: {'; '.join(changed)}; use the data and --dev-split it was trained with, "
+            "or start afresh with --no-resume or another --out folder"
+        )
 
     def save_last(self) -> None:
         """Rank 0 writes ``last.pt`` (with every rank's random-number states); every rank waits for it."""
@@ -317,6 +333,7 @@ class Trainer:
                 f"{saved_world} processes, or start afresh with --no-resume or another --out folder"
             )
         check_same_vocabulary(Vocabulary.from_dict(state["vocab"], str(path)), self.vocab, "the training data")
+        self._check_same_data(path, state)
         self.changed_on_resume = self._check_train_options(path, state["train_config"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -28,8 +28,9 @@ or :class:`CaptionItem` (:meth:`PrecompSplit.caption`); the ``collate_*`` functi
 from __future__ import annotations
 
 import os
+import zlib
 from array import array
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -161,6 +162,16 @@ class PrecompSplit(Dataset):
         graphs = self._load_caption_graphs(len(captions)) if caption_graphs else None
         self._caption_graphs = graphs[: self.n_captions] if graphs is not None else None
         self._ids, self._offsets = self._encode(captions[: self.n_captions])
+
+    def identity(self) -> dict[str, Any]:
+        """What a training run records of this split to recognise it on resume: its name, its size and a
+        checksum of its captions' token ids (the folder may move; another dataset or split is caught)."""
+        return {
+            "split": self.split,
+            "images": self.n_images,
+            "captions_per_image": self.captions_per_image,
+            "captions_crc32": zlib.crc32(self._offsets.tobytes(), zlib.crc32(self._ids.tobytes())),
+        }
 
     def _path(self, suffix: str) -> str:
         return os.path.join(self.data_path, f"{self.split}_{suffix}")
@@ -345,13 +356,22 @@ def pair_loader(
     )
 
 
+def _ordered_loader(items: Dataset, batch_size: int, workers: int, collate: Callable[[list], Any]) -> DataLoader:
+    """A loader over ``items`` in order that leaves torch's global generator alone.
+
+    A DataLoader draws its workers' base seed from its ``generator`` on every pass, from the global
+    one when it has none; evaluation in the middle of training would then move every later dropout
+    mask, so how often a run validates would change what it learns. Its own generator keeps them apart.
+    """
+    return DataLoader(items, batch_size, num_workers=workers, collate_fn=collate, generator=torch.Generator())
+
+
 def image_loader(split: PrecompSplit, batch_size: int, workers: int = 0, images: range | None = None) -> DataLoader:
     """Batches of :class:`ImageBatch` with every image of ``split`` (or those of ``images``) once, in order."""
     view = _ItemView(split, images=True)
-    items = view if images is None else Subset(view, images)
-    return DataLoader(items, batch_size, num_workers=workers, collate_fn=collate_images)
+    return _ordered_loader(view if images is None else Subset(view, images), batch_size, workers, collate_images)
 
 
 def caption_loader(split: PrecompSplit, batch_size: int, workers: int = 0) -> DataLoader:
     """Batches of :class:`CaptionBatch` with every caption of ``split`` once, in order."""
-    return DataLoader(_ItemView(split, images=False), batch_size, num_workers=workers, collate_fn=collate_captions)
+    return _ordered_loader(_ItemView(split, images=False), batch_size, workers, collate_captions)

@@ -23,7 +23,7 @@ positions read as 0 and never influence a valid result.
 * ``_backward_kernel``: recomputes each pair from the inputs and the log-sum-exp in ``stats``
   (P = exp(smooth s - lse); no probabilities or contexts are stored). Run twice: FOR_Q, one
   program per (query set a, split of the context sets) looping over its b in order, accumulating
-  dQ_a (and the grad_weight / grad_bias partials of a); and FOR_C, one program per (context set b,
+  dQ_a (and the grad_bias partials of a, and writing each pair's rows of e and dz for grad_weight); and FOR_C, one program per (context set b,
   split of the query sets) looping over its a, accumulating dC_b. Every accumulator slice has a
   single owning program, which adds into it (load + store, in the accumulation dtype) once per
   partner in a fixed order; the launcher sums the splits with torch in a fixed order. The
@@ -31,12 +31,18 @@ positions read as 0 and never influence a valid result.
   direction l2norm terms -> d-chunk pass accumulating ``d_ctx C^T``, ``(u / ||u||) C^T`` and
   <u / ||u||, d_ctx> (which give ``dP = du C^T`` without forming du first; FOR_Q also adds the
   direct share ``d_q`` to dQ there, as it needs no dS) -> softmax, clipped-l2 and leaky-ReLU
-  backward on the (BLOCK_J, BLOCK_C) tile -> d-chunk pass writing ``dQ += dS C`` (and
-  ``dW += dz^T e``: no ``dz W`` product in that pass) or ``dC += P^T du + dS^T Q``.
+  backward on the (BLOCK_J, BLOCK_C) tile -> d-chunk pass writing ``dQ += dS C`` (and the e rows)
+  or ``dC += P^T du + dS^T Q``.
+  grad_weight = sum over pairs of ``dz^T e`` is one GEMM (torch, tensor cores for 16-bit inputs) per
+  launch of the FOR_Q kernel, over the e (pairs x Lq, d) and dz (pairs x Lq, m) rows its pairs wrote;
+  the launches take as many query sets as keep each buffer within WEIGHT_ROWS_BYTES. (Adding each
+  pair's ``dz^T e`` into an (m, d) slice of the program's own, as this kernel once did, read and wrote
+  that slice once per pair: 2 MB per pair at m = 256, d = 1024, 32 GB for a 128 x 128 batch, which
+  no cache holds; the rows are 160 KB per pair, written once and read once by the GEMM.)
 
 Extra memory: backward only: fp32 / fp64 accumulators for dQ (split x Nq x Lq x d), dC
-(split x Nc x Lc x d), and, with a weight, grad_weight partials (split x Nq x m x d) and grad_bias
-partials (split x Nq x m). ``split`` is 1 in the interpreter and on CPU; on CUDA it grows until
+(split x Nc x Lc x d), and, with a weight, the e and dz rows (at most WEIGHT_ROWS_BYTES each) and
+grad_bias partials (split x Nq x m). ``split`` is 1 in the interpreter and on CPU; on CUDA it grows until
 about TARGET_PROGRAMS_CUDA programs run (bounded by the partner count).
 
 Subgradients follow PyTorch autograd on the reference: leaky_relu'(0) = leaky, the norm of a zero
@@ -75,6 +81,8 @@ from ._common import (acc_dtype, cast_rounded, dot_operand, dot_precision, nativ
 BLOCK_D_FWD = 64  # d-chunk of the forward passes (halved for 4- and 8-byte inputs, and divided by GROUP)
 BLOCK_D_BWD = 16  # d-chunk of the backward passes (more live tiles; at 32 the bf16 dQ pass spilled 96-208 B on sm_90)
 TARGET_PROGRAMS_CUDA = 264  # backward splits the partner loop until about this many programs run
+# the e and dz rows of the pairs of one dQ launch, each buffer at most this (see the module docstring)
+WEIGHT_ROWS_BYTES = 64 << 20
 GROUP_ROWS = 64  # a forward program with a W epilogue takes pairs (a, b), (a, b + 1), ... up to this many query rows
 # Only 16-bit inputs are grouped: on sm_90 at SGRAF's sizes 2 bf16 pairs fit without spilling in Triton 3.6 and 3.9,
 # 4 do not; 2 fp32 pairs at a d-chunk of 32 spilled 776-840 B, TF32 32 B in Triton 3.6.
@@ -373,15 +381,18 @@ def _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr,
 
 @triton.jit
 def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, stats_ptr,
-                     acc_ptr, dw_ptr, db_ptr,
-                     Nq, Nc, Lq, Lc, D, M, partners_per_split,
+                     acc_ptr, e_ptr, dz_ptr, db_ptr,
+                     Nq, Nc, Lq, Lc, D, M, partners_per_split, first,
                      ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr,
                      EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, FOR_Q: tl.constexpr,
                      BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr):
-    """FOR_Q: acc[split, a] += dQ_a over the context sets b of the split (and dW / dbias partials of a).
-    Otherwise: acc[split, b] += dC_b over the query sets a of the split. acc is (split, N, L, d) in ACC."""
-    me = tl.program_id(0).to(tl.int64)
+    """FOR_Q: acc[split, a] += dQ_a over the context sets b of the split, for the query sets a = first +
+    program_id(0), and with a W epilogue the dbias partials of a and the rows of the grad_weight product:
+    e and dz of pair (a, b) go to rows ((a - first) * Nc + b) * Lq + j of e_ptr (., d) and dz_ptr (., m), 0 at
+    padded j. Otherwise (first = 0): acc[split, b] += dC_b over the query sets a of the split. acc is
+    (split, N, L, d) in ACC."""
+    me = first + tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     smooth = tl.load(prm_ptr)
     leaky = tl.load(prm_ptr + 1)
@@ -400,7 +411,7 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
         n_partners = Nq
     start = split * partners_per_split
     end = tl.minimum(start + partners_per_split, n_partners)
-    slot = split * n_mine + me  # this program's slice of acc / dw / db
+    slot = split * n_mine + me  # this program's slice of acc / db
     db_acc = tl.zeros((BLOCK_M,), ACC)
     for other in range(start, end):
         if FOR_Q:
@@ -417,6 +428,7 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
         qb = a * Lq * D
         cb = b * Lc * D
         row = (a * Nc + b) * Lq + js
+        zrows = ((a - first) * Nc + b) * Lq + js  # the pair's rows of e_ptr / dz_ptr (FOR_Q)
 
         # ---- recompute the attention (P from the saved log-sum-exp)
         s0 = _scores(q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D, ACC, PRECISION, NATIVE_DOT, BLOCK_J, BLOCK_C, BLOCK_D)
@@ -457,6 +469,10 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             dz = _norm_grad(gz, zu, tl.sum(zu * gz, axis=1), rz, eps)
             db_acc += tl.sum(dz, axis=0)
         dzd = dot_operand(dz, DOT, NATIVE_DOT)
+        if FOR_Q:
+            if EPI >= 2:
+                tl.store(dz_ptr + zrows[:, None] * M + ms[None, :],
+                         tl.where(jv[:, None], dzd, 0.0).to(dz_ptr.dtype.element_ty), mask=jin[:, None] & mm[None, :])
         if EPI == 3:
             # <u / ||u||, d l2norm(ctx)> and <q / ||q||, d l2norm(q)> for the l2norm backward of both
             k2 = tl.zeros((BLOCK_J,), ACC)
@@ -518,14 +534,12 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
                 ptrs = acc_ptr + (slot * Lq + js[:, None]) * D + ds[None, :]
                 msk = jin[:, None] & dm[None, :]
                 tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + val, mask=msk)
-                if EPI >= 2:
+                if EPI >= 2:  # the rows of grad_weight = sum dz^T e, which the launcher multiplies out
                     q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
                     u = tl.dot(pd, c, input_precision=PRECISION, out_dtype=ACC)
                     e = dot_operand(_features(u, q, ru, rc, rq, EPI), DOT, NATIVE_DOT)
-                    dwc = tl.dot(tl.trans(dzd), e, input_precision=PRECISION, out_dtype=ACC)
-                    wptrs = dw_ptr + (slot * M + ms[:, None]) * D + ds[None, :]
-                    wmsk = mm[:, None] & dm[None, :]
-                    tl.store(wptrs, tl.load(wptrs, mask=wmsk, other=0.0) + dwc, mask=wmsk)
+                    tl.store(e_ptr + zrows[:, None] * D + ds[None, :],
+                             tl.where(jv[:, None], e, 0.0).to(e_ptr.dtype.element_ty), mask=msk)
             else:
                 c, q, u, d_ctx, d_q = _chunk_grads(pd, dzd, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr,
                                                    ms, mm, ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC,
@@ -618,6 +632,14 @@ class _Setup:
         return w, (self.bias if self.bias is not None else w)
 
 
+def _product(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """a @ b in ``acc``: fp16 / bf16 operands on the tensor cores with fp32 output (CUDA's out_dtype form),
+    others as torch.matmul multiplies them (so fp32 follows the user's TF32 setting, as the kernels do)."""
+    if a.dtype != acc and a.is_cuda:
+        return torch.mm(a, b, out_dtype=acc)
+    return torch.mm(a.to(acc), b.to(acc))
+
+
 def _splits(n_mine: int, n_partners: int, device: torch.device) -> int:
     """Splits of the partner loop: one in the interpreter, about TARGET_PROGRAMS_CUDA programs on CUDA."""
     return split_count(n_partners, n_mine, TARGET_PROGRAMS_CUDA if device.type == "cuda" else 0)
@@ -690,21 +712,35 @@ def backward(
     w, b = s.ptrs()
     const = s.const(BLOCK_D_BWD)
 
-    # dQ (and the weight / bias partials): programs per (a, split of b)
-    split_q = _splits(s.nq, s.nc, device)
+    # dQ (and the bias partials, and the rows of the weight's product): programs per (a, split of b), over
+    # launches of `block` query sets a; with a weight each launch writes its pairs' e and dz rows and
+    # grad_weight += dz^T e is one GEMM per launch
+    row_dtype = s.dtype if s.native_dot else acc  # e and dz as the kernels' dot operands hold them
+    block = s.nq
+    if s.uses_w:
+        per_a = s.nc * s.lq * max(s.d, s.m) * row_dtype.itemsize
+        block = max(1, min(s.nq, WEIGHT_ROWS_BYTES // per_a))
+    split_q = _splits(block, s.nc, device)
     per_q = triton.cdiv(s.nc, split_q)
     split_q = triton.cdiv(s.nc, per_q)
     dq = torch.zeros((split_q, s.nq, s.lq, s.d), dtype=acc, device=device)
+    gw = torch.zeros((s.m, s.d), dtype=acc, device=device) if s.uses_w else None
     if s.uses_w:
-        dw = torch.zeros((split_q, s.nq, s.m, s.d), dtype=acc, device=device)
         db = torch.zeros((split_q, s.nq, s.m), dtype=acc, device=device)
+        e_rows = torch.empty((block * s.nc * s.lq, s.d), dtype=row_dtype, device=device)
+        dz_rows = torch.empty((block * s.nc * s.lq, s.m), dtype=row_dtype, device=device)
     else:
-        dw = db = dq
-    _backward_kernel[(s.nq, split_q)](
-        g, s.q, s.c, s.ql, s.cl, w, b, s.params, st, dq, dw, db,
-        s.nq, s.nc, s.lq, s.lc, s.d, max(s.m, 1), per_q,
-        FOR_Q=True, **const,
-    )
+        db = e_rows = dz_rows = dq
+    for first in range(0, s.nq, block):
+        count = min(block, s.nq - first)
+        _backward_kernel[(count, split_q)](
+            g, s.q, s.c, s.ql, s.cl, w, b, s.params, st, dq, e_rows, dz_rows, db,
+            s.nq, s.nc, s.lq, s.lc, s.d, max(s.m, 1), per_q, first,
+            FOR_Q=True, **const,
+        )
+        if s.uses_w:
+            rows = count * s.nc * s.lq
+            gw += _product(dz_rows[:rows].t(), e_rows[:rows], acc)
 
     # dC: programs per (b, split of a)
     split_c = _splits(s.nc, s.nq, device)
@@ -712,15 +748,15 @@ def backward(
     split_c = triton.cdiv(s.nq, per_c)
     dc = torch.zeros((split_c, s.nc, s.lc, s.d), dtype=acc, device=device)
     _backward_kernel[(s.nc, split_c)](
-        g, s.q, s.c, s.ql, s.cl, w, b, s.params, st, dc, dc, dc,
-        s.nq, s.nc, s.lq, s.lc, s.d, max(s.m, 1), per_c,
+        g, s.q, s.c, s.ql, s.cl, w, b, s.params, st, dc, dc, dc, dc,
+        s.nq, s.nc, s.lq, s.lc, s.d, max(s.m, 1), per_c, 0,
         FOR_Q=False, **const,
     )
 
     grad_q = sum_partials(dq).to(queries.dtype)
     grad_c = sum_partials(dc).to(contexts.dtype)
     if weight is not None and s.uses_w:
-        grad_w = dw.sum((0, 1)).to(weight.dtype)
+        grad_w = gw.to(weight.dtype)
     elif weight is not None:
         grad_w = torch.zeros_like(weight)
     else:
