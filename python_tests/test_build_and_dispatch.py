@@ -48,6 +48,33 @@ def test_environment_variable_forces_a_backend(monkeypatch):
         choose_backend("op", "auto", torch.device("cpu"), ALL)
 
 
+def test_compiled_code_reads_the_backend_variable_when_traced(monkeypatch):
+    """README: a compiled function keeps the backend SGFUSED_BACKEND named when it was traced, and takes the new
+    one after torch.compiler.reset()."""
+    import importlib
+
+    module = importlib.import_module("sgfused.ops.max_sim")
+    monkeypatch.delenv("SGFUSED_BACKEND", raising=False)
+    served = []
+    for name in ("cpu", "reference"):
+        kernel = module._IMPLEMENTATIONS[name]
+        monkeypatch.setitem(module._IMPLEMENTATIONS, name, lambda *args, k=kernel, n=name: served.append(n) or k(*args))
+    x, y = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    torch.compiler.reset()
+    compiled = torch.compile(lambda a, b: sgfused.ops.max_sim(a, b), fullgraph=True, backend="aot_eager")
+    compiled(x, y)
+    assert set(served) == {"cpu"}
+    monkeypatch.setenv("SGFUSED_BACKEND", "reference")
+    served.clear()
+    compiled(x, y)
+    assert "reference" not in served  # the traced graph runs the kernel chosen at trace time
+    torch.compiler.reset()
+    served.clear()
+    compiled(x, y)
+    assert set(served) == {"reference"}
+    torch.compiler.reset()
+
+
 def test_forced_backend_that_cannot_serve_says_why():
     with pytest.raises(sgfused.BackendUnavailable, match="backend 'cuda' cannot serve this call"):
         sgfused.ops.hardest_negative_loss(torch.randn(3, 3), backend="cuda")
@@ -215,6 +242,18 @@ def test_measure_rule_times_nothing_while_a_cuda_graph_is_captured(monkeypatch):
     assert not _backend._may_time(torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert _backend._may_time(torch.device("cuda", 0))
+
+
+def test_a_measured_choice_belongs_to_the_kind_of_gpu_it_was_timed_on(monkeypatch):
+    """The kind names the GPU, so choices restored from a last.pt written on another GPU model are not reused."""
+    from sgfused import _backend
+
+    args = (torch.randn(3, 8), 0.5)
+    kinds = []
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        kinds.append(_backend._call_kind("op", torch.device("cuda:0"), args))
+    assert kinds[0] != kinds[1] and "NVIDIA H200" in kinds[1][1] and "cuda:0" in kinds[1][1]
 
 
 def test_measure_rule_times_nothing_under_torch_compile(monkeypatch):

@@ -91,6 +91,50 @@ def test_low_precision(backend, epilogue, dtype):
     check(backend, (3, 6, 2, 5, 16, 8), "clipped_l2", epilogue, "mixed", dtype)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_backward_kernels_return_what_their_fake_kernels_say(backend, dtype):
+    """The empty grad_weight / grad_bias of an epilogue without W come in the inputs' dtype from every kernel, as
+    the fake kernel (what torch.compile plans with) says; the C++ kernel once returned them in fp32."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device = backend_device(backend)
+    variant = {"triton": "_triton"}.get(backend, "")
+    forward = getattr(torch.ops.sgfused, f"cross_attention_forward{variant}")
+    backward = getattr(torch.ops.sgfused, f"cross_attention_backward{variant}")
+    queries, contexts, q_lens, c_lens, _, _ = make(2, 4, 3, 5, 8, 4, "cosine", "mixed", device, dtype)
+    args = (queries, contexts, q_lens, c_lens, 9.0, 0.1, "clipped_l2", "cosine", None, None, 1e-8)
+    out, stats = forward(*args)
+    real = backward(torch.randn_like(out), *args, out, stats)
+    with FakeTensorMode() as mode:
+        fake = backward(*[mode.from_tensor(t) if torch.is_tensor(t) else t for t in (out, *args, out, stats)])
+    assert [(t.dtype, t.shape) for t in real] == [(t.dtype, t.shape) for t in fake]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fp16_distance_beyond_fp16s_range_of_squares(backend):
+    """The distance feature (ctx - q)^2 passes fp16's largest value (65504) from |ctx - q| = 256: with query
+    features of a few hundred the fp16 kernels keep it out of fp16 and match the reference in values and
+    gradients, where rounding it to fp16 gave inf and then NaN. The contexts' gradient comes from d_ctx, which
+    grows with ctx - q (about 400 here) and is rounded to fp16 for the tensor cores before the l2norm
+    backward projects most of it away, so it keeps bf16's tolerance (2.3e-2 of its scale measured here)."""
+    device = backend_device(backend)
+    queries, contexts, q_lens, c_lens, weight, bias = make(3, 5, 2, 6, 24, 8, "distance", "mixed", device,
+                                                            torch.float16)
+    queries = (queries.float() * 400).half()
+    assert queries.abs().max() > 257
+    tensors = (queries, contexts, q_lens, c_lens, weight, bias)
+    with torch.no_grad():
+        upstream = torch.randn(ref("clipped_l2", "distance")(*tensors).shape, device=device)
+    got, got_grads = run(ours(backend, "clipped_l2", "distance"), tensors, upstream)
+    want, want_grads = run(ref("clipped_l2", "distance"), tensors, upstream)
+    assert torch.isfinite(got).all() and all(torch.isfinite(g).all() for g in got_grads)
+    value_tol, grad_tol = SCALED_TOL[torch.float16]
+    assert_scaled_close(got, want, value_tol)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert_scaled_close(g, w, SCALED_TOL[torch.bfloat16][1] if i == 1 else grad_tol)
+
+
 @pytest.mark.parametrize("epilogue", ["distance", "direction"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_backward_in_launches_of_a_few_query_sets_matches_one_launch(epilogue, dtype, monkeypatch):
@@ -120,13 +164,14 @@ def test_triton_backward_in_launches_of_a_few_query_sets_matches_one_launch(epil
         assert_scaled_close(got, w, SCALED_TOL[dtype][1])
 
 
-@pytest.mark.parametrize("epilogue", ["distance", "direction"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("epilogue, dtype", [("distance", torch.bfloat16), ("direction", torch.float16),
+                                             ("direction", torch.bfloat16)])
 def test_triton_pairs_sharing_a_program_match_one_pair_per_program(epilogue, dtype, monkeypatch):
     """With a W epilogue and 16-bit inputs a Triton forward program takes several context sets b at once (GROUP_ROWS);
     7 of them in groups of 4 leave a partial group, and every b has its own length. The grouped forward
     (values and the log-sum-exp the backward reads) equals the one-pair-per-program forward, and the
-    gradients through it match the reference."""
+    gradients through it match the reference. (fp16 distance, whose products take fp32 operands, is not
+    grouped.)"""
     from sgfused.triton import cross_attention as kernels
 
     device = backend_device("triton")
@@ -134,6 +179,9 @@ def test_triton_pairs_sharing_a_program_match_one_pair_per_program(epilogue, dty
     queries, contexts, q_lens, c_lens, weight, bias = tensors
     args = (queries, contexts, q_lens, c_lens, 9.0, 0.1, "clipped_l2", epilogue, weight, bias, 1e-8)
     assert kernels._Setup(*args).group == 4
+    if epilogue == "direction":
+        assert kernels._Setup(*(t.half() if torch.is_tensor(t) and t.is_floating_point() else t for t in args[:7]),
+                              "distance", *(t.half() for t in args[8:10]), 1e-8).group == 1
     assert kernels._Setup(*(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in args)).group == 1
     grouped = kernels.forward(*args)
     monkeypatch.setattr(kernels, "GROUP_ROWS", 16)

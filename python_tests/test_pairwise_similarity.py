@@ -240,3 +240,25 @@ def test_bad_input_is_named(kwargs, error, words):
     with pytest.raises(error) as info:
         pairwise_similarity(**args)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_fp16_distance_beyond_fp16s_range_of_squares(backend, aligned):
+    """(x - y)^2 passes fp16's largest value (65504) from |x - y| = 256: with features of a few hundred the
+    fp16 kernels keep e out of fp16 (TF32 products on fp32 operands) and match the reference in values and
+    gradients, where rounding e to fp16 gave inf and then NaN."""
+    device = backend_device(backend)
+    x, y, weight, bias = make_inputs(6, 6, 24, 16, True, device, torch.float16)
+    x, y = (x.float() * 300).half(), (y.float() * 300).half()
+    assert ((x[:, None].float() - y[None].float()) ** 2).max() > 65504
+    upstream = torch.randn((6, 16) if aligned else (6, 6, 16), device=device)
+    got, got_grads = values_and_grads(
+        lambda *t: pairwise_similarity(*t, "distance", aligned=aligned, backend=backend), (x, y, weight, bias), upstream)
+    want, want_grads = values_and_grads(
+        lambda *t: reference.pairwise_similarity(*t, "distance", 1e-8, aligned), (x, y, weight, bias), upstream)
+    assert torch.isfinite(got).all() and all(torch.isfinite(g).all() for g in got_grads)
+    value_tol, grad_tol = SCALED_TOL[torch.float16]
+    assert_scaled_close(got, want, value_tol)
+    for g, w in zip(got_grads, want_grads):
+        assert_scaled_close(g, w, grad_tol)

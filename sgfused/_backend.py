@@ -133,15 +133,17 @@ def _bucket(size: int) -> int:
 
 
 def _call_kind(op: str, device: torch.device, args: tuple) -> tuple:
-    """What a measured choice is kept for: op, device, grad mode, whether TF32 is allowed, and each
-    argument's dtype, bucketed sizes and whether it gets a gradient (tensors) or value (options)."""
+    """What a measured choice is kept for: op, device (with the GPU's name, so a run resumed on another
+    kind of GPU times afresh), grad mode, whether TF32 is allowed, and each argument's dtype, bucketed
+    sizes and whether it gets a gradient (tensors) or value (options)."""
     grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     described = tuple(
         (str(a.dtype)[6:], tuple(_bucket(n) for n in a.shape), grad and a.requires_grad)
         if isinstance(a, torch.Tensor) else a
         for a in args
     )
-    return (op, str(device), "fwd+bwd" if grad else "fwd", "tf32" if tf32_allowed() else "ieee", described)
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    return (op, where, "fwd+bwd" if grad else "fwd", "tf32" if tf32_allowed() else "ieee", described)
 
 
 def _run(implementation: Callable[..., object], args: tuple, backward: bool) -> None:

@@ -585,8 +585,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   Tensor grad_q = at::zeros_like(in.queries);
   grad_q.view({in.nq * in.lq, in.d}).index_put_({in.q_valid.view(-1)}, grad_packed);
   return {grad_q.to(queries.scalar_type()), grad_c.to(contexts.scalar_type()),
-          in.weight.defined() ? grad_w.to(queries.scalar_type()) : grad_w,
-          in.bias.defined() ? grad_b.to(queries.scalar_type()) : grad_b};
+          grad_w.to(queries.scalar_type()), grad_b.to(queries.scalar_type())};  // empty ones too, in their dtype
 }
 
 }  // namespace

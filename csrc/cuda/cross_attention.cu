@@ -62,7 +62,8 @@
 // the tensor cores (common.cuh gemm): operands in the input dtype (Q, C and W as
 // given; P, E, dZ, dCR and dS rounded to it, as the Triton kernels round theirs),
 // fp32 output (the mm / bmm out_dtype overloads); the elementwise kernels and the
-// accumulated gradients stay fp32.
+// accumulated gradients stay fp32. Except fp16 distance: its E = (c - q)^2 passes fp16's range from
+// |c - q| = 256, so the three GEMMs with W take fp32 operands there (Config::w_gemm_dtype).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -603,6 +604,11 @@ struct Config {
   Epilogue epilogue;
   int64_t nq, lq, nc, lc, d, m;
   bool linear() const { return epilogue == kDistance || epilogue == kDirection; }
+  // The dtype of the GEMMs with W (E @ W^T, dZ^T E, dZ W): the input dtype, except fp16 distance, whose
+  // E = (c - q)^2 passes fp16's largest value (65504) from |c - q| = 256: there they run in acc.
+  at::ScalarType w_gemm_dtype(at::ScalarType input, at::ScalarType acc) const {
+    return input == at::kHalf && epilogue == kDistance ? acc : input;
+  }
 };
 
 bool has_value(const std::optional<Tensor>& t) {
@@ -853,7 +859,7 @@ void forward_impl(const Config& cfg, const Tensor& queries, const Tensor& contex
   const Workspace ws = make_workspace<scalar_t>(cfg, plan, queries, contexts, q_lens, c_lens, stream);
   Tensor wg, ba, z_buf;
   if (cfg.linear()) {
-    wg = weight->contiguous();  // the GEMM dtype: the input dtype
+    wg = weight->to(cfg.w_gemm_dtype(queries.scalar_type(), acc)).contiguous();
     if (has_value(bias)) ba = bias->to(acc).contiguous();
     z_buf = at::empty({plan.na * plan.nb * cfg.lq * cfg.m}, ws.qa.options());
   }
@@ -922,7 +928,7 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
   const at::ScalarType gemm_dtype = queries.scalar_type();  // the GEMM operands' dtype, as in the forward
   Tensor wg, ba, grad_w, grad_b;
   if (cfg.linear()) {
-    wg = weight->contiguous();
+    wg = weight->to(cfg.w_gemm_dtype(gemm_dtype, acc)).contiguous();  // as in the forward
     grad_w = at::zeros({cfg.m, cfg.d}, acc_options);
     if (has_value(bias)) {
       ba = bias->to(acc).contiguous();
@@ -963,7 +969,7 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
               cr, e.data_ptr<acc_t>(), ws.qa.data_ptr<acc_t>(), ptr_or_null<acc_t>(ws.q_norm),
               ws.q_lens.data_ptr<int64_t>(), blk, cfg.d, eps, static_cast<scalar_t*>(nullptr));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          const Tensor eg = e.to(gemm_dtype);  // fp16 / bf16: E rounded, as in the forward
+          const Tensor eg = e.to(wg.scalar_type());  // fp16 / bf16: E rounded, as in the forward
           const acc_t* z_ptr = nullptr;
           if constexpr (kRecomputeZ) {
             Tensor z = z_buf.narrow(0, 0, rows * cfg.m).view({rows, cfg.m});
@@ -975,7 +981,7 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
               ptr_or_null<acc_t>(ba), ws.q_lens.data_ptr<int64_t>(), blk, cfg.m, eps, dz.data_ptr<acc_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           if (ba.defined()) grad_b.add_(dz.sum(0));
-          const Tensor dzg = dz.to(gemm_dtype);  // fp16 / bf16: rounded, as the Triton kernels round dz
+          const Tensor dzg = dz.to(wg.scalar_type());  // fp16 / bf16: rounded, as the Triton kernels round dz
           gemm(grad_w, dzg.t(), eg, true);       // (m, rows) @ (rows, d)
           gemm(de, dzg, wg);                     // (rows, m) @ (m, d)
           ge = de.data_ptr<acc_t>();

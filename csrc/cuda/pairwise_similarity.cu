@@ -40,7 +40,8 @@
 // when the user allows them (torch.set_float32_matmul_precision("high") or
 // torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs run the GEMMs on the
 // tensor cores (common.cuh gemm): W as given, E and dZ rounded to the input dtype
-// (as the Triton kernels round them), fp32 output; the rest is fp32.
+// (as the Triton kernels round them), fp32 output; the rest is fp32. fp16 distance runs them in fp32
+// (w_operand): its E would overflow fp16.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -424,6 +425,12 @@ void scatter_e_grad(bool distance, const Tensor& de, const Tensor& a, const Tens
   }
 }
 
+// W as an operand of the GEMMs with E: as given, except for fp16 distance, whose E = (x - y)^2 passes
+// fp16's largest value (65504) from |x - y| = 256: there W, E and dZ meet in acc.
+Tensor w_operand(const Tensor& weight, bool distance, at::ScalarType acc) {
+  return weight.scalar_type() == at::kHalf && distance ? weight.to(acc) : weight;
+}
+
 template <typename scalar_t>
 void forward_impl(const Tensor& x, const Tensor& y, const Tensor& weight, const std::optional<Tensor>& bias,
                   bool distance, double eps_in, bool aligned, Tensor& out, Tensor& norm) {
@@ -448,12 +455,13 @@ void forward_impl(const Tensor& x, const Tensor& y, const Tensor& weight, const 
   const int64_t max_np = aligned ? plan.ni : plan.ni * plan.nj;
   const Tensor e = at::empty({max_np, d}, xa.options());
   const Tensor z = at::empty({max_np, m}, xa.options());
+  const Tensor wg = w_operand(weight, distance, acc);
   const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
   for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t, int64_t, int64_t np) {
     Tensor e_block = e.narrow(0, 0, np), z_block = z.narrow(0, 0, np);
     build_e<acc_t>(distance, a, b, pb, np, d, e_block, stream);
-    gemm(z_block, e_block.to(weight.scalar_type()), weight.t());  // fp16 / bf16: E rounded; d == 0 gives zeros
+    gemm(z_block, e_block.to(wg.scalar_type()), wg.t());  // fp16 / bf16: E rounded; d == 0 gives zeros
     forward_epilogue_kernel<scalar_t, acc_t><<<grid_stride_blocks(np, kWarps), kThreads, 0, stream>>>(
         z_block.data_ptr<acc_t>(), bias_ptr, pb, np, m, eps, out.data_ptr<scalar_t>(), norm.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -508,16 +516,17 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
     const Tensor de = at::empty({max_np, d}, acc_options);
     const Tensor dz = at::empty({max_np, m}, acc_options);
     const Tensor z = kRecomputeZ ? at::empty({max_np, m}, acc_options) : Tensor();
+    const Tensor wg = w_operand(weight, distance, acc);  // as in the forward
     const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
     for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t ni, int64_t nj, int64_t np) {
       Tensor e_block = e.narrow(0, 0, np), dz_block = dz.narrow(0, 0, np), de_block = de.narrow(0, 0, np);
       build_e<acc_t>(distance, a, b, pb, np, d, e_block, stream);
-      const Tensor e_gemm = e_block.to(weight.scalar_type());  // fp16 / bf16: E rounded, as in the forward
+      const Tensor e_gemm = e_block.to(wg.scalar_type());  // fp16 / bf16: E rounded, as in the forward
       const acc_t* z_ptr = nullptr;
       if constexpr (kRecomputeZ) {
         Tensor z_block = z.narrow(0, 0, np);
-        gemm(z_block, e_gemm, weight.t());  // the forward's GEMM, same shapes and operands: the same z
+        gemm(z_block, e_gemm, wg.t());  // the forward's GEMM, same shapes and operands: the same z
         z_ptr = z_block.data_ptr<acc_t>();
       }
       dz_kernel<scalar_t, acc_t><<<grid_stride_blocks(np, kWarps), kThreads, 0, stream>>>(
@@ -526,9 +535,9 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (ba.defined()) grad_bias_acc.add_(dz_block.sum(0));
       if (d == 0) return;
-      const Tensor dz_gemm = dz_block.to(weight.scalar_type());  // fp16 / bf16: dZ rounded
-      gemm(grad_w, dz_gemm.t(), e_gemm, true);                   // (m, np) @ (np, d)
-      gemm(de_block, dz_gemm, weight);                           // (np, m) @ (m, d)
+      const Tensor dz_gemm = dz_block.to(wg.scalar_type());  // fp16 / bf16: dZ rounded
+      gemm(grad_w, dz_gemm.t(), e_gemm, true);               // (m, np) @ (np, d)
+      gemm(de_block, dz_gemm, wg);                           // (np, m) @ (m, d)
       scatter_e_grad<acc_t>(distance, de_block, a, b, pb, ni, nj, np, d, grad_a, grad_b, stream);
     });
   }

@@ -195,6 +195,26 @@ def _softmax(x, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, GROUP: tl.constexpr
 
 
 @triton.jit
+def _w_operand(v, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, WIDE: tl.constexpr):
+    """e or dz as an operand of a product with W: ``dot_operand``, or with WIDE (fp16 distance, whose e
+    passes fp16's range from |ctx - q| = 256) kept in fp32, the products then run as TF32."""
+    if WIDE:
+        v = v.to(tl.float32)
+    else:
+        v = dot_operand(v, DOT, NATIVE_DOT)
+    return v
+
+
+@triton.jit
+def _w_rows(w_ptr, ms, mm, ds, dm, D, ACC: tl.constexpr, NATIVE_DOT: tl.constexpr, WIDE: tl.constexpr):
+    """A (BLOCK_M, BLOCK_D) chunk of W as a dot operand (in fp32 with WIDE, see ``_w_operand``)."""
+    w = _operand_rows(w_ptr, 0, ms, mm, ds, dm, D, ACC, NATIVE_DOT)
+    if WIDE:
+        w = w.to(tl.float32)
+    return w
+
+
+@triton.jit
 def _features(u, q, ru, rc, rq, EPI: tl.constexpr):
     """e = (ctx - q)^2 (distance) or l2norm(ctx) * l2norm(q) (direction), ctx = u / ru."""
     ctx = u / ru[:, None]
@@ -232,6 +252,7 @@ def _pass_norms(p, q_ptr, c_ptr, qb, cb, js, jv, ks, kv, D,
 @triton.jit
 def _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
                   ACC: tl.constexpr, DOT: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                  W_PRECISION: tl.constexpr, WIDE: tl.constexpr,
                   EPI: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
                   BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """z = e W^T + bias (BLOCK_J, BLOCK_M), e built chunk by chunk in registers; p is a dot operand.
@@ -244,9 +265,9 @@ def _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, 
         c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
         q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
         u = _attend(p, c, ACC, PRECISION, GROUP, BLOCK_C)
-        e = dot_operand(_features(u, q, ru, rc, rq, EPI), DOT, NATIVE_DOT)
-        wt = tl.trans(_operand_rows(w_ptr, 0, ms, mm, ds, dm, D, ACC, NATIVE_DOT))
-        z = tl.dot(e, wt, z, input_precision=PRECISION, out_dtype=ACC)
+        e = _w_operand(_features(u, q, ru, rc, rq, EPI), DOT, NATIVE_DOT, WIDE)
+        wt = tl.trans(_w_rows(w_ptr, ms, mm, ds, dm, D, ACC, NATIVE_DOT, WIDE))
+        z = tl.dot(e, wt, z, input_precision=W_PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         z += tl.load(bias_ptr + ms, mask=mm, other=0.0).to(ACC)[None, :]
     return z
@@ -284,7 +305,7 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
                     Nc, Lq, Lc, D, M,
                     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr,
                     EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, GROUP: tl.constexpr,
-                    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                    W_PRECISION: tl.constexpr, WIDE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """out and stats of the GROUP pairs (a, b0), ..., (a, b0 + GROUP - 1), all query positions.
 
@@ -347,8 +368,8 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
         ms = tl.arange(0, BLOCK_M)
         mm = ms < M
         z = _pass_project(p, q_ptr, c_ptr, w_ptr, bias_ptr, qb, 0, rj, rv, crow, kv, ms, mm, D, ru, rc, rq,
-                          ACC, DOT, NATIVE_DOT, PRECISION, EPI, HAS_BIAS, GROUP, GROUP * BLOCK_J, BLOCK_C, BLOCK_M,
-                          BLOCK_D)
+                          ACC, DOT, NATIVE_DOT, PRECISION, W_PRECISION, WIDE, EPI, HAS_BIAS, GROUP, GROUP * BLOCK_J,
+                          BLOCK_C, BLOCK_M, BLOCK_D)
         nz = tl.sqrt(tl.sum(z * z, axis=1))
         val = tl.where(rv[:, None], z / (nz + eps)[:, None], 0.0)
         tl.store(out_ptr + row[:, None] * M + ms[None, :], cast_rounded(val, out_ptr.dtype.element_ty),
@@ -360,7 +381,7 @@ def _forward_kernel(q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_ptr, out_
 @triton.jit
 def _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms, mm, ds, dm, D,
                  ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI: tl.constexpr, ACC: tl.constexpr,
-                 NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                 NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr, W_PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """One d-chunk of the backward: context rows (a dot operand), query rows, u = p C, and the epilogue's
     gradients; p and dz are dot operands."""
     c = _operand_rows(c_ptr, cb, ks, kv, ds, dm, D, ACC, NATIVE_DOT)
@@ -371,7 +392,7 @@ def _chunk_grads(p, dz, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr,
     else:
         g = u
     if EPI >= 2:
-        de = tl.dot(dz, _operand_rows(w_ptr, 0, ms, mm, ds, dm, D, ACC, NATIVE_DOT), input_precision=PRECISION,
+        de = tl.dot(dz, _w_rows(w_ptr, ms, mm, ds, dm, D, ACC, NATIVE_DOT, WIDE), input_precision=W_PRECISION,
                     out_dtype=ACC)
     else:
         de = u
@@ -385,8 +406,8 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
                      Nq, Nc, Lq, Lc, D, M, partners_per_split, first,
                      ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, CLIPPED: tl.constexpr,
                      EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, FOR_Q: tl.constexpr,
-                     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
+                     W_PRECISION: tl.constexpr, WIDE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """FOR_Q: acc[split, a] += dQ_a over the context sets b of the split, for the query sets a = first +
     program_id(0), and with a W epilogue the dbias partials of a and the rows of the grad_weight product:
     e and dz of pair (a, b) go to rows ((a - first) * Nc + b) * Lq + j of e_ptr (., d) and dz_ptr (., m), 0 at
@@ -461,14 +482,15 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             k3 = tl.where(nq > 0, d_den * nc / tl.where(nq > 0, nq, 1.0), 0.0)  # through ||q||
         if EPI >= 2:
             z = _pass_project(pd, q_ptr, c_ptr, w_ptr, bias_ptr, qb, cb, js, jv, ks, kv, ms, mm, D, ru, rc, rq,
-                              ACC, DOT, NATIVE_DOT, PRECISION, EPI, HAS_BIAS, 1, BLOCK_J, BLOCK_C, BLOCK_M, BLOCK_D)
+                              ACC, DOT, NATIVE_DOT, PRECISION, W_PRECISION, WIDE, EPI, HAS_BIAS, 1, BLOCK_J, BLOCK_C,
+                              BLOCK_M, BLOCK_D)
             gz = tl.load(g_ptr + row[:, None] * M + ms[None, :], mask=jv[:, None] & mm[None, :], other=0.0).to(ACC)
             nz = tl.sqrt(tl.sum(z * z, axis=1))
             rz = nz + eps
             zu = _unit(z, nz)
             dz = _norm_grad(gz, zu, tl.sum(zu * gz, axis=1), rz, eps)
             db_acc += tl.sum(dz, axis=0)
-        dzd = dot_operand(dz, DOT, NATIVE_DOT)
+        dzd = _w_operand(dz, DOT, NATIVE_DOT, WIDE)
         if FOR_Q:
             if EPI >= 2:
                 tl.store(dz_ptr + zrows[:, None] * M + ms[None, :],
@@ -498,7 +520,7 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
             dm = ds < D
             c, q, u, d_ctx, d_q = _chunk_grads(pd, dzd, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr, ms,
                                                mm, ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC,
-                                               NATIVE_DOT, PRECISION)
+                                               NATIVE_DOT, PRECISION, W_PRECISION, WIDE)
             ct = tl.trans(c)
             uu_ = _unit(u, nu)
             d1 = tl.dot(dot_operand(d_ctx, DOT, NATIVE_DOT), ct, d1, input_precision=PRECISION, out_dtype=ACC)
@@ -537,13 +559,13 @@ def _backward_kernel(g_ptr, q_ptr, c_ptr, ql_ptr, cl_ptr, w_ptr, bias_ptr, prm_p
                 if EPI >= 2:  # the rows of grad_weight = sum dz^T e, which the launcher multiplies out
                     q = _rows(q_ptr, qb, js, jv, ds, dm, D, ACC)
                     u = tl.dot(pd, c, input_precision=PRECISION, out_dtype=ACC)
-                    e = dot_operand(_features(u, q, ru, rc, rq, EPI), DOT, NATIVE_DOT)
+                    e = _w_operand(_features(u, q, ru, rc, rq, EPI), DOT, NATIVE_DOT, WIDE)
                     tl.store(e_ptr + zrows[:, None] * D + ds[None, :],
                              tl.where(jv[:, None], e, 0.0).to(e_ptr.dtype.element_ty), mask=msk)
             else:
                 c, q, u, d_ctx, d_q = _chunk_grads(pd, dzd, c_ptr, cb, ks, kv, q_ptr, qb, js, jv, g_ptr, row, w_ptr,
                                                    ms, mm, ds, dm, D, ru, rc, rq, nu, nq, k1, k2, k3, eps, EPI, ACC,
-                                                   NATIVE_DOT, PRECISION)
+                                                   NATIVE_DOT, PRECISION, W_PRECISION, WIDE)
                 du = dot_operand(_norm_grad(d_ctx, _unit(u, nu), a_u, ru, eps), DOT, NATIVE_DOT)
                 val = tl.dot(tl.trans(pd), du, input_precision=PRECISION, out_dtype=ACC)
                 val = tl.dot(tl.trans(ds0), dot_operand(q, DOT, NATIVE_DOT), val, input_precision=PRECISION,
@@ -596,7 +618,10 @@ class _Setup:
         self.block_m = _pow2(self.m)
         # pairs per forward program: with W (distance / direction) and 16-bit inputs several share each W
         # chunk they load (GROUP_ROWS)
-        grouped = self.uses_w and self.dtype.itemsize == 2
+        # fp16 distance: e = (ctx - q)^2 passes fp16's largest value (65504) from |ctx - q| = 256, so e, dz
+        # and W meet as fp32 operands of TF32 products (fp16's 10 mantissa bits, fp32's range)
+        self.wide = self.epi == 2 and self.dtype == torch.float16
+        grouped = self.uses_w and self.dtype.itemsize == 2 and not self.wide
         self.group = max(1, min(GROUP_ROWS // self.block_j, _pow2(self.nc, 1))) if grouped else 1
         self.native_dot = native_dot(self.dtype, self.device)  # fp16 / bf16 contractions on the tensor cores
         self.precision = dot_precision(self.dtype)
@@ -609,11 +634,12 @@ class _Setup:
         and at least 16, ``tl.dot``'s smallest inner dimension.
         """
         tiles = max(self.block_j * self.block_c, self.block_j * self.block_m) * group
-        block_d = max(16, block_d // (2 if self.dtype.itemsize > 2 else 1) // group)
+        block_d = max(16, block_d // (2 if self.dtype.itemsize > 2 or self.wide else 1) // group)
         return dict(
             ACC=tl_dtype(self.acc), DOT=tl_dtype(self.dtype), PRECISION=self.precision, CLIPPED=self.clipped, EPI=self.epi,
             HAS_BIAS=self.bias is not None,
-            NATIVE_DOT=self.native_dot, BLOCK_J=self.block_j, BLOCK_C=self.block_c,
+            NATIVE_DOT=self.native_dot, W_PRECISION="tf32" if self.wide else self.precision, WIDE=self.wide,
+            BLOCK_J=self.block_j, BLOCK_C=self.block_c,
             BLOCK_D=min(block_d, _pow2(self.d)), BLOCK_M=self.block_m, num_warps=8 if tiles >= 8192 else 4,
         )
 
@@ -635,7 +661,9 @@ class _Setup:
 def _product(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """a @ b in ``acc``: fp16 / bf16 operands on the tensor cores with fp32 output (CUDA's out_dtype form),
     others as torch.matmul multiplies them (so fp32 follows the user's TF32 setting, as the kernels do)."""
-    if a.dtype != acc and a.is_cuda:
+    # the out_dtype form refuses fp16 while torch asks for fp16 accumulation, which this op never does
+    fp16_refused = a.dtype == torch.float16 and torch.backends.cuda.matmul.allow_fp16_accumulation
+    if a.dtype != acc and a.is_cuda and not fp16_refused:
         return torch.mm(a, b, out_dtype=acc)
     return torch.mm(a.to(acc), b.to(acc))
 
@@ -715,7 +743,7 @@ def backward(
     # dQ (and the bias partials, and the rows of the weight's product): programs per (a, split of b), over
     # launches of `block` query sets a; with a weight each launch writes its pairs' e and dz rows and
     # grad_weight += dz^T e is one GEMM per launch
-    row_dtype = s.dtype if s.native_dot else acc  # e and dz as the kernels' dot operands hold them
+    row_dtype = s.dtype if s.native_dot and not s.wide else acc  # e and dz as the kernels' dot operands hold them
     block = s.nq
     if s.uses_w:
         per_a = s.nc * s.lq * max(s.d, s.m) * row_dtype.itemsize

@@ -47,7 +47,9 @@ Element-wise arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input)
 accumulates in it too; its operands (``e``, W, dz) are rounded to the input dtype first
 (``_common.dot_operand``), as the CPU kernels' fp16 / bf16 GEMMs round them, so 16-bit inputs run
 on the tensor cores; fp32 runs in full precision, or TF32 when the user allows it
-(``_common.dot_precision``); no
+(``_common.dot_precision``). fp16 distance is the exception: ``e = (x - y)^2`` exceeds fp16's range
+(65504) from ``|x - y| = 256``, so there the operands stay fp32 and the products run as TF32 (fp16's
+10 mantissa bits, fp32's range; in the interpreter, full fp32); no
 atomics, every output element is written by one program in a fixed order, so results are deterministic.
 """
 
@@ -295,6 +297,11 @@ class _Setup:
         self.acc = acc_dtype(x.dtype)
         self.precision = dot_precision(x.dtype)
         self.native_dot = native_dot(x.dtype, x.device)
+        # fp16 distance: (x - y)^2 passes fp16's largest value (65504) from |x - y| = 256, so its products take
+        # fp32 operands as TF32: fp16's 10 mantissa bits with fp32's range
+        self.wide = self.distance and x.dtype == torch.float16
+        if self.wide:
+            self.precision = "tf32"
         self.eps = float(eps)
         if self.distance:
             self.a, self.b, self.xn, self.yn = self.x, self.y, None, None
@@ -303,7 +310,7 @@ class _Setup:
             self.b, self.yn = _l2norm_rows(self.y, self.acc, self.eps)
         # fp32 / fp64 tiles hold twice the bytes of 16-bit ones; halving their d blocks (and, off the tensor
         # cores, their pair blocks) keeps the sm_90 kernels within the register file (0.9 KB had spilled)
-        self.halved = 2 if x.element_size() > 2 else 1
+        self.halved = 2 if x.element_size() > 2 or self.wide else 1
         self.block_m = _block_m(self.m)
         self.tensor_cores = x.element_size() == 2 or self.precision == "tf32"
         self.block_p = _block_p(self.block_m, self.tensor_cores)
@@ -314,7 +321,8 @@ class _Setup:
     @property
     def dots(self) -> dict:
         """The constexprs of every kernel's tl.dot: accumulation and operand dtypes, native 16-bit, precision."""
-        return dict(ACC=tl_dtype(self.acc), DOT=tl_dtype(self.x.dtype), NATIVE_DOT=self.native_dot, PRECISION=self.precision)
+        dot = torch.float32 if self.wide else self.x.dtype
+        return dict(ACC=tl_dtype(self.acc), DOT=tl_dtype(dot), NATIVE_DOT=self.native_dot, PRECISION=self.precision)
 
     @property
     def out_shape(self) -> tuple:
