@@ -149,7 +149,9 @@ def test_triton_backward_in_launches_of_a_few_query_sets_matches_one_launch(epil
     with torch.no_grad():
         upstream = torch.randn(ref("clipped_l2", epilogue)(*tensors).shape, device=device)
     _, whole = run(ours("triton", "clipped_l2", epilogue), tensors, upstream)
-    per_a = 3 * 4 * 24 * 4  # Nc x Lq x max(d, m) x 4 bytes (bf16 rows are fp32 in the interpreter)
+    # Nc x Lq x max(d, m) x the rows' bytes: bf16 where the kernels hand bf16 to tl.dot (the sm_90 compile check),
+    # fp32 in the interpreter
+    per_a = 3 * 4 * 24 * (dtype.itemsize if kernels.native_dot(dtype, device) else 4)
     monkeypatch.setattr(kernels, "WEIGHT_ROWS_BYTES", 2 * per_a)
     launches = []
     launch = kernels._backward_kernel.__getitem__
