@@ -50,6 +50,12 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The operand dtype of the GEMMs with W: the input dtype, except fp16 with the distance feature, whose
+// E = (x - y)^2 passes fp16's largest value (65504) from |x - y| = 256: there W, E and dZ meet in acc.
+inline at::ScalarType w_gemm_dtype(at::ScalarType input, bool distance, at::ScalarType acc) {
+  return input == at::kHalf && distance ? acc : input;
+}
+
 // out = a @ b, or out += a @ b (accumulate), for matrices or batches of them, out in acc. Operands
 // in acc run as they are (fp32 follows torch's TF32 flag); fp16 / bf16 operands (the caller rounds
 // them, as the Triton kernels round theirs) run on the tensor cores with fp32 output through

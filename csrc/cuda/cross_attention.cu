@@ -63,7 +63,7 @@
 // given; P, E, dZ, dCR and dS rounded to it, as the Triton kernels round theirs),
 // fp32 output (the mm / bmm out_dtype overloads); the elementwise kernels and the
 // accumulated gradients stay fp32. Except fp16 distance: its E = (c - q)^2 passes fp16's range from
-// |c - q| = 256, so the three GEMMs with W take fp32 operands there (Config::w_gemm_dtype).
+// |c - q| = 256, so the three GEMMs with W take fp32 operands there (common.cuh w_gemm_dtype).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -604,11 +604,6 @@ struct Config {
   Epilogue epilogue;
   int64_t nq, lq, nc, lc, d, m;
   bool linear() const { return epilogue == kDistance || epilogue == kDirection; }
-  // The dtype of the GEMMs with W (E @ W^T, dZ^T E, dZ W): the input dtype, except fp16 distance, whose
-  // E = (c - q)^2 passes fp16's largest value (65504) from |c - q| = 256: there they run in acc.
-  at::ScalarType w_gemm_dtype(at::ScalarType input, at::ScalarType acc) const {
-    return input == at::kHalf && epilogue == kDistance ? acc : input;
-  }
 };
 
 bool has_value(const std::optional<Tensor>& t) {
@@ -859,7 +854,7 @@ void forward_impl(const Config& cfg, const Tensor& queries, const Tensor& contex
   const Workspace ws = make_workspace<scalar_t>(cfg, plan, queries, contexts, q_lens, c_lens, stream);
   Tensor wg, ba, z_buf;
   if (cfg.linear()) {
-    wg = weight->to(cfg.w_gemm_dtype(queries.scalar_type(), acc)).contiguous();
+    wg = weight->to(w_gemm_dtype(queries.scalar_type(), cfg.epilogue == kDistance, acc)).contiguous();
     if (has_value(bias)) ba = bias->to(acc).contiguous();
     z_buf = at::empty({plan.na * plan.nb * cfg.lq * cfg.m}, ws.qa.options());
   }
@@ -928,7 +923,7 @@ void backward_impl(const Config& cfg, const Tensor& grad_out, const Tensor& quer
   const at::ScalarType gemm_dtype = queries.scalar_type();  // the GEMM operands' dtype, as in the forward
   Tensor wg, ba, grad_w, grad_b;
   if (cfg.linear()) {
-    wg = weight->to(cfg.w_gemm_dtype(gemm_dtype, acc)).contiguous();  // as in the forward
+    wg = weight->to(w_gemm_dtype(gemm_dtype, cfg.epilogue == kDistance, acc)).contiguous();  // as in the forward
     grad_w = at::zeros({cfg.m, cfg.d}, acc_options);
     if (has_value(bias)) {
       ba = bias->to(acc).contiguous();

@@ -41,7 +41,7 @@
 // torch.backends.cuda.matmul.allow_tf32). fp16 / bf16 inputs run the GEMMs on the
 // tensor cores (common.cuh gemm): W as given, E and dZ rounded to the input dtype
 // (as the Triton kernels round them), fp32 output; the rest is fp32. fp16 distance runs them in fp32
-// (w_operand): its E would overflow fp16.
+// (common.cuh w_gemm_dtype): its E would overflow fp16.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -425,12 +425,6 @@ void scatter_e_grad(bool distance, const Tensor& de, const Tensor& a, const Tens
   }
 }
 
-// W as an operand of the GEMMs with E: as given, except for fp16 distance, whose E = (x - y)^2 passes
-// fp16's largest value (65504) from |x - y| = 256: there W, E and dZ meet in acc.
-Tensor w_operand(const Tensor& weight, bool distance, at::ScalarType acc) {
-  return weight.scalar_type() == at::kHalf && distance ? weight.to(acc) : weight;
-}
-
 template <typename scalar_t>
 void forward_impl(const Tensor& x, const Tensor& y, const Tensor& weight, const std::optional<Tensor>& bias,
                   bool distance, double eps_in, bool aligned, Tensor& out, Tensor& norm) {
@@ -455,7 +449,7 @@ void forward_impl(const Tensor& x, const Tensor& y, const Tensor& weight, const 
   const int64_t max_np = aligned ? plan.ni : plan.ni * plan.nj;
   const Tensor e = at::empty({max_np, d}, xa.options());
   const Tensor z = at::empty({max_np, m}, xa.options());
-  const Tensor wg = w_operand(weight, distance, acc);
+  const Tensor wg = weight.to(w_gemm_dtype(weight.scalar_type(), distance, acc));
   const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
   for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t, int64_t, int64_t np) {
@@ -516,7 +510,7 @@ void backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& y, con
     const Tensor de = at::empty({max_np, d}, acc_options);
     const Tensor dz = at::empty({max_np, m}, acc_options);
     const Tensor z = kRecomputeZ ? at::empty({max_np, m}, acc_options) : Tensor();
-    const Tensor wg = w_operand(weight, distance, acc);  // as in the forward
+    const Tensor wg = weight.to(w_gemm_dtype(weight.scalar_type(), distance, acc));  // as in the forward
     const acc_t* bias_ptr = ba.defined() ? ba.data_ptr<acc_t>() : nullptr;
 
     for_each_block(plan, nx, ny, aligned, [&](const PairBlock& pb, int64_t ni, int64_t nj, int64_t np) {

@@ -21,6 +21,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and tf32_allowed() else "ieee"
 
 
+def keeps_fp32_operands(dtype: torch.dtype, distance: bool) -> bool:
+    """Whether the products with W keep fp32 operands (TF32 products) instead of the input dtype's.
+
+    True for fp16 with the distance feature: ``(x - y)^2`` passes fp16's largest value (65504) from
+    ``|x - y| = 256``, and rounded to fp16 it became inf, then NaN. TF32 keeps fp16's 10 mantissa bits
+    with fp32's range (the interpreter multiplies in full fp32). bf16 has fp32's range already.
+    """
+    return distance and dtype == torch.float16
+
+
 def native_dot(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the kernels hand fp16 / bf16 operands to ``tl.dot`` as they are (the ``NATIVE_DOT`` constexpr).
 

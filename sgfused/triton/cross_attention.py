@@ -75,8 +75,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, split_count, sum_partials,
-                      tl_dtype, widened)
+from ._common import (acc_dtype, cast_rounded, dot_operand, dot_precision, keeps_fp32_operands, native_dot,
+                      split_count, sum_partials, tl_dtype, widened)
 
 BLOCK_D_FWD = 64  # d-chunk of the forward passes (halved for 4- and 8-byte inputs, and divided by GROUP)
 BLOCK_D_BWD = 16  # d-chunk of the backward passes (more live tiles; at 32 the bf16 dQ pass spilled 96-208 B on sm_90)
@@ -618,9 +618,7 @@ class _Setup:
         self.block_m = _pow2(self.m)
         # pairs per forward program: with W (distance / direction) and 16-bit inputs several share each W
         # chunk they load (GROUP_ROWS)
-        # fp16 distance: e = (ctx - q)^2 passes fp16's largest value (65504) from |ctx - q| = 256, so e, dz
-        # and W meet as fp32 operands of TF32 products (fp16's 10 mantissa bits, fp32's range)
-        self.wide = self.epi == 2 and self.dtype == torch.float16
+        self.wide = keeps_fp32_operands(self.dtype, self.epi == 2)  # e, dz and W meet in fp32 (TF32 products)
         grouped = self.uses_w and self.dtype.itemsize == 2 and not self.wide
         self.group = max(1, min(GROUP_ROWS // self.block_j, _pow2(self.nc, 1))) if grouped else 1
         self.native_dot = native_dot(self.dtype, self.device)  # fp16 / bf16 contractions on the tensor cores
@@ -752,8 +750,8 @@ def backward(
     per_q = triton.cdiv(s.nc, split_q)
     split_q = triton.cdiv(s.nc, per_q)
     dq = torch.zeros((split_q, s.nq, s.lq, s.d), dtype=acc, device=device)
-    gw = torch.zeros((s.m, s.d), dtype=acc, device=device) if s.uses_w else None
     if s.uses_w:
+        gw = torch.zeros((s.m, s.d), dtype=acc, device=device)
         db = torch.zeros((split_q, s.nq, s.m), dtype=acc, device=device)
         e_rows = torch.empty((block * s.nc * s.lq, s.d), dtype=row_dtype, device=device)
         dz_rows = torch.empty((block * s.nc * s.lq, s.m), dtype=row_dtype, device=device)

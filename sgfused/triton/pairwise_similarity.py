@@ -60,8 +60,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (acc_dtype, cast_rounded, dot_operand, dot_precision, native_dot, split_count, sum_partials,
-                      tl_dtype)
+from ._common import (acc_dtype, cast_rounded, dot_operand, dot_precision, keeps_fp32_operands, native_dot,
+                      split_count, sum_partials, tl_dtype)
 
 BLOCK_K = 32  # d-chunk of one tl.dot (halved for 4- and 8-byte inputs)
 BLOCK_KW = 64  # d columns of grad_weight per program (halved for 4- and 8-byte inputs)
@@ -297,9 +297,7 @@ class _Setup:
         self.acc = acc_dtype(x.dtype)
         self.precision = dot_precision(x.dtype)
         self.native_dot = native_dot(x.dtype, x.device)
-        # fp16 distance: (x - y)^2 passes fp16's largest value (65504) from |x - y| = 256, so its products take
-        # fp32 operands as TF32: fp16's 10 mantissa bits with fp32's range
-        self.wide = self.distance and x.dtype == torch.float16
+        self.wide = keeps_fp32_operands(x.dtype, self.distance)
         if self.wide:
             self.precision = "tf32"
         self.eps = float(eps)
