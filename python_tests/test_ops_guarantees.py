@@ -131,6 +131,39 @@ def test_auto_order_for_cuda_tensors(monkeypatch):
     assert _backend.choose_backend("op", "auto", cuda, ALL) == "reference"
 
 
+def test_auto_skips_a_backend_that_refuses_the_call_and_a_named_one_says_why(monkeypatch):
+    """README Ops: CUDA C++ `cross_attention` cannot serve `clipped_l2` over contexts longer than 12288 (fp32) /
+    6144 (fp64) positions; `auto` then takes Triton, and `backend="cuda"` raises the reason."""
+    import pathlib
+    import re
+    import sys
+
+    module = sys.modules["sgfused.ops.cross_attention"]
+    source = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "cross_attention.cu").read_text()
+    assert re.search(r"kMaxSharedBytes = int64_t\((\d+)\) << 10", source).group(1) == "48"
+    assert module.CUDA_SHARED_BYTES == 48 << 10
+    for dtype, most in ((torch.float32, 12288), (torch.bfloat16, 12288), (torch.float64, 6144)):
+        assert module.cuda_refusal(torch.empty(1, most, 1, dtype=dtype, device="meta"), "clipped_l2") == {}
+        long = torch.empty(1, most + 1, 1, dtype=dtype, device="meta")
+        assert module.cuda_refusal(long, "none") == {}
+        assert f"at most {most} for {dtype}" in module.cuda_refusal(long, "clipped_l2")["cuda"]
+    monkeypatch.delenv("SGFUSED_BACKEND", raising=False)
+    monkeypatch.setenv("SGFUSED_AUTO", "order")
+    monkeypatch.setattr(_build, "COMPILED_BACKENDS", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(_backend, "TRITON_AVAILABLE", True)
+    cuda, refusal = torch.device("cuda"), {"cuda": "too long"}
+    assert _backend.choose_backend("op", "auto", cuda, ALL, refusals=refusal) == "triton"
+    assert _backend.choose_backend("op", "auto", cuda, ALL, refusals={}) == "cuda"
+    with pytest.raises(sgfused.BackendUnavailable, match="backend 'cuda' cannot serve this call: too long"):
+        _backend.choose_backend("op", "cuda", cuda, ALL, refusals=refusal)
+    calls = []
+    monkeypatch.setattr(module, "choose_backend", lambda *args, **kwargs: calls.append(kwargs) or "reference")
+    x = _randn(1, 2, 4)
+    cross_attention(x, _randn(1, 12289, 4))
+    cross_attention(x, _randn(1, 12289, 4), norm="none")
+    assert [call["refusals"] for call in calls] == [module.cuda_refusal(torch.empty(1, 12289, 1), "clipped_l2"), {}]
+
+
 def sys_modules_hn():
     import sys
 

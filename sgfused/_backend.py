@@ -15,7 +15,9 @@ two can serve (CUDA tensors of an op with both kernels), the rule ``SGFUSED_AUTO
 
 The environment variable ``SGFUSED_BACKEND`` replaces ``"auto"`` globally. A backend that was
 asked for by name but cannot serve the call raises :class:`BackendUnavailable` with the reason;
-under ``"auto"`` it is skipped silently.
+under ``"auto"`` it is skipped silently. Besides the device and the build, an op may name backends
+that cannot serve one call's arguments (``refusals``: CUDA C++ ``cross_attention`` with
+``clipped_l2`` over very long contexts), so that ``"auto"`` takes the next one.
 """
 
 from __future__ import annotations
@@ -71,10 +73,12 @@ def cpu_bf16_dot() -> str | None:
     return _build._load_extension().cpu_bf16_dot() or None
 
 
-def _why_not(backend: str, device: torch.device, has: Iterable[str]) -> str | None:
+def _why_not(backend: str, device: torch.device, has: Iterable[str], refusals: Mapping[str, str]) -> str | None:
     """None if ``backend`` can serve a call on ``device``, else the reason it cannot."""
     if backend not in has:
         return "this op has no such implementation"
+    if backend in refusals:
+        return refusals[backend]
     if backend == "reference":
         return None
     if backend == "triton":
@@ -210,12 +214,14 @@ def _may_time(device: torch.device) -> bool:
 
 def choose_backend(op: str, requested: str, device: torch.device,
                    implementations: Iterable[str] | Mapping[str, Callable[..., object]],
-                   args: tuple | None = None) -> str:
+                   args: tuple | None = None, refusals: Mapping[str, str] | None = None) -> str:
     """The backend that serves a call of ``op`` on ``device``.
 
     ``implementations`` names the backends ``op`` provides; to let the measure rule time them,
-    it maps each name to its implementation and ``args`` are the call's arguments.
+    it maps each name to its implementation and ``args`` are the call's arguments. ``refusals``
+    maps the backends that cannot serve these arguments to the reason.
     """
+    refusals = refusals or {}
     if requested not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "auto":
@@ -225,11 +231,12 @@ def choose_backend(op: str, requested: str, device: torch.device,
         rule = auto_rule()
     names = tuple(implementations)
     if requested != "auto":
-        reason = _why_not(requested, device, names)
+        reason = _why_not(requested, device, names, refusals)
         if reason is not None:
             raise BackendUnavailable(f"{op}: backend {requested!r} cannot serve this call: {reason}")
         return requested
-    candidates = [c for c in _AUTO_ORDER.get(device.type, ()) if c != "reference" and _why_not(c, device, names) is None]
+    candidates = [c for c in _AUTO_ORDER.get(device.type, ())
+                  if c != "reference" and _why_not(c, device, names, refusals) is None]
     if not candidates:
         return "reference"
     if len(candidates) > 1 and args is not None and rule == "measure" and _may_time(device):

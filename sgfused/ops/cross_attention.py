@@ -35,6 +35,18 @@ EPILOGUES = ("context", "cosine", "distance", "direction")
 # Largest softmax temperature accepted: the attention's gradient scales with smooth, and in fp32 it
 # drifts from the exact one beyond about 1e4 (papers use 4 to 20); see docs/cross_attention_contract.md.
 SMOOTH_MAX = 1e3
+# CUDA C++ keeps a pair's clipped row norms (fp32, fp64 for fp64 inputs) in shared memory of this size
+# (kMaxSharedBytes in csrc/cuda/cross_attention.cu), so it cannot serve clipped_l2 over longer contexts.
+CUDA_SHARED_BYTES = 48 << 10
+
+
+def cuda_refusal(contexts: Tensor, norm: str) -> dict[str, str]:
+    """``{"cuda": why}`` when the CUDA C++ kernel cannot serve these contexts, else ``{}`` (auto then takes Triton)."""
+    most = CUDA_SHARED_BYTES // (8 if contexts.dtype == torch.float64 else 4)
+    if norm == "clipped_l2" and contexts.shape[1] > most:
+        return {"cuda": f"the padded context length {contexts.shape[1]} is too long for norm=\"clipped_l2\" "
+                        f"(at most {most} for {contexts.dtype})"}
+    return {}
 
 
 def _checked_triton_lengths(queries: Tensor, contexts: Tensor, query_lens: Tensor, context_lens: Tensor):
@@ -222,4 +234,6 @@ def cross_attention(
     c_lens = checked_lengths("context_lens", context_lens, contexts.shape[0], contexts.shape[1], queries.device)
     args = (queries.contiguous(), contexts.contiguous(), q_lens, c_lens, smooth, leaky, norm, epilogue,
             None if weight is None else weight.contiguous(), bias, eps)
-    return _IMPLEMENTATIONS[choose_backend("cross_attention", backend, queries.device, _IMPLEMENTATIONS, args)](*args)
+    chosen = choose_backend("cross_attention", backend, queries.device, _IMPLEMENTATIONS, args,
+                            refusals=cuda_refusal(contexts, norm))
+    return _IMPLEMENTATIONS[chosen](*args)
