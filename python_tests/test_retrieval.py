@@ -228,6 +228,32 @@ def test_shortlist_key_from_a_second_checkpoint_shortlists_by_its_vectors(built,
     assert [hit.item for hit in stored.hits] == [hit.item for hit in two_stage.hits]
 
 
+def test_words_the_shortlist_key_does_not_know_are_reported(built, data, tmp_path):
+    """A shortlist checkpoint with its own vocabulary reads some query words as <unk>: the result says which,
+    apart from the model's own unknown words, in the table, the page and the JSON."""
+    from sgfused.data.vocab import tokenize
+    from sgfused.retrieval.report import format_results
+
+    vocab = Vocabulary.load(data / "vocab.json")
+    caption = GalleryIndex.open(built["sgraf"][1]).captions[0]
+    dropped = tokenize(caption)[1]
+    key_vocab = Vocabulary([vocab.idx2word[i] for i in range(4, len(vocab)) if vocab.idx2word[i] != dropped])
+    assert dropped not in key_vocab.word2idx and len(key_vocab) == len(vocab) - 1
+    key = _checkpoint(tmp_path / "key.pt", "vsepp", key_vocab, seed=5)
+    build_index(built["sgraf"][0], data, "test", tmp_path / "keyed", batch_size=4, progress=False, shortlist_checkpoint=key)
+    result = Searcher(tmp_path / "keyed", use_faiss=False).by_caption(caption + " qqqq", top=2, shortlist=3)
+    expected = [token for token in tokenize(caption + " qqqq") if token not in key_vocab.word2idx]
+    assert dropped in expected and result.unknown_words == ["qqqq"]
+    assert result.shortlist_unknown_words == expected
+    words = " ".join(expected)
+    assert f"unknown to the shortlist checkpoint (read as <unk> by the first stage): {words}" in format_results(result)
+    assert result.to_dict()["shortlist_unknown_words"] == expected
+    page = tmp_path / "report.html"
+    write_html(page, result)
+    assert f"by the first stage): {words}" in page.read_text()
+    assert Searcher(built["sgraf"][1]).by_caption(caption, top=1).shortlist_unknown_words == []
+
+
 def test_shortlist_checkpoint_is_checked_like_the_model_checkpoint(built, data, tmp_path):
     sgraf, own_index = built["sgraf"]
     build_index(sgraf, data, "test", tmp_path / "keyed", batch_size=4, progress=False, shortlist_checkpoint=built["vsepp"][0])
@@ -355,6 +381,23 @@ def test_html_report_is_self_contained_and_draws_each_words_region(built, tmp_pa
     assert len(drawn) == sum(len(hit.alignment) for hit in result.hits)  # the strongest region of every word
 
 
+def test_html_report_of_an_image_query_frames_every_card_as_the_query_image(built, tmp_path):
+    """Image -> text: every card draws the query image's boxes, so its frame keeps the query image's aspect,
+    whichever image the hit caption belongs to."""
+    from sgfused.retrieval.report import _frame
+
+    searcher = Searcher(built["sgraf"][1])
+    sizes = searcher.index.sizes
+    result = searcher.by_image(0, top=searcher.index.n_captions, explain=True)
+    assert any(_frame(sizes[hit.image]) != _frame(sizes[0]) for hit in result.hits)  # else the test could not fail
+    page = tmp_path / "report.html"
+    write_html(page, result, sizes)
+    parser = _Tags()
+    parser.feed(page.read_text())
+    frames = [(float(a["width"]), float(a["height"])) for t, a in zip(parser.tags, parser.attrs) if t == "svg"]
+    assert frames == [_frame(tuple(float(v) for v in sizes[0]))] * len(result.hits)
+
+
 BROWSER = next((name for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
 
 
@@ -384,6 +427,26 @@ def test_html_report_renders_in_a_headless_browser_with_its_boxes(built, tmp_pat
     for region, colour in on_top.items():
         rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
         assert (np.abs(pixels - rgb).max(axis=-1) <= 8).sum() > 20, f"region {region}'s box ({colour}) is not drawn"
+
+
+def test_an_index_rebuilt_in_place_from_data_without_boxes_keeps_none_of_the_old_ones(built, data, tmp_path):
+    """Rebuilding into an index folder replaces everything: the old split's boxes, sizes and region labels do
+    not survive into an index of a split that has none, and a table of the wrong length is refused."""
+    bare = tmp_path / "bare"
+    shutil.copytree(data, bare)
+    for name in ("test_ims_bbx.npy", "test_ims_size.npy", "test_ims_graphs.json"):
+        (bare / name).unlink()
+    checkpoint, out = built["sgraf"][0], tmp_path / "index"
+    build_index(checkpoint, data, "test", out, batch_size=4, progress=False)
+    assert GalleryIndex.open(out).boxes is not None
+    build_index(checkpoint, bare, "test", out, batch_size=4, progress=False)
+    index = GalleryIndex.open(out)
+    assert index.boxes is None and index.sizes is None and index.region_labels is None
+    hit = Searcher(index).by_caption(index.captions[0], top=1, explain=True).hits[0]
+    assert all(region.box is None and region.label is None for word in hit.alignment for region in word.regions)
+    np.save(out / "sizes.npy", np.ones((index.n_images + 1, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match=f"sizes.npy holds {index.n_images + 1} images, the index {index.n_images}"):
+        GalleryIndex.open(out)
 
 
 def test_index_refuses_changed_data(built, data, tmp_path):

@@ -55,6 +55,7 @@ from . import pooled
 FORMAT = "sgfused-index-1"
 MANIFEST = "manifest.json"
 KINDS = ("image", "caption")
+OPTIONAL_FILES = ("boxes.npy", "sizes.npy", "region_labels.json")  # written when the split has boxes / graphs
 
 
 def checkpoint_fingerprint(state: dict[str, Any]) -> str:
@@ -250,6 +251,8 @@ def build_index(
         keys, shortlist = _shortlist_key(shortlist_checkpoint, data, split, captions_per_image, batch_size, device, progress)
     for kind in KINDS:
         np.save(out / f"{kind}_global.npy", keys[kind].astype(np.float32))
+    for stale in OPTIONAL_FILES:  # an index rebuilt in place must not keep the last one's boxes or labels
+        (out / stale).unlink(missing_ok=True)
     if boxes:
         np.save(out / "boxes.npy", np.concatenate(boxes).astype(np.float32))
         np.save(out / "sizes.npy", np.load(data / f"{split}_ims_size.npy")[: dataset.n_images].astype(np.float32))
@@ -335,6 +338,10 @@ class GalleryIndex:
         boxes = np.load(path / "boxes.npy", mmap_mode="r") if (path / "boxes.npy").is_file() else None
         sizes = np.load(path / "sizes.npy") if (path / "sizes.npy").is_file() else None
         labels = read_json(path / "region_labels.json", "region labels") if (path / "region_labels.json").is_file() else None
+        for name, table in zip(OPTIONAL_FILES, (boxes, sizes, labels)):
+            if table is not None and len(table) != manifest["n_images"]:
+                raise ValueError(f"index {path}: {name} holds {len(table)} images, the index {manifest['n_images']} "
+                                 f"(left from another index?); rebuild the index")
         captions = read_json(path / "captions.json", "index captions")
         return cls(path, manifest, parts, vectors, captions, boxes, sizes, labels)
 

@@ -31,6 +31,17 @@ def _region_text(alignment: WordAlignment) -> str:
     return "; ".join(parts)
 
 
+def _unknown_notes(result: SearchResult) -> list[str]:
+    """One line per vocabulary that lacks some of the caption's words: the model's, and the shortlist key's."""
+    notes = []
+    if result.unknown_words:
+        notes.append(f"unknown words (read as <unk>): {' '.join(result.unknown_words)}")
+    if result.shortlist_unknown_words:
+        notes.append(f"unknown to the shortlist checkpoint (read as <unk> by the first stage): "
+                     f"{' '.join(result.shortlist_unknown_words)}")
+    return notes
+
+
 def format_results(result: SearchResult) -> str:
     """The hits as a table (with each word's regions under its hit when they were explained)."""
     if result.direction == "t2i":
@@ -41,8 +52,7 @@ def format_results(result: SearchResult) -> str:
         header = f"{'rank':>4} {'caption':>7} {'image':>7} {'score':>9} {'shortlist':>9}  text"
     stage = result.stage + (f", K' = {result.shortlist}" if result.shortlist else "")
     lines = [f"{title} ({stage}, gallery {result.gallery_size})"]
-    if result.unknown_words:
-        lines.append(f"unknown words (read as <unk>): {' '.join(result.unknown_words)}")
+    lines += _unknown_notes(result)
     lines.append(header)
     for hit in result.hits:
         if result.direction == "t2i":
@@ -125,15 +135,15 @@ def write_html(path: str | os.PathLike, result: SearchResult, sizes=None) -> Non
     stage = html.escape(result.stage + (f", K' = {result.shortlist}" if result.shortlist else ""))
     cards = []
     for hit in result.hits:
-        size = tuple(float(v) for v in sizes[hit.image]) if sizes is not None else None
+        drawn = hit.image if result.direction == "t2i" else result.query["image"]  # the image whose boxes are drawn
+        size = tuple(float(v) for v in sizes[drawn]) if sizes is not None else None
         what = f"image {hit.image}" if result.direction == "t2i" else f"caption {hit.item} (image {hit.image})"
         text = f"<p><q>{html.escape(hit.caption)}</q></p>" if hit.caption else ""
         cards.append(
             f'<div class="hit" id="hit{hit.rank}">{_svg(hit, size)}<div><h2>#{hit.rank}: {html.escape(what)}</h2>'
             f'<p>score {hit.score:.4f} &middot; shortlist score {hit.shortlist_score:.4f}</p>{text}{_words(hit)}</div></div>'
         )
-    unknown = (f'<p class="note">unknown words (read as &lt;unk&gt;): {html.escape(" ".join(result.unknown_words))}</p>'
-               if result.unknown_words else "")
+    unknown = "".join(f'<p class="note">{html.escape(note)}</p>' for note in _unknown_notes(result))
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>sgfused search</title>"
         f"<style>{_STYLE}</style></head><body><h1>{query}</h1><p>{stage}, gallery of {result.gallery_size}</p>"

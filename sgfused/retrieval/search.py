@@ -64,6 +64,7 @@ class SearchResult:
     shortlist: int | None
     gallery_size: int
     unknown_words: list[str] = field(default_factory=list)
+    shortlist_unknown_words: list[str] = field(default_factory=list)  # those of a shortlist checkpoint's vocabulary
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,9 +130,15 @@ class Searcher:
         """The ``top`` images for caption ``text`` (default :data:`DEFAULT_TOP`, or all when the gallery is smaller)."""
         top = self._check_counts(top, shortlist, self.index.n_images, "images")
         encoding, tokens, known = self.encode_caption(text)
-        key = encoding if self.key_model is self.model else self.encode_caption(text, shortlist_key=True)[0]
+        key, key_known = encoding, known
+        if self.key_model is not self.model:
+            key, _, key_known = self.encode_caption(text, shortlist_key=True)
         vector = pooled.caption_vectors(self.key_model, self.key_name, key)[0].cpu()
-        return self._images_for(encoding, vector, tokens, known, {"caption": text, "tokens": tokens}, top, shortlist, explain)
+        result = self._images_for(encoding, vector, tokens, known, {"caption": text, "tokens": tokens}, top, shortlist,
+                                  explain)
+        if self.key_model is not self.model:
+            result.shortlist_unknown_words = [t for t, k in zip(tokens, key_known) if not k]
+        return result
 
     @torch.no_grad()
     def by_indexed_caption(self, caption: int, top: int | None = None, shortlist: int | None = None,
