@@ -218,6 +218,30 @@ def test_margin_reaches_the_model_and_its_loss(dataset, tmp_path, monkeypatch):
     assert margins == [0.5] * 3
 
 
+@pytest.mark.parametrize("option, value, train_value", [("margin", 0.5, 0.2), ("max_violation", False, True)])
+def test_a_model_built_with_another_loss_option_than_the_training_is_refused(dataset, tmp_path, capsys, option,
+                                                                           value, train_value):
+    """The loss is the trainer's: a model built with `margin` / `max_violation` other than the training options (as
+    `--set margin=0.5` builds it) is refused in one line, not trained with the training options without a word; given
+    equal to them, it trains."""
+    _, vocab, _, _ = dataset
+    model_config = {**SMALL["sgraf"], option: value}
+    message = f"model option {option}={value!r} contradicts the training option {option}={train_value!r}"
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        _trainer(dataset, tmp_path / "a", "sgraf", model_config=model_config)
+    assert "\n" not in str(error.value) and not (tmp_path / "a").exists()
+    trainer = _trainer(dataset, tmp_path / "b", "sgraf", model_config=model_config, **{option: value})
+    assert getattr(trainer.model, option) == value
+    data = dataset[0]
+    with open(tmp_path / "set.json", "w") as handle:  # the command line: --set goes to the model's options
+        json.dump({"model": "sgraf", "model_config": SMALL["sgraf"], "train": BASE}, handle)
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--config", str(tmp_path / "set.json"), "--out", str(tmp_path / "c"),
+                 "--set", f"{option}={json.dumps(value)}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
+
+
 @pytest.mark.parametrize("amp, dtype", [("none", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_amp_runs_the_forward_under_autocast(dataset, tmp_path, monkeypatch, amp, dtype):
     """--amp bf16|fp16: model.loss runs with autocast on for the training device, in that dtype; none: off."""

@@ -207,6 +207,21 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+def _check_loss_options(model: RetrievalModel, config: TrainConfig) -> None:
+    """Refuse a model built with a ``margin`` / ``max_violation`` other than the training options'.
+
+    The loss a run trains is the trainer's (``TrainConfig``), so a model option that disagrees would
+    be ignored without a word while the checkpoint's model config still claimed it.
+    """
+    for option in ("margin", "max_violation"):
+        if option in model.build_config and model.build_config[option] != getattr(config, option):
+            raise ValueError(
+                f"model option {option}={model.build_config[option]!r} contradicts the training option "
+                f"{option}={getattr(config, option)!r}, which the loss uses: set {option} among the training "
+                f"options (a config file's \"train\" section, TrainConfig) and leave it out of the model's"
+            )
+
+
 class Trainer:
     """Trains ``model`` on ``train`` and selects checkpoints by rSum on ``dev``; see the module docstring."""
 
@@ -230,6 +245,7 @@ class Trainer:
         self.device = local_device(resolve_device(config.device), self.world)
         self.model.to(self.device)
         self.model.set_vocabulary(vocab)
+        _check_loss_options(model, config)
         self.model.margin = config.margin
         self.optimizer = torch.optim.Adam(self.model.parameter_groups(config.lr), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_decay_epochs, config.lr_decay_gamma)
