@@ -3,7 +3,7 @@
 Timing: torch.utils.benchmark (median of blocked runs) on the CPU,
 triton.testing.do_bench (median) on a GPU, or for calls over 200 ms the median
 of three calls between CUDA events (do_bench would repeat them for minutes), and for
-calls over 10 s one call after the warm-up (a GPU lease is minutes long; the spread of
+calls over 2 s one call after the warm-up (a GPU lease is minutes long; the spread of
 such a call is far under the differences measured). Peak memory: on a GPU the CUDA
 allocator's peak during the first timed call; on the CPU the running sum of the allocations ATen reports to
 the profiler while the function runs (the kernels' small O(N) std::vector
@@ -12,6 +12,8 @@ inputs exist before it starts. :func:`measure_call` also returns the warm-up cal
 output, so a bench checks its numbers without one more call. Rows go to
 ``bench/results/<op>_<device>.csv`` with the ratio of every backend to the reference
 measured in the same run; TF32 rows (:func:`tf32`, GPU only) carry the dtype "tf32".
+A bench stopped by SIGTERM (``timeout`` in bench/gpu_check.sh) still writes the rows it had
+measured, with their ratios, before it exits.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import contextlib
 import csv
 import os
 import re
+import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -49,6 +53,9 @@ def fused_label(device: torch.device) -> str:
 
 
 def commit() -> str:
+    """The commit measured: ``SGFUSED_COMMIT`` where set (a device machine's copy of the tree has no git), else git's."""
+    if os.environ.get("SGFUSED_COMMIT"):
+        return os.environ["SGFUSED_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         return out.stdout.strip()
@@ -57,7 +64,7 @@ def commit() -> str:
 
 
 LONG_MS = 200.0  # GPU calls at least this long are timed between events, not by do_bench
-ONE_CALL_MS = 10_000.0  # GPU calls at least this long are timed once after the warm-up
+ONE_CALL_MS = 2_000.0  # GPU calls at least this long are timed once after the warm-up
 
 
 def time_and_peak(fn: Callable[[], object], device: torch.device, min_run_time: float = 1.0) -> tuple[float, int, object]:
@@ -167,6 +174,7 @@ class Row:
 
 
 FLOAT_FIELDS = {"ms", "peak_mib", "gflop_per_s", "speedup_vs_reference", "memory_vs_reference"}
+MEASURED_ROWS: list[Row] = []  # every row this process measured, in order: what a stopped bench writes
 
 
 def measure_call(
@@ -181,6 +189,7 @@ def measure_call(
     rate = flop / ms / 1e6 if flop else float("nan")
     label = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
     row = Row(op, case, backend, device_name(device), label, shape, ms, peak, rate)
+    MEASURED_ROWS.append(row)
     print(f"{op:20s} {case:26s} {backend:10s} {label:9s} {shape:24s} {ms:10.3f} ms {peak:10.1f} MiB {rate:8.1f} GFLOP/s",
           flush=True)
     return row, output
@@ -285,6 +294,15 @@ def plot(csv_path: str, rows: list[Row], title: str) -> None:
     plt.close(fig)
 
 
+def write_measured_and_exit(op: str, device: torch.device, quick: bool, signum: int) -> None:
+    """On SIGTERM: write the rows measured so far (ratios against the reference rows among them), then exit."""
+    rows = list(MEASURED_ROWS)
+    if rows:
+        add_ratios(rows)
+        print(f"stopped: wrote the {len(rows)} rows measured so far to {write(op, rows, device, quick)}", flush=True)
+    sys.exit(128 + signum)
+
+
 def main(op: str, run: Callable[[torch.device, bool], list[Row]], doc: str | None) -> None:
     """Command line shared by the bench scripts: --device, --quick; runs, then writes CSV and plot."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,6 +310,7 @@ def main(op: str, run: Callable[[torch.device, bool], list[Row]], doc: str | Non
     parser.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    signal.signal(signal.SIGTERM, lambda signum, frame: write_measured_and_exit(op, device, args.quick, signum))
     print("wrote", write(op, run(device, args.quick), device, args.quick))
     for kind, (backend, seconds) in measured_choices().items():  # what the "auto" rows ran (bench_gpu.log keeps it)
         timed = ", ".join(f"{name} {s * 1e3:.3f} ms" for name, s in seconds.items())

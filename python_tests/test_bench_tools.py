@@ -148,6 +148,37 @@ def test_gpu_check_script_parses_and_refuses_an_unknown_stage(tmp_path):
     assert done.returncode == 2 and "usage" in done.stderr
 
 
+def test_a_stopped_bench_still_writes_the_rows_it_measured(tmp_path, harness):
+    """bench/gpu_check.sh stops a bench at its time limit with SIGTERM: the rows measured until then are written,
+    with their ratios against the reference, and every row records SGFUSED_COMMIT (a device's tree has no git)."""
+    import signal
+
+    script = tmp_path / "bench_stopped.py"
+    script.write_text(
+        "import sys, time, torch\n"
+        f"sys.path.insert(0, {BENCH!r})\n"
+        "import harness\n"
+        f"harness.RESULTS = {str(tmp_path)!r}\n"
+        "def run(device, quick):\n"
+        "    rows = [harness.measure('op', 'case', name, device, torch.float32, 'n=8', lambda: torch.ones(8) * 2)\n"
+        "            for name in ('reference', 'cpu')]\n"
+        "    print('measured', flush=True)\n"
+        "    time.sleep(120)\n"
+        "    return rows\n"
+        "harness.main('stopped_op', run, None)\n")
+    bench = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                             env={**os.environ, "SGFUSED_COMMIT": "abc1234"})
+    for line in bench.stdout:
+        if line.strip() == "measured":
+            break
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    rows = harness.read(str(tmp_path / "stopped_op_cpu.csv"))
+    assert [row.backend for row in rows] == ["reference", "cpu"]
+    assert rows[0].speedup_vs_reference == 1.0 and rows[1].speedup_vs_reference > 0
+    assert {row.commit for row in rows} == {"abc1234"}
+
+
 @pytest.fixture(scope="module")
 def resources():
     return bench_module("triton_sm90_resources")
