@@ -53,6 +53,11 @@ class Hit:
     alignment: list[WordAlignment] | None = None
 
 
+def _unknown(tokens: list[str], known: list[bool]) -> list[str]:
+    """The tokens a vocabulary lacks (``known`` flags them), in caption order."""
+    return [token for token, k in zip(tokens, known) if not k]
+
+
 @dataclass
 class SearchResult:
     """A query and its hits, with how they were found (``stage``: "exhaustive" or "two-stage (faiss|torch)")."""
@@ -130,14 +135,14 @@ class Searcher:
         """The ``top`` images for caption ``text`` (default :data:`DEFAULT_TOP`, or all when the gallery is smaller)."""
         top = self._check_counts(top, shortlist, self.index.n_images, "images")
         encoding, tokens, known = self.encode_caption(text)
-        key, key_known = encoding, known
+        key, key_unknown = encoding, []
         if self.key_model is not self.model:
             key, _, key_known = self.encode_caption(text, shortlist_key=True)
+            key_unknown = _unknown(tokens, key_known)
         vector = pooled.caption_vectors(self.key_model, self.key_name, key)[0].cpu()
         result = self._images_for(encoding, vector, tokens, known, {"caption": text, "tokens": tokens}, top, shortlist,
                                   explain)
-        if self.key_model is not self.model:
-            result.shortlist_unknown_words = [t for t, k in zip(tokens, key_known) if not k]
+        result.shortlist_unknown_words = key_unknown
         return result
 
     @torch.no_grad()
@@ -168,8 +173,7 @@ class Searcher:
             for hit in hits:
                 hit.alignment = explain_pair(self.model, self.index, hit.image, self._stored("image", [hit.image]),
                                              encoding, tokens, known)
-        unknown = [t for t, k in zip(tokens, known) if not k]
-        return SearchResult("t2i", query, hits, stage, shortlist, self.index.n_images, unknown)
+        return SearchResult("t2i", query, hits, stage, shortlist, self.index.n_images, _unknown(tokens, known))
 
     @torch.no_grad()
     def by_image(self, image: int, top: int | None = None, shortlist: int | None = None, explain: bool = False) -> SearchResult:
